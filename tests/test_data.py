@@ -1,0 +1,128 @@
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from w2s_ray.config import DataConfig
+from w2s_ray.data import load_parquet, make_splits, mnist1d_plan
+from w2s_ray.errors import DataError
+
+
+def write(tmp_path, x, y, name="d.parquet", **extra):
+    cols = {"x": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(x, np.float32).reshape(-1)), np.asarray(x).shape[1]) if x is not None else None, "y": y}
+    cols = {k: v for k, v in cols.items() if v is not None}
+    cols.update(extra)
+    path = tmp_path / name
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def cfg(path, **kw):
+    return DataConfig(source="parquet", path=path, n_weak=10, n_transfer=10, n_test=10, **kw)
+
+
+def good(n=40, d=5, c=3):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, d)), np.arange(n) % c
+
+
+def test_valid_parquet_with_list_column(tmp_path):
+    x, y = good()
+    xs, ys = load_parquet(cfg(write(tmp_path, x, y)))
+    assert xs.shape == (40, 5) and xs.dtype == np.float32 and ys.tolist() == y.tolist()
+
+
+def test_valid_parquet_with_feature_columns(tmp_path):
+    path = tmp_path / "cols.parquet"
+    pq.write_table(pa.table({"a": np.arange(30.0), "b": np.arange(30), "label": np.arange(30) % 2}), path)
+    xs, ys = load_parquet(cfg(str(path), feature_columns=["a", "b"], label_column="label"))
+    assert xs.shape == (30, 2)
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x), y), "column 'x' has NaN or inf in 1 rows (first rows: [1])"),
+        (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 3, np.inf, x), y), "NaN or inf"),
+        (lambda x, y: (x, np.where(np.arange(len(y)) == 2, 7, y)), "label column 'y' has labels outside 0..C-1"),
+        (lambda x, y: (x, np.where(np.arange(len(y)) == 2, -1, y)), "labels outside 0..C-1"),
+        (lambda x, y: (x, np.zeros_like(y)), "fewer than 2 classes"),
+        (lambda x, y: (x, y + 0.5), "non-integer"),
+    ],
+)
+def test_bad_values_name_file_and_column(tmp_path, mutate, needle):
+    x, y = mutate(*good())
+    path = write(tmp_path, x, y)
+    with pytest.raises(DataError) as err:
+        load_parquet(cfg(path))
+    assert needle in str(err.value) and path in str(err.value)
+
+
+def test_ragged_missing_empty_and_absent(tmp_path):
+    ragged = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"x": [[1.0, 2.0], [1.0]], "y": [0, 1]}), ragged)
+    with pytest.raises(DataError, match="ragged"):
+        load_parquet(cfg(str(ragged)))
+    x, y = good()
+    with pytest.raises(DataError, match="label column 'target' is missing"):
+        load_parquet(cfg(write(tmp_path, x, y), label_column="target"))
+    with pytest.raises(DataError, match="feature column 'feat' is missing"):
+        load_parquet(cfg(write(tmp_path, x, y), features="feat"))
+    empty = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"x": pa.array([], pa.list_(pa.float32())), "y": pa.array([], pa.int64())}), empty)
+    with pytest.raises(DataError, match="no rows"):
+        load_parquet(cfg(str(empty)))
+    with pytest.raises(DataError, match="not found"):
+        load_parquet(cfg(str(tmp_path / "absent.parquet")))
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read Parquet"):
+        load_parquet(cfg(str(junk)))
+
+
+def test_n_classes_allows_absent_classes_but_not_labels_beyond(tmp_path):
+    x, y = good(c=2)
+    y = np.where(np.arange(len(y)) == 0, 3, y)  # classes 0, 1, 3 present
+    path = write(tmp_path, x, y)
+    with pytest.raises(DataError, match="largest label 3"):
+        load_parquet(cfg(path))
+    assert load_parquet(cfg(path, n_classes=4))[1].max() == 3
+    with pytest.raises(DataError, match="data.n_classes = 3"):
+        load_parquet(cfg(path, n_classes=3))
+
+
+def test_splits_are_disjoint_seeded_and_checked(tmp_path):
+    x, y = good(n=100)
+    c = DataConfig(source="parquet", path="p", n_weak=20, n_transfer=30, n_test=40, seed=3)
+    a, b = make_splits(x, y, c), make_splits(x, y, c)
+    ids = [set(a[s].ids.tolist()) for s in ("weak", "transfer", "test")]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+    assert [len(i) for i in ids] == [20, 30, 40]
+    assert all(np.array_equal(a[s].ids, b[s].ids) for s in a)
+    other = make_splits(x, y, c.model_copy(update={"seed": 4}))
+    assert not np.array_equal(other["weak"].ids, a["weak"].ids)
+    assert np.array_equal(a["test"].x, x[a["test"].ids].astype(np.float32))
+    with pytest.raises(DataError, match="larger than its 100 rows"):
+        make_splits(x, y, c.model_copy(update={"n_test": 60}))
+
+
+def test_mnist1d_plan_covers_the_requested_size():
+    plan = mnist1d_plan(DataConfig(num_samples=12345, chunk_size=4000, n_weak=100, n_transfer=100, n_test=100))
+    assert sum(n for n, _ in plan) == 12350 and all(n % 10 == 0 for n, _ in plan)
+    assert len({s for _, s in plan}) == len(plan)
+
+
+def test_cli_stops_on_bad_data_before_ray_starts(tmp_path):
+    x, y = good()
+    x[4, 1] = np.nan
+    y[9] = 11
+    path = write(tmp_path, x, y)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"data:\n  source: parquet\n  path: {path}\n  n_weak: 10\n  n_transfer: 10\n  n_test: 10\noutput:\n  root: {tmp_path}/runs\n")
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", str(conf)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"{path}: column 'x' has NaN or inf" in out.stderr
+    assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr

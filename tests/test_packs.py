@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from w2s_ray.config import ModelConfig
+from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed, train_one
+
+
+@pytest.fixture(scope="module")
+def toy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g)
+    y = (x[:, :5].sum(1) > 0).long() + (x[:, 5] > 1).long()
+    return x, y
+
+
+@pytest.mark.parametrize("model", [ModelConfig(name="mlp", width=16, depth=2), ModelConfig(name="cnn1d", width=4, depth=2), ModelConfig(name="logistic")])
+def test_packed_teacher_matches_the_same_teacher_trained_alone(toy, model):
+    x, y = toy
+    ids = [0, 1, 2]
+    seeds = [teacher_seed(7, t) for t in ids]
+    index_sets = [teacher_indices("bootstrap", len(y), 3, t, s, 7) for t, s in zip(ids, seeds)]
+    pack = TeacherPack(model, 40, 3, seeds)
+    pack.fit(x, y, index_sets, epochs=3, batch_size=32, lr=1e-2)
+    for i, (s, idx) in enumerate(zip(seeds, index_sets)):
+        alone = train_one(model, x, y, 3, s, idx, epochs=3, batch_size=32, lr=1e-2)
+        for name, p in alone.state_dict().items():
+            assert torch.allclose(pack.state_dicts()[i][name], p, atol=1e-5), (i, name)
+    # training actually moved the parameters
+    fresh = TeacherPack(model, 40, 3, seeds)
+    assert any(not torch.allclose(a, b) for a, b in zip(fresh.state_dicts()[0].values(), pack.state_dicts()[0].values()))
+
+
+def test_a_teacher_does_not_depend_on_its_pack(toy):
+    x, y = toy
+    model = ModelConfig(width=8)
+    seed = teacher_seed(0, 5)
+    idx = teacher_indices("bootstrap", len(y), 8, 5, seed, 0)
+    small = TeacherPack(model, 40, 3, [seed])
+    small.fit(x, y, [idx], 2, 50, 1e-2)
+    others = [teacher_seed(0, t) for t in (1, 2)]
+    big = TeacherPack(model, 40, 3, others + [seed])
+    big.fit(x, y, [teacher_indices("bootstrap", len(y), 8, t, s, 0) for t, s in zip((1, 2), others)] + [idx], 2, 50, 1e-2)
+    assert torch.allclose(small.log_probs(x)[0], big.log_probs(x)[2], atol=1e-5)
+
+
+def test_resampling_schemes():
+    n, k = 100, 4
+    boot = [teacher_indices("bootstrap", n, k, t, teacher_seed(0, t), 0) for t in range(k)]
+    assert all(len(b) == n for b in boot) and not np.array_equal(boot[0], boot[1])
+    assert len(np.unique(boot[0])) < n  # with replacement
+    assert np.array_equal(teacher_indices("seed", n, k, 2, 9, 0), np.arange(n))
+    parts = [teacher_indices("disjoint", n, k, t, 0, 0) for t in range(k)]
+    allp = np.concatenate(parts)
+    assert len(allp) == len(np.unique(allp)) == n and all(len(p) == 25 for p in parts)

@@ -1,0 +1,124 @@
+"""End to end on a real local Ray (2 CPUs): real Parquet, real actors, real Ray Data."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import small_config
+from w2s_ray import artifacts
+from w2s_ray.labels import read_labels
+from w2s_ray.pipeline import RunState, run_pipeline, stage_data, stage_labels
+from w2s_ray.posterior import PosteriorAccumulator, dual_mean_log
+from w2s_ray.teachers import read_pack_logp
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session, tmp_path_factory):
+    cfg = small_config(tmp_path_factory.mktemp("e2e"))
+    st = run_pipeline(cfg)
+    return cfg, st
+
+
+def test_outputs_exist_and_are_consistent(finished):
+    cfg, st = finished
+    run = cfg.run_dir
+    for f in ("config.yaml", "results.json", "results.parquet", "summary.png"):
+        assert (run / f).is_file(), f
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    results = json.loads((run / "results.json").read_text())
+    names = [r["model"] for r in results["rows"]]
+    assert "ensemble: dual mean" in names and "student on dual_mean" in names and "ceiling: student on gold labels" in names
+    teachers = pd.read_parquet(st.teachers_dir / "teachers.parquet")
+    assert sorted(teachers["teacher_id"]) == list(range(cfg.teachers.k))
+    assert teachers["seed"].nunique() == cfg.teachers.k
+    assert teachers["acc_test"].mean() > 0.15 and (teachers["acc_test"] <= 1).all()  # chance is 0.1
+    for d in (st.data.dir, st.teachers_dir, st.labels_dir):
+        assert artifacts.read_manifest(d) is not None, d
+
+
+def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
+    cfg, st = finished
+    manifest = artifacts.read_manifest(st.labels_dir)
+    assert manifest["rows"] == cfg.data.n_transfer
+    assert "y" not in manifest["schema"]
+    df = pd.read_parquet(st.labels_dir / "parts")  # readable with plain pandas
+    assert len(df) == cfg.data.n_transfer
+    labels = read_labels(st.labels_dir)
+    assert torch.equal(labels["id"], torch.from_numpy(st.data.splits["transfer"].ids))
+    assert torch.allclose(labels["t_dual"].sum(-1), torch.ones(len(df)), atol=1e-4)
+    assert (labels["variance"] >= 0).all()
+
+
+def test_labels_equal_a_batch_recomputation_from_the_teacher_predictions(finished):
+    cfg, st = finished
+    tm = artifacts.read_manifest(st.teachers_dir)
+    logps = [read_pack_logp(st.teachers_dir, "transfer", p)[1] for p in tm["packs"]]
+    logp = torch.from_numpy(np.concatenate(logps))
+    assert logp.shape[0] == cfg.teachers.k
+    labels = read_labels(st.labels_dir)
+    assert torch.allclose(labels["logt_dual"], dual_mean_log(logp.double()).float(), atol=1e-5)
+
+
+def test_rerun_uses_the_cache_and_a_student_change_keeps_teachers(finished, capfd):
+    cfg, st = finished
+    mtime = (st.teachers_dir / "teachers.parquet").stat().st_mtime_ns
+    run_pipeline(cfg, until="labels")
+    err = capfd.readouterr().err
+    assert "teachers: cached" in err and "labels: cached" in err
+    changed = cfg.model_copy(update={"student": cfg.student.model_copy(update={"rce_weight": 0.5, "targets": ["dual_mean"], "ceiling": False})})
+    st2 = run_pipeline(changed)
+    assert st2.teachers_dir == st.teachers_dir and st2.labels_dir == st.labels_dir
+    assert (st.teachers_dir / "teachers.parquet").stat().st_mtime_ns == mtime
+    assert "student[dual_mean]: training" in capfd.readouterr().err
+
+
+def test_interrupted_teacher_stage_resumes_only_missing_packs(ray_session, tmp_path, capfd):
+    cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "num_actors": 2, "max_pack_size": 2, "model": {"name": "mlp", "width": 8}})
+    st = run_pipeline(cfg, until="labels")
+    full = read_labels(st.labels_dir)
+    # simulate a crash after two of three packs: drop the last pack and the stage manifest
+    (st.teachers_dir / "manifest.json").unlink()
+    last = sorted((st.teachers_dir / "packs").glob("pack-*.parquet"))[-1]
+    kept = set(pq.read_table(last)["teacher_id"].to_pylist())
+    last.unlink()
+    st.labels_dir.joinpath("manifest.json").unlink()
+    capfd.readouterr()
+    st2 = run_pipeline(cfg, until="labels")
+    err = capfd.readouterr().err
+    assert f"{cfg.teachers.k - len(kept)}/{cfg.teachers.k}" in err  # progress started from the packs on disk
+    resumed = read_labels(st2.labels_dir)
+    for key in ("t_dual", "t_arith", "variance"):
+        assert torch.allclose(full[key], resumed[key], atol=1e-6), key
+
+
+def test_labels_rewrite_overwrites(ray_session, finished):
+    cfg, st = finished
+    n_files = len(list((st.labels_dir / "parts").glob("*.parquet")))
+    (st.labels_dir / "manifest.json").unlink()
+    state = RunState(cfg)
+    stage_data(state)
+    stage_labels(state)
+    assert len(list((st.labels_dir / "parts").glob("*.parquet"))) == n_files
+    assert len(pd.read_parquet(st.labels_dir / "parts")) == cfg.data.n_transfer
+
+
+def test_parquet_source_end_to_end(ray_session, tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    n, d = 600, 8
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, d)).astype(np.float32) + y[:, None]
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d), "label": y}), tmp_path / "u.parquet")
+    cfg = small_config(
+        tmp_path,
+        data={"source": "parquet", "path": str(tmp_path / "u.parquet"), "label_column": "label", "n_weak": 100, "n_transfer": 250, "n_test": 200},
+        student={"targets": ["dual_mean"], "ceiling": False, "epochs": 40, "batch_size": 32},
+    )
+    st = run_pipeline(cfg)
+    assert st.data.n_classes == 3 and st.data.in_dim == d
+    assert st.students["dual_mean"]["test_acc"] > 0.5

@@ -1,0 +1,137 @@
+"""Run-directory layout, atomic writes and stage manifests.
+
+A stage directory `<run>/<stage>/<hash>/` is complete only when its `manifest.json` exists and
+every file it lists has the recorded size and sha256. The manifest is written last, by rename,
+so a run killed mid-stage leaves a directory that the next run recognises as incomplete and
+rebuilds, never a half file that it trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def stage_dir(run_dir: str | Path, stage: str, key: str) -> Path:
+    return Path(run_dir) / stage / key
+
+
+def write_manifest(directory: Path, key: str, files: list[str] | None = None, **extra: Any) -> dict:
+    """Record each file's size and checksum; the manifest's presence marks the stage complete."""
+    directory = Path(directory)
+    if files is None:
+        files = sorted(
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        )
+    entries = {
+        f: {"bytes": (directory / f).stat().st_size, "sha256": sha256_file(directory / f)} for f in files
+    }
+    manifest = {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": entries, **extra}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path, verify: bool = True) -> dict | None:
+    """The manifest if the stage is complete and intact, else None."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except json.JSONDecodeError:
+        return None
+    for name, meta in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            return None
+        if verify and sha256_file(f) != meta["sha256"]:
+            return None
+    return manifest
+
+
+def reset_dir(directory: Path) -> Path:
+    """Start a stage afresh: an incomplete directory from an interrupted run is discarded."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a fully written directory into place, replacing (never merging with) what was there."""
+    dst = Path(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)

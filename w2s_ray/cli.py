@@ -1,0 +1,64 @@
+"""`w2s-ray`: parses arguments and calls the pipeline; nothing else.
+
+    w2s-ray run [CONFIG.yaml] [--set key=value ...]
+    w2s-ray data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
+    w2s-ray config [CONFIG.yaml]                              (print the resolved config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from w2s_ray.errors import W2SError
+
+STAGE_COMMANDS = ("data", "teachers", "labels", "student", "report")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise W2SError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="w2s-ray", description="Weak-to-strong generalization experiments on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline (default experiment without CONFIG)")
+    run.add_argument("config", nargs="?")
+    for name in STAGE_COMMANDS:
+        s = sub.add_parser(name, help=f"run the {name} stage (earlier stages are reused from cache or run)")
+        s.add_argument("config")
+    show = sub.add_parser("config", help="print the resolved config")
+    show.add_argument("config", nargs="?")
+    for s in sub.choices.values():
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. teachers.k=128")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from w2s_ray.config import load_config, to_yaml
+
+        cfg = load_config(args.config, parse_overrides(args.overrides))
+        if args.command == "config":
+            print(to_yaml(cfg), end="")
+            return 0
+        from w2s_ray.pipeline import run_pipeline
+
+        run_pipeline(cfg, until="report" if args.command == "run" else args.command)
+        return 0
+    except W2SError as err:
+        print(f"w2s-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The experiment schema: one pydantic model, YAML in and out, and per-stage hashes.
+
+Every field has a default, so `w2s-ray run` with no file is the default experiment, and the
+resolved config (every default written out) is saved beside the run's outputs. Unknown keys,
+wrong types and out-of-range values are rejected here, before Ray starts, by `load_config`,
+which raises `ConfigError` with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from w2s_ray.errors import ConfigError
+
+DIGITS_SIZE = 1797  # scikit-learn's digits has exactly this many samples
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """A model family and its capacity knob.
+
+    `name` is a built-in (`mlp`, `cnn1d`, `logistic`) or an import path `package.module:Class`
+    of a `torch.nn.Module` taking `(in_dim, n_classes, width, depth, **kwargs)`; import paths are
+    only imported because the user named them here.
+    """
+
+    name: str = "mlp"
+    width: int = Field(32, ge=1, description="hidden units (mlp) or channels (cnn1d)")
+    depth: int = Field(1, ge=1, description="hidden layers (mlp) or conv layers (cnn1d)")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Strict):
+    source: Literal["mnist1d", "digits", "parquet"] = "mnist1d"
+    path: str | None = Field(None, description="Parquet file or directory (local or pyarrow URI)")
+    feature_columns: list[str] | None = Field(
+        None, description="numeric feature columns; default: the list column named by `features`"
+    )
+    features: str = "x"
+    label_column: str = "y"
+    n_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
+    num_samples: int = Field(12000, ge=30, le=50_000_000, description="mnist1d only")
+    chunk_size: int = Field(4000, ge=100, description="mnist1d samples per Ray generation task")
+    n_weak: int = Field(2000, ge=10, description="weak-gold split: the only gold labels teachers see")
+    n_transfer: int = Field(6000, ge=10, description="transfer split: the student sees teacher labels")
+    n_test: int = Field(4000, ge=10, description="gold test split, evaluation only")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> "DataConfig":
+        need = self.n_weak + self.n_transfer + self.n_test
+        have = {"mnist1d": self.num_samples, "digits": DIGITS_SIZE}.get(self.source)
+        if have is not None and need > have:
+            raise ValueError(
+                f"data.n_weak + data.n_transfer + data.n_test = {need} is larger than the "
+                f"{have} samples of data.source={self.source!r}"
+            )
+        if self.source == "parquet" and not self.path:
+            raise ValueError("data.path is required when data.source is 'parquet'")
+        return self
+
+
+class TeachersConfig(Strict):
+    k: int = Field(64, ge=2, description="number of teachers")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    resample: Literal["bootstrap", "seed", "disjoint"] = "bootstrap"
+    seed: int = 0
+    num_actors: int | None = Field(None, ge=1, description="default: as many as the CPUs/GPUs allow")
+    max_pack_size: int = Field(1024, ge=1)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=1)
+    compile: bool = Field(False, description="torch.compile the pack's forward and loss")
+    max_retries: int = Field(3, ge=0, description="a pack whose actor dies is retried this often")
+
+
+class PosteriorConfig(Strict):
+    n_boot: int = Field(200, ge=0, description="bootstrap replicates over teachers (0: no CIs)")
+    ci: float = Field(0.95, gt=0, lt=1)
+    single_teacher: int = Field(0, ge=0, description="the designated single teacher's index")
+
+
+class LabelsConfig(Strict):
+    rows_per_file: int = Field(20000, ge=100)
+    read_batch_size: int = Field(4096, ge=1)
+
+
+TargetName = Literal["single", "arith_mean", "dual_mean", "hard"]
+LossName = Literal["mixture", "symmetric", "adaptive", "aux_conf", "kl", "rkl"]
+
+
+class StudentConfig(Strict):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="cnn1d", width=32, depth=3))
+    targets: list[TargetName] = Field(
+        default_factory=lambda: ["dual_mean", "arith_mean", "single"],
+        min_length=1,
+        description="one student is trained per target; the first is the headline student",
+    )
+    loss: LossName = "mixture"
+    rce_weight: float = Field(0.0, ge=0, le=1, description="λ in (1-λ)·CE + λ·RCE")
+    sym_alpha: float = Field(1.0, ge=0)
+    sym_beta: float = Field(1.0, ge=0)
+    adaptive_threshold: float = Field(0.5, ge=0, le=1, description="teacher confidence threshold")
+    adaptive_quantile: float | None = Field(None, ge=0, le=1, description="overrides the threshold")
+    aux_alpha: float = Field(0.75, ge=0, le=1)
+    aux_warmup: float = Field(0.2, ge=0, le=1, description="fraction of training before aux weight is full")
+    log_floor: float = Field(math.log(1e-8), lt=0, description="floor on log teacher probs in RCE")
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    holdout_frac: float = Field(0.1, gt=0, lt=0.9, description="transfer slice held out for early stopping")
+    patience: int = Field(5, ge=1)
+    selection: Literal["teacher", "oracle"] = Field(
+        "teacher", description="early stopping on teacher labels (realistic) or gold labels (oracle)"
+    )
+    seed: int = 0
+    ceiling: bool = Field(True, description="also train the strong ceiling on gold transfer labels")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, le=1)
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    object_store_mb: int | None = Field(None, ge=75, description="local Ray only")
+
+
+class OutputConfig(Strict):
+    root: str = "runs"
+    name: str = "default"
+    tensorboard: bool = True
+
+
+class ExperimentConfig(Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        if self.posterior.single_teacher >= self.teachers.k:
+            raise ValueError(
+                f"posterior.single_teacher={self.posterior.single_teacher} must be < teachers.k={self.teachers.k}"
+            )
+        if self.teachers.resample == "disjoint" and self.data.n_weak < self.teachers.k:
+            raise ValueError(
+                f"teachers.resample='disjoint' needs data.n_weak ({self.data.n_weak}) >= teachers.k ({self.teachers.k})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.root) / self.output.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> ExperimentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read YAML (or the defaults when `path` is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return parse_config(data, source)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of config parts (pydantic models or plain JSON-able values)."""
+
+    def plain(p: Any) -> Any:
+        return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,218 @@
+"""Datasets, validation of user data, and the three seeded, disjoint splits.
+
+- weak:     the only gold labels teachers ever see
+- transfer: the student sees only the teachers' labels on these inputs
+- test:     gold labels, for evaluation only
+
+No Ray here: MNIST-1D generation is split into seeded chunks (`mnist1d_chunk`) and the caller
+decides how to map them (the pipeline runs them as parallel Ray tasks). Splits are stored as
+Parquet with columns `id` (row in the source), `x` (fixed-size list of float32) and `y`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from w2s_ray.config import DataConfig
+from w2s_ray.errors import DataError
+
+SPLITS = ("weak", "transfer", "test")
+
+
+@dataclass
+class Split:
+    ids: np.ndarray
+    x: np.ndarray  # float32 [n, d]
+    y: np.ndarray  # int64 [n]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.x), torch.from_numpy(self.y)
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def mnist1d_chunk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` MNIST-1D samples from the package's own `make_dataset` (never its download path)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = n
+    args.train_split = 1.0
+    args.seed = int(seed)
+    d = make_dataset(args)
+    return d["x"].astype(np.float32), d["y"].astype(np.int64)
+
+
+def mnist1d_plan(cfg: DataConfig) -> list[tuple[int, int]]:
+    """(size, seed) per chunk; sizes are multiples of 10 because make_dataset balances classes."""
+    total = -(-cfg.num_samples // 10) * 10
+    chunk = max(10, cfg.chunk_size // 10 * 10)
+    sizes = [min(chunk, total - s) for s in range(0, total, chunk)]
+    return [(n, cfg.seed * 100_003 + i) for i, n in enumerate(sizes)]
+
+
+def load_mnist1d(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(map_fn(lambda a: mnist1d_chunk(*a), mnist1d_plan(cfg)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _open_parquet(path: str) -> pa.Table:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data file not found: {path}")
+        return pq.read_table(p, filesystem=fs)
+    except DataError:
+        raise
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise DataError(f"cannot read Parquet data {path}: {err}") from None
+
+
+def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate user data; every error names the file and the column."""
+    path = cfg.path or ""
+    table = _open_parquet(path)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+    names = table.column_names
+    if cfg.label_column not in names:
+        raise DataError(f"{path}: label column {cfg.label_column!r} is missing (columns: {names})")
+    x = _features(table, cfg, path)
+    y = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
+    return x, y
+
+
+def _features(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
+    cols = cfg.feature_columns or [cfg.features]
+    for c in cols:
+        if c not in table.column_names:
+            raise DataError(f"{path}: feature column {c!r} is missing (columns: {table.column_names})")
+    if cfg.feature_columns is None:
+        col = table[cfg.features].combine_chunks()
+        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type)):
+            raise DataError(
+                f"{path}: column {cfg.features!r} must be a list of numbers per row (or set data.feature_columns)"
+            )
+        if col.null_count:
+            raise DataError(f"{path}: column {cfg.features!r} has {col.null_count} null rows")
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if len(set(lengths.tolist())) != 1:
+            raise DataError(
+                f"{path}: column {cfg.features!r} is ragged: rows have {sorted(set(lengths.tolist()))[:5]} features"
+            )
+        if not pa.types.is_integer(col.type.value_type) and not pa.types.is_floating(col.type.value_type):
+            raise DataError(f"{path}: column {cfg.features!r} holds {col.type.value_type}, not numbers")
+        x = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+        _check_finite(x, cfg.features, path)
+        return x
+    arrays = []
+    for c in cols:
+        col = table[c]
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            raise DataError(f"{path}: feature column {c!r} has type {col.type}, not numeric")
+        if col.null_count:
+            raise DataError(f"{path}: feature column {c!r} has {col.null_count} null values")
+        a = col.to_numpy().astype(np.float32)
+        _check_finite(a, c, path)
+        arrays.append(a)
+    return np.stack(arrays, 1)
+
+
+def _check_finite(a: np.ndarray, column: str, path: str) -> None:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        rows = np.nonzero(bad.reshape(len(a), -1).any(1))[0]
+        raise DataError(
+            f"{path}: column {column!r} has NaN or inf in {len(rows)} rows (first rows: {rows[:5].tolist()})"
+        )
+
+
+def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -> np.ndarray:
+    if col.null_count:
+        raise DataError(f"{path}: label column {name!r} has {col.null_count} null values")
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DataError(f"{path}: label column {name!r} has type {col.type}; labels must be integers 0..C-1")
+    y = col.to_numpy()
+    if pa.types.is_floating(col.type):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError(f"{path}: label column {name!r} holds non-integer values; labels must be integers 0..C-1")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(f"{path}: label column {name!r} has labels outside 0..C-1 (minimum {y.min()})")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise DataError(f"{path}: label column {name!r} has fewer than 2 classes")
+    if n_classes is not None and present[-1] >= n_classes:
+        raise DataError(
+            f"{path}: label column {name!r} has labels outside 0..C-1 with C = data.n_classes = {n_classes} "
+            f"(largest label {present[-1]})"
+        )
+    if n_classes is None and present[-1] != len(present) - 1:
+        raise DataError(
+            f"{path}: label column {name!r} has labels outside 0..C-1: {len(present)} classes present but "
+            f"largest label {present[-1]} (relabel to 0..C-1, or set data.n_classes if some classes are absent)"
+        )
+    return y
+
+
+def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.source == "mnist1d":
+        return load_mnist1d(cfg, map_fn)
+    if cfg.source == "digits":
+        return load_digits()
+    return load_parquet(cfg)
+
+
+# --- splits --------------------------------------------------------------------------------
+
+
+def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "data") -> dict[str, Split]:
+    need = cfg.n_weak + cfg.n_transfer + cfg.n_test
+    if need > len(y):
+        raise DataError(
+            f"{source}: data.n_weak + data.n_transfer + data.n_test = {need} is larger than its {len(y)} rows"
+        )
+    perm = np.random.default_rng(cfg.seed).permutation(len(y))
+    bounds = np.cumsum([0, cfg.n_weak, cfg.n_transfer, cfg.n_test])
+    out = {}
+    for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+        ids = np.sort(perm[lo:hi])
+        out[name] = Split(ids=ids.astype(np.int64), x=np.ascontiguousarray(x[ids], dtype=np.float32), y=y[ids].astype(np.int64))
+    return out
+
+
+def split_table(s: Split) -> pa.Table:
+    d = s.x.shape[1]
+    flat = pa.array(s.x.reshape(-1), type=pa.float32())
+    return pa.table({"id": s.ids, "x": pa.FixedSizeListArray.from_arrays(flat, d), "y": s.y})
+
+
+def read_split(path: str | Path) -> Split:
+    t = pq.read_table(path)
+    x = t["x"].combine_chunks()
+    d = x.type.list_size
+    xs = x.flatten().to_numpy().reshape(-1, d).astype(np.float32, copy=False)
+    return Split(ids=t["id"].to_numpy(), x=np.ascontiguousarray(xs), y=t["y"].to_numpy().astype(np.int64))
+
+
+def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
+    return cfg.n_classes or int(y.max()) + 1

@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message and exits 2, without a traceback."""
+
+
+class W2SError(Exception):
+    """An error the user can fix; its message names the key, file or column at fault."""
+
+
+class ConfigError(W2SError):
+    pass
+
+
+class DataError(W2SError):
+    pass

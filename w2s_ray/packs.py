@@ -1,0 +1,154 @@
+"""A pack of K teachers trained at once with stacked parameters (`torch.func` + `vmap`).
+
+Why a pack: a weak teacher is tiny, so one model per step wastes the device on launch and
+Python overhead; stacking K teachers' parameters turns K small matmuls into one batched one.
+
+Each teacher is a pure function of its seed: its initialisation (`torch.manual_seed(seed)`),
+its resample of the weak-gold split (`teacher_indices`) and its batch order (`batch_order`)
+all come from that seed alone. So a teacher trains to the same parameters in any pack, alone,
+or on any node, which is what lets a lost pack be retrained and an ensemble be extended.
+Adam is elementwise, so one Adam over stacked parameters is K independent Adams.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from w2s_ray.config import ModelConfig
+from w2s_ray.losses import cross_entropy, log_softmax
+from w2s_ray.models import build_model
+
+
+def teacher_seed(base_seed: int, teacher_id: int) -> int:
+    return int(base_seed) * 1_000_003 + int(teacher_id)
+
+
+def teacher_indices(resample: str, n: int, k_total: int, teacher_id: int, seed: int, base_seed: int) -> np.ndarray:
+    """Which weak-gold rows teacher `teacher_id` trains on (always the same length across teachers)."""
+    if resample == "bootstrap":
+        return np.random.default_rng(seed).integers(0, n, size=n)
+    if resample == "seed":
+        return np.arange(n)
+    if resample == "disjoint":
+        per = n // k_total
+        perm = np.random.default_rng(base_seed).permutation(n)
+        return np.sort(perm[teacher_id * per : (teacher_id + 1) * per])
+    raise ValueError(f"unknown resample {resample!r}")
+
+
+def batch_order(seed: int, indices: np.ndarray, epochs: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The teacher's own shuffled batches, epoch after epoch."""
+    rng = np.random.default_rng([seed, 1])
+    for _ in range(epochs):
+        perm = indices[rng.permutation(len(indices))]
+        for s in range(0, len(perm), batch_size):
+            yield perm[s : s + batch_size]
+
+
+def init_model(model_cfg: ModelConfig, in_dim: int, n_classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(model_cfg, in_dim, n_classes)
+
+
+class TeacherPack:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        in_dim: int,
+        n_classes: int,
+        seeds: list[int],
+        device: str | torch.device = "cpu",
+        compile: bool = False,
+    ):
+        models = [init_model(model_cfg, in_dim, n_classes, s) for s in seeds]
+        params, buffers = stack_module_state(models)
+        self.device = torch.device(device)
+        self.params = {k: v.detach().to(self.device).requires_grad_() for k, v in params.items()}
+        self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
+        self.seeds = list(seeds)
+        base = copy.deepcopy(models[0]).to("meta")
+
+        def one(p, b, x):
+            return functional_call(base, (p, b), (x,))
+
+        self._batched = vmap(one)  # x: [K, B, D]
+        self._shared = vmap(one, in_dims=(0, 0, None))  # x: [B, D], same for all teachers
+
+        def loss_fn(params, x, y):
+            logits = self._batched(params, self.buffers, x)  # [K, B, C]
+            # sum over teachers of each teacher's mean loss: each gets its own gradient
+            return cross_entropy(logits.flatten(0, 1), y.flatten()).sum() / x.shape[1]
+
+        self._loss: Callable = torch.compile(loss_fn) if compile else loss_fn
+
+    @property
+    def k(self) -> int:
+        return len(self.seeds)
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index_sets: list[np.ndarray],
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> int:
+        """Train every teacher on its own rows and batch order; returns teacher-steps taken."""
+        x, y = x.to(self.device), y.to(self.device)
+        opt = torch.optim.Adam(self.params.values(), lr=lr, weight_decay=weight_decay)
+        orders = [batch_order(s, idx, epochs, batch_size) for s, idx in zip(self.seeds, index_sets)]
+        steps = 0
+        for batches in zip(*orders):
+            idx = torch.as_tensor(np.stack(batches), device=self.device)
+            opt.zero_grad(set_to_none=True)
+            self._loss(self.params, x[idx], y[idx]).backward()
+            opt.step()
+            steps += 1
+        return steps * self.k
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """`[K, N, C]` log-probabilities of every teacher on the same inputs."""
+        out = []
+        for s in range(0, len(x), chunk):
+            xb = x[s : s + chunk].to(self.device)
+            out.append(log_softmax(self._shared(self.params, self.buffers, xb)).cpu())
+        return torch.cat(out, 1)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[i].detach().cpu().clone() for k, v in self.params.items()} for i in range(self.k)]
+
+
+def train_one(
+    model_cfg: ModelConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    seed: int,
+    indices: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> torch.nn.Module:
+    """One teacher trained alone as a plain module: the reference a pack must reproduce."""
+    model = init_model(model_cfg, x.shape[1], n_classes, seed).to(x.device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for b in batch_order(seed, indices, epochs, batch_size):
+        b = torch.as_tensor(b, device=x.device)
+        opt.zero_grad(set_to_none=True)
+        cross_entropy(model(x[b]), y[b]).mean().backward()
+        opt.step()
+    return model
+
+
+def steps_per_teacher(n_rows: int, epochs: int, batch_size: int) -> int:
+    return epochs * math.ceil(n_rows / batch_size)

@@ -1,0 +1,125 @@
+"""Posterior-mean teachers and teacher variance for the KL (cross-entropy) Bregman divergence.
+
+Plain torch, no Ray. With teachers' log-probabilities `logp[k]` on an example:
+
+- arithmetic mean  a = mean_k p_k                        (the primal-space mean)
+- dual mean        q = softmax(m),  m = mean_k log p_k   (the mean in the generator's dual space)
+- teacher variance V = mean_k KL(q ‖ p_k) = −logsumexp(m) ≥ 0, zero iff all teachers agree
+- and for any label distribution y:  mean_k KL(y ‖ p_k) = KL(y ‖ q) + V   (exactly)
+
+So every statistic needs only running sums of p, of log p and of Σ p·log p over teachers: the
+`PosteriorAccumulator` streams teachers in any order and any pack size, in memory independent
+of K. Poisson-bootstrap replicates (each teacher gets a Poisson(1) weight per replicate, drawn
+from its id, so the result does not depend on arrival order) give confidence intervals for the
+ensemble's accuracy without keeping the teachers' predictions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def arith_mean(logp: torch.Tensor) -> torch.Tensor:
+    """`[K, N, C]` log-probs → `[N, C]` mean of probabilities."""
+    return logp.exp().mean(0)
+
+
+def dual_mean_log(logp: torch.Tensor) -> torch.Tensor:
+    """`[K, N, C]` → `[N, C]` log of softmax(mean_k log p_k)."""
+    return torch.log_softmax(logp.mean(0), -1)
+
+
+def bregman_variance(logp: torch.Tensor) -> torch.Tensor:
+    """`[N]` mean_k KL(dual mean ‖ p_k), computed directly from its definition."""
+    log_q = dual_mean_log(logp)
+    return (log_q.exp() * (log_q.unsqueeze(0) - logp)).sum(-1).mean(0)
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last dim, with 0·log 0 = 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def entropy_from_probs(p: torch.Tensor) -> torch.Tensor:
+    return -torch.where(p > 0, p * p.clamp_min(1e-45).log(), torch.zeros_like(p)).sum(-1)
+
+
+class PosteriorAccumulator:
+    """Running sums over teachers for one split; `add` a pack at a time, `finalize` at the end."""
+
+    def __init__(self, n: int, c: int, n_boot: int = 0, boot_seed: int = 0):
+        self.n, self.c = n, c
+        self.k = 0
+        self.sum_p = torch.zeros(n, c, dtype=torch.float64)
+        self.sum_logp = torch.zeros(n, c, dtype=torch.float64)
+        self.sum_neg_entropy = torch.zeros(n, dtype=torch.float64)
+        self.n_boot, self.boot_seed = n_boot, boot_seed
+        if n_boot:
+            self.boot_w = torch.zeros(n_boot, dtype=torch.float64)
+            self.boot_p = torch.zeros(n_boot, n, c, dtype=torch.float32)
+            self.boot_logp = torch.zeros(n_boot, n, c, dtype=torch.float32)
+
+    def boot_weights(self, teacher_ids: list[int]) -> torch.Tensor:
+        """`[B, k]` Poisson(1) weights, each teacher's column a function of its id alone."""
+        cols = [np.random.default_rng([self.boot_seed, int(t)]).poisson(1.0, self.n_boot) for t in teacher_ids]
+        return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+
+    def add(self, logp: torch.Tensor, teacher_ids: list[int] | None = None) -> None:
+        """Fold in `[k, N, C]` log-probs of k more teachers."""
+        logp64 = logp.double()
+        p64 = logp64.exp()
+        self.sum_p += p64.sum(0)
+        self.sum_logp += logp64.sum(0)
+        self.sum_neg_entropy += torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum((0, 2))
+        self.k += logp.shape[0]
+        if self.n_boot:
+            if teacher_ids is None:
+                raise ValueError("bootstrap replicates need the teacher ids")
+            w = self.boot_weights(teacher_ids)  # [B, k]
+            lp = logp.float()
+            self.boot_w += w.double().sum(1)
+            self.boot_p += torch.einsum("bk,knc->bnc", w, lp.exp())
+            self.boot_logp += torch.einsum("bk,knc->bnc", w, lp)
+
+    def merge(self, other: "PosteriorAccumulator") -> None:
+        """Add another accumulator's teachers (e.g. extending an ensemble)."""
+        self.sum_p += other.sum_p
+        self.sum_logp += other.sum_logp
+        self.sum_neg_entropy += other.sum_neg_entropy
+        self.k += other.k
+        if self.n_boot:
+            self.boot_w += other.boot_w
+            self.boot_p += other.boot_p
+            self.boot_logp += other.boot_logp
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        if self.k == 0:
+            raise ValueError("no teachers were added")
+        arith = (self.sum_p / self.k).float()
+        m = self.sum_logp / self.k
+        lse = torch.logsumexp(m, -1)
+        dual_log = (m - lse.unsqueeze(-1)).float()
+        pred_entropy = entropy_from_probs(arith.double()).float()
+        expected_entropy = (-self.sum_neg_entropy / self.k).float()
+        return {
+            "arith": arith,
+            "dual_log": dual_log,
+            "variance": (-lse).clamp_min(0).float(),
+            "pred_entropy": pred_entropy,
+            "expected_entropy": expected_entropy,
+            "mutual_info": (pred_entropy - expected_entropy).clamp_min(0),
+        }
+
+    def bootstrap_accuracy(self, labels: torch.Tensor, ci: float = 0.95) -> dict[str, list[float]]:
+        """Percentile CIs over teacher resamples for the accuracy of both posterior means."""
+        if not self.n_boot:
+            return {}
+        w = self.boot_w.clamp_min(1e-12).float().view(-1, 1, 1)
+        out = {}
+        for name, s in (("arith", self.boot_p), ("dual", self.boot_logp)):
+            acc = ((s / w).argmax(-1) == labels.view(1, -1)).float().mean(1).numpy()
+            lo, hi = np.quantile(acc, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+            out[name] = [float(lo), float(hi)]
+        return out

@@ -1,0 +1,138 @@
+"""One student training run on a target distribution over the transfer inputs.
+
+Used by `run` (one student per target, plus the gold-label ceiling), by Tune trials and by
+studies. No Ray: the caller decides where it runs and passes tensors in.
+
+Early stopping looks only at a held-out slice of the *transfer* split: by default the training
+objective against the teacher targets there (no gold label used), or, with `selection: oracle`,
+gold accuracy on that slice.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from w2s_ray.config import StudentConfig
+from w2s_ray.losses import log_softmax, student_loss
+from w2s_ray.models import build_model, count_params
+
+
+@dataclass
+class StudentResult:
+    state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    epochs_run: int
+    n_params: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def holdout_split(n: int, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows) of the transfer split; the same for every target of a run."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    n_hold = max(1, int(round(n * frac)))
+    return perm[n_hold:], perm[:n_hold]
+
+
+@torch.no_grad()
+def predict_log(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [log_softmax(model(x[s : s + chunk].to(dev))).cpu() for s in range(0, len(x), chunk)]
+    return torch.cat(out)
+
+
+def train_student(
+    cfg: StudentConfig,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    log_t: torch.Tensor,
+    n_classes: int,
+    *,
+    loss: str | None = None,
+    y_gold: torch.Tensor | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[dict], None] | None = None,
+    init_state: dict | None = None,
+) -> StudentResult:
+    """Fit a student to targets `t` (probabilities) with `log_t` (their logs).
+
+    `loss` overrides `cfg.loss` (the gold ceiling trains with forward CE on one-hot labels).
+    `y_gold` (transfer gold labels) is read only when `cfg.selection == "oracle"`.
+    `on_epoch` receives each epoch's record (Tune reports through it).
+    """
+    t0 = time.perf_counter()
+    loss_name = loss or cfg.loss
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, x.shape[1], n_classes).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_rows, hold_rows = holdout_split(len(x), cfg.holdout_frac, cfg.seed)
+    x, t, log_t = x.to(device), t.to(device), log_t.to(device)
+    threshold = cfg.adaptive_threshold
+    if cfg.adaptive_quantile is not None:
+        threshold = float(torch.quantile(t[train_rows.to(device)].amax(-1).float().cpu(), cfg.adaptive_quantile))
+    oracle = cfg.selection == "oracle"
+    if oracle and y_gold is None:
+        raise ValueError("selection='oracle' needs the transfer split's gold labels")
+
+    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def objective(logits, rows, step):
+        aux_alpha = cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps))
+        return student_loss(
+            loss_name, logits, t[rows], log_t[rows], lam=cfg.rce_weight, alpha=cfg.sym_alpha,
+            beta=cfg.sym_beta, threshold=threshold, aux_alpha=aux_alpha, log_floor=cfg.log_floor,
+        ).mean()
+
+    best_score, best_state, best_epoch, bad, step = float("inf"), None, 0, 0, 0
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
+        total = 0.0
+        for s in range(0, len(perm), cfg.batch_size):
+            rows = perm[s : s + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            batch_loss = objective(model(x[rows]), rows, step)
+            batch_loss.backward()
+            opt.step()
+            total += float(batch_loss.detach()) * len(rows)
+            step += 1
+        with torch.no_grad():
+            model.eval()
+            hold = hold_rows.to(device)
+            logits = model(x[hold])
+            hold_loss = float(objective(logits, hold, total_steps))
+            hold_agree = float((logits.argmax(-1) == t[hold].argmax(-1)).float().mean())
+            rec = {"epoch": epoch, "train_loss": total / len(perm), "holdout_loss": hold_loss, "holdout_agreement": hold_agree}
+            if oracle:
+                rec["holdout_gold_acc"] = float((logits.argmax(-1).cpu() == y_gold[hold_rows]).float().mean())
+        score = -rec["holdout_gold_acc"] if oracle else hold_loss
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if score < best_score - 1e-6:
+            best_score, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return StudentResult(state, best_epoch, len(history), count_params(model), time.perf_counter() - t0, history)
+
+
+def load_student(cfg: StudentConfig, state: dict, in_dim: int, n_classes: int) -> torch.nn.Module:
+    model = build_model(cfg.model, in_dim, n_classes)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,203 @@
+"""The teacher ensemble on Ray: actors train packs of teachers; the driver collects them.
+
+The driver ships the weak, transfer and test inputs to the object store once, starts a few
+`PackTrainer` actors, hands each a pack of teacher ids at a time and collects packs with
+`ray.wait` as they finish. Each finished pack is written at once (its teachers' log-probs on
+the transfer and test splits, long format: teacher_id, row, logp[C]), so an interrupted stage
+resumes with the teachers it has not trained yet. Actors are restarted and their pack retried
+when they die (node loss); since a teacher is a pure function of its seed, a retried pack
+reproduces exactly the teachers it would have given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from w2s_ray import artifacts
+from w2s_ray.config import ExperimentConfig, TeachersConfig
+from w2s_ray.raytools import progress
+
+PRED_SPLITS = ("transfer", "test")
+
+
+def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:
+    """Split teacher ids into packs: one per actor when they fit, never above `max_pack`."""
+    if not todo:
+        return []
+    size = max(1, min(max_pack, math.ceil(len(todo) / n_actors)))
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
+def default_num_actors(cfg: TeachersConfig, resources: dict[str, float]) -> int:
+    """As many actors as the cluster's resources hold at once (never more: an actor that cannot be
+    placed would sit on its pre-assigned pack forever while the placed ones idle)."""
+    fit = int(resources.get("CPU", 1) // cfg.num_cpus_per_actor)
+    if cfg.num_gpus_per_actor > 0:
+        fit = min(fit, int(resources.get("GPU", 0) / cfg.num_gpus_per_actor))
+    fit = max(1, fit)
+    return min(cfg.num_actors, fit) if cfg.num_actors else fit
+
+
+def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
+    """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
+    import torch
+
+    from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
+
+    t0 = time.perf_counter()
+    # arrays from the object store are read-only; torch.tensor copies them into writable memory
+    x_weak = torch.tensor(data["x_weak"])
+    y_weak = torch.tensor(data["y_weak"])
+    n = len(y_weak)
+    seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
+    index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(teacher_ids, seeds)]
+    pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.compile)
+    steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
+    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
+    for split in PRED_SPLITS:
+        out[f"logp_{split}"] = pack.log_probs(torch.tensor(data[f"x_{split}"])).numpy()
+    y_test = data["y_test"]
+    out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
+    out["acc_weak"] = (pack.log_probs(x_weak).numpy().argmax(-1) == data["y_weak"][None]).mean(1).tolist()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _pack_trainer_class():
+    import ray
+
+    @ray.remote
+    class PackTrainer:
+        """Holds the split inputs once and trains pack after pack on its CPU or GPU."""
+
+        def __init__(self, data_box: list, cfg_json: dict, n_classes: int, threads: int):
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+            # the data ref comes boxed in a list so that Ray does not resolve it as a constructor
+            # argument: a restarted actor (after a node loss) fetches it again from the driver's copy
+            self.data = ray.get(data_box[0])
+            self.cfg = TeachersConfig.model_validate(cfg_json)
+            self.n_classes = n_classes
+            gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+            self.device = "cuda" if gpu else "cpu"
+            self.node = ray.get_runtime_context().get_node_id()
+
+        def train(self, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
+            out = train_pack_local(self.data, self.cfg, self.n_classes, teacher_ids, self.device)
+            out.update(pack=pack_index, node=self.node, device=self.device)
+            return out
+
+    return PackTrainer
+
+
+# --- on-disk layout ------------------------------------------------------------------------
+
+
+def pack_path(stage: Path, split: str, pack_index: int) -> Path:
+    return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
+
+
+def write_pack(stage: Path, result: dict[str, Any]) -> None:
+    """Predictions first (one file per split), then the pack's metadata row: its marker of completion."""
+    ids = np.asarray(result["teacher_ids"], dtype=np.int32)
+    for split in PRED_SPLITS:
+        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
+        k, n, c = logp.shape
+        flat = pa.array(logp.reshape(-1), type=pa.float32())
+        table = pa.table(
+            {
+                "teacher_id": np.repeat(ids, n),
+                "row": np.tile(np.arange(n, dtype=np.int32), k),
+                "logp": pa.FixedSizeListArray.from_arrays(flat, c),
+            }
+        )
+        artifacts.write_parquet(pack_path(stage, split, result["pack"]), table)
+    meta = pa.table(
+        {
+            "teacher_id": ids,
+            "seed": np.asarray(result["seeds"], dtype=np.int64),
+            "pack": np.full(len(ids), result["pack"], dtype=np.int32),
+            "node": [result.get("node", "local")] * len(ids),
+            "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
+            "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
+            "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
+        }
+    )
+    artifacts.write_parquet(stage / "packs" / f"pack-{result['pack']:05d}.parquet", meta)
+
+
+def finished_packs(stage: Path) -> pa.Table | None:
+    files = sorted((stage / "packs").glob("pack-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def read_pack_logp(stage: Path, split: str, pack_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher ids, `[k, N, C]` log-probs) of one pack."""
+    t = pq.read_table(pack_path(stage, split, pack_index))
+    ids = t["teacher_id"].to_numpy()
+    c = t.schema.field("logp").type.list_size
+    logp = t["logp"].combine_chunks().flatten().to_numpy().reshape(-1, c)
+    teacher_ids = np.unique(ids)
+    return teacher_ids, logp.reshape(len(teacher_ids), -1, c)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: Path) -> pa.Table:
+    """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
+    import ray
+
+    from w2s_ray.raytools import cluster_resources
+
+    tcfg = cfg.teachers
+    done = finished_packs(stage)
+    done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
+    todo = [t for t in range(tcfg.k) if t not in done_ids]
+    next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
+    n_actors = default_num_actors(tcfg, cluster_resources())
+    packs = plan_packs(todo, n_actors, tcfg.max_pack_size)
+    if packs:
+        data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
+        data_ref = ray.put(data)
+        trainer = _pack_trainer_class().options(
+            num_cpus=tcfg.num_cpus_per_actor,
+            num_gpus=tcfg.num_gpus_per_actor,
+            max_restarts=tcfg.max_retries,
+            max_task_retries=tcfg.max_retries,
+        )
+        threads = max(1, int(tcfg.num_cpus_per_actor))
+        actors = [
+            trainer.remote([data_ref], tcfg.model_dump(mode="json"), n_classes, threads)
+            for _ in range(min(n_actors, len(packs)))
+        ]
+        queue = list(enumerate(packs, start=next_pack))
+        running: dict[Any, Any] = {}
+        for actor in actors:
+            if queue:
+                p, ids = queue.pop(0)
+                running[actor.train.remote(p, ids)] = actor
+        n_done, t0 = len(done_ids), time.perf_counter()
+        progress("teachers", n_done, tcfg.k)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            result = ray.get(ref)
+            write_pack(stage, result)
+            n_done += len(result["teacher_ids"])
+            progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")
+            if queue:
+                p, ids = queue.pop(0)
+                running[actor.train.remote(p, ids)] = actor
+        for actor in actors:
+            ray.kill(actor)
+    table = finished_packs(stage)
+    return table.sort_by("teacher_id")
