@@ -95,7 +95,7 @@ class PosteriorConfig(Strict):
 
 class LabelsConfig(Strict):
     rows_per_file: int = Field(20000, ge=100)
-    read_batch_size: int = Field(4096, ge=1)
+    read_batch_size: int = Field(65536, ge=1)
 
 
 TargetName = Literal["single", "arith_mean", "dual_mean", "hard"]

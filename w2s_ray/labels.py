@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,18 +104,45 @@ def write_labels(stage: Path, table: pa.Table, test: pa.Table, summary: dict, ke
     return artifacts.write_manifest(stage, key, rows=table.num_rows, schema=schema)
 
 
-def read_labels(stage: Path, batch_size: int = 4096) -> dict[str, torch.Tensor]:
-    """All pseudo-label rows as tensors, via `ray.data.read_parquet` → torch batches, ordered by id."""
+def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
+    """Arrow columns → tensors without copies: fixed-size lists become `[rows, size]`.
+
+    Ray Data's numpy format turns a fixed-size-list column into an object array of arrays,
+    which costs more than the read; converting from Arrow ourselves avoids that. The tensors
+    share the (read-only) Arrow buffers: copy before writing into them.
+    """
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, col in zip(batch.schema.names, batch.columns):
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks()
+            a = _list_to_numpy(col) if pa.types.is_fixed_size_list(col.type) else col.to_numpy()
+            out[name] = torch.from_numpy(a)
+    return out
+
+
+def iter_label_batches(stage: Path, batch_size: int = 65536):
+    """Stream the pseudo-labels through `ray.data.read_parquet` as dicts of tensors."""
     import ray.data
 
     ds = ray.data.read_parquet(str(stage / "parts"))
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4):
+        yield batch_to_torch(batch)
+
+
+def read_labels(stage: Path, batch_size: int = 65536) -> dict[str, torch.Tensor]:
+    """All pseudo-label rows as tensors (streamed through Ray Data), ordered by id."""
     chunks: dict[str, list[torch.Tensor]] = {}
-    for batch in ds.iter_torch_batches(batch_size=batch_size, device="cpu"):
+    for batch in iter_label_batches(stage, batch_size):
         for name, t in batch.items():
             chunks.setdefault(name, []).append(t)
     out = {name: torch.cat(ts) for name, ts in chunks.items()}
-    order = torch.argsort(out["id"])
-    return {name: t[order] for name, t in out.items()}
+    ids = out["id"]
+    if not bool((ids[1:] > ids[:-1]).all()):
+        order = torch.argsort(ids)
+        out = {name: t[order] for name, t in out.items()}
+    return out
 
 
 def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:

@@ -103,13 +103,16 @@ class TeacherPack:
     ) -> int:
         """Train every teacher on its own rows and batch order; returns teacher-steps taken."""
         x, y = x.to(self.device), y.to(self.device)
-        opt = torch.optim.Adam(self.params.values(), lr=lr, weight_decay=weight_decay)
+        opt = make_adam(self.params.values(), lr, weight_decay, self.device)
         orders = [batch_order(s, idx, epochs, batch_size) for s, idx in zip(self.seeds, index_sets)]
         steps = 0
         for batches in zip(*orders):
             idx = torch.as_tensor(np.stack(batches), device=self.device)
+            flat = idx.reshape(-1)
+            xb = x.index_select(0, flat).view(*idx.shape, -1)
+            yb = y.index_select(0, flat).view(idx.shape)
             opt.zero_grad(set_to_none=True)
-            self._loss(self.params, x[idx], y[idx]).backward()
+            self._loss(self.params, xb, yb).backward()
             opt.step()
             steps += 1
         return steps * self.k
@@ -127,6 +130,12 @@ class TeacherPack:
         return [{k: v[i].detach().cpu().clone() for k, v in self.params.items()} for i in range(self.k)]
 
 
+def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """Fused Adam (one kernel for all parameters) where the device supports it; the pack and
+    the one-teacher reference use the same optimizer so that their parameters agree exactly."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def train_one(
     model_cfg: ModelConfig,
     x: torch.Tensor,
@@ -141,7 +150,7 @@ def train_one(
 ) -> torch.nn.Module:
     """One teacher trained alone as a plain module: the reference a pack must reproduce."""
     model = init_model(model_cfg, x.shape[1], n_classes, seed).to(x.device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_adam(model.parameters(), lr, weight_decay, x.device)
     for b in batch_order(seed, indices, epochs, batch_size):
         b = torch.as_tensor(b, device=x.device)
         opt.zero_grad(set_to_none=True)

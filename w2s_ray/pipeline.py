@@ -121,7 +121,7 @@ def stage_data(st: RunState) -> DataStage:
 
 
 def stage_teachers(st: RunState) -> Path:
-    from w2s_ray.teachers import train_teachers
+    from w2s_ray.teachers import POOL, train_teachers
 
     data = st.data or stage_data(st)
     d = artifacts.stage_dir(st.run_dir, "teachers", st.keys.teachers)
@@ -130,7 +130,10 @@ def stage_teachers(st: RunState) -> Path:
         log(f"teachers: training K={st.cfg.teachers.k} {st.cfg.teachers.model.name} teachers → {d}")
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").unlink(missing_ok=True)
-        table = train_teachers(st.cfg, data.splits, data.n_classes, d)
+        try:
+            table = train_teachers(st.cfg, data.splits, data.n_classes, d)
+        finally:
+            POOL.release()  # actors hold CPUs/GPUs the student stage needs
         artifacts.write_parquet(d / "teachers.parquet", table)
         acc = table["acc_test"].to_numpy()
         artifacts.write_manifest(d, st.keys.teachers, k=table.num_rows, packs=sorted(set(table["pack"].to_pylist())), acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))

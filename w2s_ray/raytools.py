@@ -74,3 +74,4 @@ def progress(label: str, done: int, total: int, extra: str = "") -> None:
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+

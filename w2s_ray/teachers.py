@@ -75,27 +75,64 @@ def _pack_trainer_class():
 
     @ray.remote
     class PackTrainer:
-        """Holds the split inputs once and trains pack after pack on its CPU or GPU."""
+        """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
+        actor (after a node loss) retries its pack with nothing to recover."""
 
-        def __init__(self, data_box: list, cfg_json: dict, n_classes: int, threads: int):
+        def __init__(self, threads: int):
             import torch
 
             torch.set_num_threads(max(1, threads))
-            # the data ref comes boxed in a list so that Ray does not resolve it as a constructor
-            # argument: a restarted actor (after a node loss) fetches it again from the driver's copy
-            self.data = ray.get(data_box[0])
-            self.cfg = TeachersConfig.model_validate(cfg_json)
-            self.n_classes = n_classes
             gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
             self.device = "cuda" if gpu else "cpu"
             self.node = ray.get_runtime_context().get_node_id()
 
-        def train(self, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
-            out = train_pack_local(self.data, self.cfg, self.n_classes, teacher_ids, self.device)
+        def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
+            cfg = TeachersConfig.model_validate(cfg_json)
+            out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
             out.update(pack=pack_index, node=self.node, device=self.device)
             return out
 
     return PackTrainer
+
+
+class ActorPool:
+    """The pack-training actors of this driver, kept between calls of `train_teachers`.
+
+    Starting an actor costs about a second (a worker process importing torch); studies that
+    train many ensembles reuse the pool. Actors hold their CPUs/GPUs while alive, so the
+    pipeline releases the pool before students need those resources.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.actors: list = []
+
+    def get(self, cfg: TeachersConfig, n: int) -> list:
+        key = (cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.max_retries)
+        if key != self.key:
+            self.release()
+            self.key = key
+        if len(self.actors) < n:
+            trainer = _pack_trainer_class().options(
+                num_cpus=cfg.num_cpus_per_actor,
+                num_gpus=cfg.num_gpus_per_actor,
+                max_restarts=cfg.max_retries,
+                max_task_retries=cfg.max_retries,
+            )
+            threads = max(1, int(cfg.num_cpus_per_actor))
+            self.actors += [trainer.remote(threads) for _ in range(n - len(self.actors))]
+        return self.actors[:n]
+
+    def release(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors, self.key = [], None
+
+
+POOL = ActorPool()
 
 
 # --- on-disk layout ------------------------------------------------------------------------
@@ -168,23 +205,18 @@ def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: P
     if packs:
         data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
         data_ref = ray.put(data)
-        trainer = _pack_trainer_class().options(
-            num_cpus=tcfg.num_cpus_per_actor,
-            num_gpus=tcfg.num_gpus_per_actor,
-            max_restarts=tcfg.max_retries,
-            max_task_retries=tcfg.max_retries,
-        )
-        threads = max(1, int(tcfg.num_cpus_per_actor))
-        actors = [
-            trainer.remote([data_ref], tcfg.model_dump(mode="json"), n_classes, threads)
-            for _ in range(min(n_actors, len(packs)))
-        ]
+        cfg_json = tcfg.model_dump(mode="json")
+        actors = POOL.get(tcfg, min(n_actors, len(packs)))
         queue = list(enumerate(packs, start=next_pack))
         running: dict[Any, Any] = {}
+
+        def submit(actor) -> None:
+            p, ids = queue.pop(0)
+            running[actor.train.remote(data_ref, cfg_json, n_classes, p, ids)] = actor
+
         for actor in actors:
             if queue:
-                p, ids = queue.pop(0)
-                running[actor.train.remote(p, ids)] = actor
+                submit(actor)
         n_done, t0 = len(done_ids), time.perf_counter()
         progress("teachers", n_done, tcfg.k)
         while running:
@@ -195,9 +227,6 @@ def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: P
             n_done += len(result["teacher_ids"])
             progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")
             if queue:
-                p, ids = queue.pop(0)
-                running[actor.train.remote(p, ids)] = actor
-        for actor in actors:
-            ray.kill(actor)
+                submit(actor)
     table = finished_packs(stage)
     return table.sort_by("teacher_id")

@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: medians of repeated wall-clock timings, a local Ray."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def timed(fn: Callable[[], object], reps: int) -> tuple[float, list[float], object]:
+    """Median wall time of `reps` calls, all the times, and the last result."""
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    from w2s_ray.config import RayConfig
+    from w2s_ray.raytools import init_ray
+
+    init_ray(RayConfig(num_cpus=num_cpus or os.cpu_count()))
+
+
+def fmt_times(ts: list[float]) -> str:
+    return "[" + ", ".join(f"{t:.2f}" for t in ts) + "] s"
