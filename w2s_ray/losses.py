@@ -60,17 +60,13 @@ def confidence_adaptive(logits, t, log_t, threshold: float, log_floor: float) ->
 
 
 def aux_confidence(logits, t, alpha: float) -> torch.Tensor:
-    """Burns et al. 2023: (1−α)·CE(teacher hard label) + α·CE(student's own hardened prediction).
+    """Burns et al. 2023: (1−α)·CE(teacher's hard label) + α·CE(student's own hardened prediction).
 
-    The student's hard label is its argmax after a per-batch threshold that keeps the class
-    proportions of the teacher's labels, as in the paper's released code.
+    Burns et al. harden binary predictions with a threshold that keeps the teacher's label
+    balance; for C classes we harden by argmax, the usual multiclass reading.
     """
-    teacher_hard = t.argmax(-1)
-    with torch.no_grad():
-        probs = log_softmax(logits).exp()
-        prior = torch.bincount(teacher_hard, minlength=t.shape[-1]).float() / len(teacher_hard)
-        own = (probs / prior.clamp_min(1e-6)).argmax(-1)
-    return (1 - alpha) * cross_entropy(logits, teacher_hard) + alpha * cross_entropy(logits, own)
+    own = logits.detach().argmax(-1)
+    return (1 - alpha) * cross_entropy(logits, t.argmax(-1)) + alpha * cross_entropy(logits, own)
 
 
 def kl_forward(logits, t, log_t) -> torch.Tensor:
