@@ -60,3 +60,21 @@ def test_same_seed_same_student_and_holdout_is_disjoint(toy):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     tr, ho = holdout_split(400, 0.1, 0)
     assert len(set(tr.tolist()) & set(ho.tolist())) == 0 and len(tr) + len(ho) == 400
+
+
+def test_resume_from_an_epoch_checkpoint_gives_the_same_student(toy):
+    x, y, t, log_t = toy
+    whole = train_student(cfg(epochs=5), x, t, log_t, 3)
+    saved = {}
+
+    def stop_after_two(rec, checkpoint):
+        if rec["epoch"] == 2:
+            saved.update(checkpoint())
+            raise KeyboardInterrupt  # the trial dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(cfg(epochs=5), x, t, log_t, 3, on_epoch=stop_after_two)
+    resumed = train_student(cfg(epochs=5), x, t, log_t, 3, resume=saved)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    for k in whole.state_dict:
+        assert torch.allclose(whole.state_dict[k], resumed.state_dict[k], atol=1e-6), k

@@ -2,6 +2,7 @@
 
     w2s-ray run [CONFIG.yaml] [--set key=value ...]
     w2s-ray data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
+    w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGE_COMMANDS:
         s = sub.add_parser(name, help=f"run the {name} stage (earlier stages are reused from cache or run)")
         s.add_argument("config")
+    tune = sub.add_parser("tune", help="Ray Tune search over the student, reusing the cached teachers and labels")
+    tune.add_argument("config", nargs="?")
+    tune.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/capacity_x_rce.yaml")
+    tune.add_argument("--name", help="search name (default: the space file's stem)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
@@ -50,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, parse_overrides(args.overrides))
         if args.command == "config":
             print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "tune":
+            from pathlib import Path
+
+            from w2s_ray.space import load_space
+
+            space = load_space(args.space, cfg)  # validated before Ray starts
+            from w2s_ray.tune import run_tune
+
+            run_tune(cfg, space, args.name or Path(args.space).stem, resume=args.resume)
             return 0
         from w2s_ray.pipeline import run_pipeline
 

@@ -130,3 +130,81 @@ def write_report(cfg: ExperimentConfig, run_dir: Path, teachers: pd.DataFrame, p
         f"mutual information: {posterior['mutual_info_test']:.4f}\nresults: {run_dir / 'results.json'}"
     )
     return results
+
+
+# --- Tune search figures -------------------------------------------------------------------
+
+CAPACITY = "student.model.width"
+LAMBDA = "student.rce_weight"
+
+
+def _binned(values: pd.Series, log: bool) -> pd.Series:
+    """Few distinct values stay as they are; continuous ones (Optuna) are put in 5 bins."""
+    if values.nunique() <= 8:
+        return values
+    v = np.log2(values.astype(float)) if log else values.astype(float)
+    edges = np.linspace(v.min(), v.max() + 1e-9, 6)
+    mids = (edges[:-1] + edges[1:]) / 2
+    idx = np.clip(np.digitize(v, edges) - 1, 0, 4)
+    out = mids[idx]
+    return pd.Series(np.round(2**out) if log else np.round(out, 2), index=values.index)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_heatmaps(table: pd.DataFrame, path: Path) -> None:
+    """Test accuracy and PGR over student capacity × reverse-CE weight, averaged over the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = table.dropna(subset=["test_acc"]).copy()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cap = _binned(ok[CAPACITY], log=True) if CAPACITY in ok else pd.Series(0, index=ok.index)
+    lam = _binned(ok[LAMBDA], log=False) if LAMBDA in ok else pd.Series(0.0, index=ok.index)
+    ok["capacity"], ok["lambda"] = cap, lam
+    for ax, key, title in zip(axes, ("test_acc", "pgr_vs_teacher"), ("gold test accuracy", "PGR vs mean single teacher")):
+        grid = ok.pivot_table(index="capacity", columns="lambda", values=key, aggfunc="mean").sort_index()
+        im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{int(c)}" for c in grid.index])
+        ax.set_xlabel("reverse-CE weight λ")
+        ax.set_ylabel("student width")
+        ax.set_title(title)
+        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_capacity(table: pd.DataFrame, path: Path) -> None:
+    """Gold test accuracy against student capacity, one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = table.dropna(subset=["test_acc"]).copy()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if CAPACITY in ok:
+        ok["capacity"] = _binned(ok[CAPACITY], log=True)
+        groups = ok.groupby("student.target") if "student.target" in ok else [("configured target", ok)]
+        for target, g in groups:
+            m = g.groupby("capacity")["test_acc"].agg(["mean", "std", "count"]).sort_index()
+            ax.errorbar(m.index, m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=str(target))
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("student width")
+    ax.set_ylabel("gold test accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)

@@ -57,21 +57,20 @@ def train_student(
     loss: str | None = None,
     y_gold: torch.Tensor | None = None,
     device: str = "cpu",
-    on_epoch: Callable[[dict], None] | None = None,
-    init_state: dict | None = None,
+    on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
+    resume: dict | None = None,
 ) -> StudentResult:
     """Fit a student to targets `t` (probabilities) with `log_t` (their logs).
 
     `loss` overrides `cfg.loss` (the gold ceiling trains with forward CE on one-hot labels).
     `y_gold` (transfer gold labels) is read only when `cfg.selection == "oracle"`.
-    `on_epoch` receives each epoch's record (Tune reports through it).
+    `on_epoch(record, checkpoint)` is called after every epoch; `checkpoint()` returns everything
+    needed to continue (Tune reports and checkpoints through it), and `resume` takes that back.
     """
     t0 = time.perf_counter()
     loss_name = loss or cfg.loss
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, x.shape[1], n_classes).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_rows, hold_rows = holdout_split(len(x), cfg.holdout_frac, cfg.seed)
     x, t, log_t = x.to(device), t.to(device), log_t.to(device)
@@ -93,9 +92,26 @@ def train_student(
             beta=cfg.sym_beta, threshold=threshold, aux_alpha=aux_alpha, log_floor=cfg.log_floor,
         ).mean()
 
-    best_score, best_state, best_epoch, bad, step = float("inf"), None, 0, 0, 0
+    best_score, best_state, best_epoch, bad, step, start = float("inf"), None, 0, 0, 0, 1
     history: list[dict] = []
-    for epoch in range(1, cfg.epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        best_score, best_state, best_epoch = resume["best_score"], resume["best_state"], resume["best_epoch"]
+        bad, step, history = resume["bad"], resume["step"], list(resume["history"])
+        start = resume["epoch"] + 1
+        if bad >= cfg.patience:  # it had already stopped early
+            start = cfg.epochs + 1
+
+    def checkpoint() -> dict:
+        return {
+            "model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+            "generator": gen.get_state(), "best_score": best_score, "best_state": best_state,
+            "best_epoch": best_epoch, "bad": bad, "step": step, "history": list(history), "epoch": epoch,
+        }
+
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         perm = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
         total = 0.0
@@ -118,17 +134,19 @@ def train_student(
                 rec["holdout_gold_acc"] = float((logits.argmax(-1).cpu() == y_gold[hold_rows]).float().mean())
         score = -rec["holdout_gold_acc"] if oracle else hold_loss
         history.append(rec)
-        if on_epoch is not None:
-            on_epoch(rec)
         if score < best_score - 1e-6:
             best_score, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+        rec["best_epoch"] = best_epoch
+        if on_epoch is not None:
+            on_epoch(rec, checkpoint)
+        if bad >= cfg.patience:
+            break
     model.load_state_dict(best_state)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.eval()
     return StudentResult(state, best_epoch, len(history), count_params(model), time.perf_counter() - t0, history)
 
 

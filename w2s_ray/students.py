@@ -121,4 +121,4 @@ def run_students(st, data, labels_dir: Path) -> dict[str, dict]:
         results[tgt] = artifacts.read_json(d / "metrics.json")
         m = out["metrics"]
         log(f"student[{tgt}]: test acc {m['test_acc']:.4f} after {m['epochs_run']} epochs ({m['seconds']:.1f}s)")
-    return results
+    return {tgt: results[tgt] for tgt in jobs}  # in config order, not completion order

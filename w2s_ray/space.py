@@ -1,0 +1,139 @@
+"""Search-space files (`tune_spaces/*.yaml`): schema, validation, and applying a point to a config.
+
+A space names student keys of the experiment config by their dotted path (`student.rce_weight`,
+`student.model.width`, ...) plus `student.target`, which picks the one target a trial trains
+on. Only student keys can be searched: the teachers and pseudo-labels are computed once, from
+the cache, for the whole search. Every name is checked against the experiment schema, and
+every range for emptiness, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from w2s_ray.config import ExperimentConfig, Strict, _format_errors
+from w2s_ray.errors import ConfigError
+
+TARGET_PARAM = "student.target"
+
+
+class Param(Strict):
+    type: Literal["uniform", "loguniform", "int", "logint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range_not_empty(self) -> "Param":
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"a {self.type} parameter needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"empty range: low={self.low} is not below high={self.high}")
+            if self.type.startswith("log") and self.low <= 0:
+                raise ValueError(f"a {self.type} parameter needs low > 0, got {self.low}")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values used to check the name against the schema."""
+        if self.values:
+            return list(self.values)
+        cast = int if self.type in ("int", "logint") else float
+        return [cast(self.low), cast(self.high)]
+
+
+class Scheduler(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Resources(Strict):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0, description="fractions share a GPU between trials")
+
+
+class InjectFailure(Strict):
+    """For testing fault tolerance: the first trial to reach `epoch` raises once (marker file)."""
+
+    epoch: int = Field(1, ge=1)
+    marker: str
+
+
+class SearchSpace(Strict):
+    search: Literal["optuna", "grid", "random"] = "optuna"
+    num_samples: int = Field(16, ge=1, description="trials (optuna/random) or repeats of the grid")
+    max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
+    seed: int = 0
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0)
+    baseline: dict[str, Any] = Field(
+        default_factory=lambda: {"student.rce_weight": 0.0},
+        description="optuna: evaluated first (the forward-CE baseline)",
+    )
+    params: dict[str, Param] = Field(min_length=1)
+    inject_failure: InjectFailure | None = None
+
+    @model_validator(mode="after")
+    def _grid_is_discrete(self) -> "SearchSpace":
+        if self.search == "grid":
+            bad = [k for k, p in self.params.items() if p.type not in ("grid", "choice")]
+            if bad:
+                raise ValueError(f"search: grid needs 'grid' or 'choice' parameters; not: {bad}")
+        return self
+
+
+def apply_params(base: ExperimentConfig, point: dict[str, Any], source: str = "search space") -> ExperimentConfig:
+    """The experiment config with a search point's values set (validated like any config)."""
+    data = copy.deepcopy(base.model_dump(mode="json"))
+    for dotted, value in point.items():
+        if dotted == TARGET_PARAM:
+            data["student"]["targets"] = [value]
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{source}: parameter {dotted!r} is not a key of the experiment config")
+            node = node[p]
+        if leaf not in node and not (parents and parents[-1] == "kwargs"):
+            raise ConfigError(f"{source}: parameter {dotted!r} is not a key of the experiment config")
+        node[leaf] = value
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        space = SearchSpace.model_validate(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path))) from None
+    for name, param in space.params.items():
+        if not name.startswith("student."):
+            raise ConfigError(
+                f"{path}: parameter {name!r}: only student.* keys can be searched "
+                "(teachers and pseudo-labels are computed once for the whole search)"
+            )
+        for value in param.candidates():
+            apply_params(base, {name: value}, f"{path}: parameter {name!r} = {value!r}")
+    for name, value in space.baseline.items():
+        apply_params(base, {name: value}, f"{path}: baseline {name!r}")
+    return space
+

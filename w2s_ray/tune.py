@@ -1,0 +1,280 @@
+"""Ray Tune search over the student: capacity × reverse-CE weight × target × learning rate.
+
+The teachers, pseudo-labels, gold ceiling and baseline students come from the pipeline's cache
+(computed once, never per trial). The driver streams the pseudo-labels through Ray Data once
+and hands them to trials through the object store (`tune.with_parameters`); trials start no
+Ray Data work, so trials holding every CPU cannot starve it (the known Tune + Ray Data hang).
+
+Every trial reports, after each epoch, the metrics of the student it would return now (its
+best epoch so far): `val_teacher_ce` (cross-entropy against the dual posterior mean on the
+held-out transfer slice: no gold label) is the default selection metric; `test_acc` and PGR
+are recorded for every trial, and `selection: oracle` selects on `test_acc` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from w2s_ray import artifacts
+from w2s_ray.config import ExperimentConfig, to_yaml
+from w2s_ray.space import TARGET_PARAM, SearchSpace, apply_params
+
+REALISTIC = ("val_teacher_ce", "min")
+ORACLE = ("test_acc", "max")
+
+
+# --- the trial (runs in a Ray worker) ------------------------------------------------------
+
+
+def student_trial(config: dict, data: dict, base: dict, refs: dict, inject: dict | None = None) -> None:
+    from ray import tune
+
+    from w2s_ray import metrics as M
+    from w2s_ray.config import ExperimentConfig
+    from w2s_ray.labels import target_of
+    from w2s_ray.student import holdout_split, load_student, predict_log, train_student
+
+    cfg = apply_params(ExperimentConfig.model_validate(base), config)
+    s = cfg.student
+    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
+    target = s.targets[0]
+    labels = data["labels"]
+    t, log_t = target_of(labels, target, s.log_floor)
+    x = labels["x"]
+    _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
+    y_gold = data["y_transfer"] if s.selection == "oracle" else None
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=True)
+    current: dict[str, Any] = dict(resume.get("metrics", {})) if resume else {}
+
+    def on_epoch(rec: dict, checkpoint) -> None:
+        state = checkpoint()
+        if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
+            model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
+            log_test = predict_log(model, data["x_test"])
+            log_tr = predict_log(model, x)
+            acc = M.accuracy(log_test, data["y_test"])
+            current.update(
+                val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
+                val_agreement=M.agreement(log_tr[hold], labels["logt_dual"][hold]),
+                test_acc=acc,
+                test_gold_ce=M.gold_ce(log_test, data["y_test"]),
+                pgr_vs_teacher=M.pgr(acc, refs["weak_acc"], refs["ceiling_acc"]),
+                pgr_vs_ensemble=M.pgr(acc, refs["ensemble_acc"], refs["ceiling_acc"]),
+                misfit=M.misfit(log_tr, log_t),
+                entropy_test=M.mean_entropy(log_test),
+                agree_ensemble_test=M.agreement(log_test, data["test_dual_log"]),
+                best_epoch=rec["epoch"],
+            )
+        if inject and rec["epoch"] == inject["epoch"] and not os.path.exists(inject["marker"]):
+            Path(inject["marker"]).write_text("failed once\n")
+            raise RuntimeError("injected failure (inject_failure in the search space)")
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**state, "metrics": current}, Path(d) / "state.pt")
+            tune.report({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
+
+
+# --- search construction -------------------------------------------------------------------
+
+
+def tune_param(p) -> Any:
+    from ray import tune
+
+    if p.type == "uniform":
+        return tune.uniform(p.low, p.high)
+    if p.type == "loguniform":
+        return tune.loguniform(p.low, p.high)
+    if p.type == "int":
+        return tune.randint(int(p.low), int(p.high) + 1)
+    if p.type == "logint":
+        return tune.lograndint(int(p.low), int(p.high) + 1)
+    if p.type == "choice":
+        return tune.choice(list(p.values))
+    return tune.grid_search(list(p.values))
+
+
+def max_concurrent(space: SearchSpace, resources: dict[str, float]) -> int:
+    n = int(resources.get("CPU", 1) // space.resources.cpu)
+    if space.resources.gpu > 0:
+        n = min(n, int(resources.get("GPU", 0) / space.resources.gpu + 1e-9))
+    return max(1, min(space.max_concurrent or n, n))
+
+
+def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir: Path, trainable, resume: bool):
+    import ray
+    from ray import tune
+
+    metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
+    if resume and tune.Tuner.can_restore(str(search_dir)):
+        return tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+    param_space = {k: tune_param(p) for k, p in space.params.items()}
+    limit = max_concurrent(space, ray.cluster_resources())
+    search_alg = None
+    if space.search == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_dir.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(search_dir / 'optuna.db').resolve()}")
+        baseline = {k: v for k, v in space.baseline.items() if k in space.params}
+        searcher = OptunaSearch(
+            metric=metric,
+            mode=mode,
+            sampler=optuna.samplers.TPESampler(seed=space.seed),
+            study_name=name,
+            storage=storage,
+            points_to_evaluate=[baseline] if baseline else None,
+        )
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=limit)
+    elif space.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=space.seed, max_concurrent=limit)
+    scheduler = None
+    if space.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.student.epochs, grace_period=min(space.scheduler.grace_period, cfg.student.epochs), reduction_factor=space.scheduler.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler, num_samples=space.num_samples, max_concurrent_trials=limit),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(search_dir.parent.resolve()),
+            failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+# --- the search ----------------------------------------------------------------------------
+
+
+def trial_data(st) -> tuple[dict, dict]:
+    """What every trial needs, read once: pseudo-labels through Ray Data, test split, references."""
+    import pyarrow.parquet as pq
+
+    from w2s_ray.labels import read_labels, read_test_posterior
+
+    labels = read_labels(st.labels_dir, st.cfg.labels.read_batch_size)
+    keep = ("x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single")
+    test = st.data.splits["test"]
+    data = {
+        "labels": {k: labels[k].clone() for k in keep},
+        "x_test": torch.from_numpy(test.x),
+        "y_test": torch.from_numpy(test.y),
+        "test_dual_log": read_test_posterior(st.labels_dir)["dual_log"],
+        "y_transfer": torch.from_numpy(st.data.splits["transfer"].y),
+    }
+    teachers = pq.read_table(st.teachers_dir / "teachers.parquet")["acc_test"].to_numpy()
+    posterior = artifacts.read_json(st.labels_dir / "posterior.json")
+    refs = {
+        "n_classes": st.data.n_classes,
+        "weak_acc": float(teachers.mean()),
+        "ensemble_acc": posterior["test_acc_dual"],
+        "ceiling_acc": st.students["gold"]["test_acc"],
+    }
+    return data, refs
+
+
+def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool = False) -> dict[str, Any]:
+    from ray import tune
+
+    from w2s_ray.pipeline import log, run_pipeline
+
+    base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True})})
+    st = run_pipeline(base, until="student")  # teachers, labels, ceiling: cached after the first run
+    search_dir = cfg.run_dir / "tune" / name
+    if search_dir.exists() and not resume:
+        old = search_dir.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(search_dir, old)
+        log(f"tune: a previous search moved to {old}")
+    search_dir.parent.mkdir(parents=True, exist_ok=True)
+    data, refs = trial_data(st)
+    refs["cpus"] = space.resources.cpu
+    inject = space.inject_failure.model_dump() if space.inject_failure else None
+    trainable = tune.with_resources(
+        tune.with_parameters(student_trial, data=data, base=base.model_dump(mode="json"), refs=refs, inject=inject),
+        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
+    )
+    log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
+    t0 = time.perf_counter()
+    grid = build_tuner(base, space, name, search_dir, trainable, resume).fit()
+    log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
+    table = trials_table(grid, list(space.params))
+    return write_outputs(cfg, space, name, search_dir, table, refs)
+
+
+def trials_table(grid, param_names: list[str]) -> pd.DataFrame:
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "ERROR" if r.error else "TERMINATED"}
+        row.update({k: r.config.get(k) for k in param_names})
+        for key in ("val_teacher_ce", "val_agreement", "test_acc", "test_gold_ce", "pgr_vs_teacher", "pgr_vs_ensemble", "misfit", "entropy_test", "agree_ensemble_test", "best_epoch", "epoch"):
+            row[key] = m.get(key, math.nan)
+        row["wall_s"] = m.get("time_total_s", math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_outputs(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir: Path, table: pd.DataFrame, refs: dict) -> dict[str, Any]:
+    import pyarrow as pa
+
+    from w2s_ray.report import plot_capacity, plot_heatmaps
+
+    artifacts.write_parquet(search_dir / "trials.parquet", pa.Table.from_pandas(table, preserve_index=False))
+    with artifacts.atomic_path(search_dir / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    ok = table.dropna(subset=["test_acc"])
+    metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
+    pick = ok.loc[ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()]
+    oracle = ok.loc[ok["test_acc"].idxmax()]
+    params = [c for c in space.params]
+    best_cfg = apply_params(cfg, {k: _plain(pick[k]) for k in params})
+    artifacts.write_text(search_dir / "best.yaml", to_yaml(best_cfg))
+    plot_heatmaps(table, search_dir / "heatmap.png")
+    plot_capacity(table, search_dir / "capacity.png")
+    summary = {
+        "selection_metric": metric,
+        "chosen": {k: _plain(v) for k, v in pick.items()},
+        "oracle": {k: _plain(v) for k, v in oracle.items()},
+        "gap_test_acc": float(oracle["test_acc"] - pick["test_acc"]),
+        "references": refs,
+        "n_trials": int(len(table)),
+        "n_errors": int((table["status"] == "ERROR").sum()),
+    }
+    artifacts.write_json(search_dir / "summary.json", summary)
+    cols = params + ["val_teacher_ce", "test_acc", "pgr_vs_teacher", "pgr_vs_ensemble", "epoch", "wall_s"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        print(table.sort_values("test_acc", ascending=False)[cols].to_string(index=False))
+    print(
+        f"\nchosen by {metric} (no gold labels unless selection: oracle): test acc {pick['test_acc']:.4f}, PGR/teacher {pick['pgr_vs_teacher']:.3f}"
+        f"\noracle best (gold test accuracy):                  test acc {oracle['test_acc']:.4f}   gap {summary['gap_test_acc']:.4f}"
+        f"\nbest config: {search_dir / 'best.yaml'}"
+    )
+    return summary
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
