@@ -137,3 +137,27 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         apply_params(base, {name: value}, f"{path}: baseline {name!r}")
     return space
 
+
+
+def current_value(cfg: ExperimentConfig, dotted: str) -> Any:
+    if dotted == TARGET_PARAM:
+        return cfg.student.targets[0]
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def baseline_point(space: SearchSpace, base: ExperimentConfig) -> dict[str, Any]:
+    """The baseline as a full point (Optuna needs every parameter): keys it leaves out take the
+    experiment config's value, brought into the parameter's range."""
+    point = {}
+    for name, p in space.params.items():
+        v = space.baseline.get(name, current_value(base, name))
+        if p.values:
+            v = v if v in p.values else p.values[0]
+        else:
+            v = min(max(v, p.low), p.high)
+            v = int(v) if p.type in ("int", "logint") else float(v)
+        point[name] = v
+    return point

@@ -26,7 +26,7 @@ import torch
 
 from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig, to_yaml
-from w2s_ray.space import TARGET_PARAM, SearchSpace, apply_params
+from w2s_ray.space import SearchSpace, apply_params, baseline_point
 
 REALISTIC = ("val_teacher_ce", "min")
 ORACLE = ("test_acc", "max")
@@ -132,7 +132,7 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
 
         search_dir.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{(search_dir / 'optuna.db').resolve()}")
-        baseline = {k: v for k, v in space.baseline.items() if k in space.params}
+        baseline = baseline_point(space, cfg) if space.baseline else None
         searcher = OptunaSearch(
             metric=metric,
             mode=mode,

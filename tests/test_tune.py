@@ -1,0 +1,143 @@
+"""Real Tune searches on the local Ray (CPU): outputs, retry of a failing trial, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import small_config
+from w2s_ray.config import load_config, to_yaml
+from w2s_ray.errors import ConfigError
+from w2s_ray.space import load_space
+from w2s_ray.tune import run_tune
+
+SPACE = {
+    "search": "optuna",
+    "num_samples": 4,
+    "seed": 0,
+    "scheduler": {"type": "asha", "grace_period": 2},
+    "resources": {"cpu": 1},
+    "baseline": {"student.rce_weight": 0.0, "student.target": "dual_mean"},
+    "params": {
+        "student.model.width": {"type": "logint", "low": 4, "high": 64},
+        "student.rce_weight": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "student.target": {"type": "choice", "values": ["single", "dual_mean"]},
+    },
+}
+
+
+def write_space(path: Path, **changes) -> Path:
+    space = {**SPACE, **changes}
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    cfg = small_config(tmp)
+    space_file = write_space(tmp / "space.yaml")
+    summary = run_tune(cfg, load_space(space_file, cfg), "s4")
+    return cfg, summary, cfg.run_dir / "tune" / "s4"
+
+
+def test_search_outputs_are_consistent(tuned):
+    cfg, summary, d = tuned
+    table = pd.read_parquet(d / "trials.parquet")
+    assert len(table) == 4 == summary["n_trials"]
+    assert len(pd.read_csv(d / "trials.csv")) == 4
+    assert {"student.model.width", "student.rce_weight", "test_acc", "pgr_vs_teacher", "val_teacher_ce", "wall_s"} <= set(table.columns)
+    assert table["test_acc"].between(0, 1).all()
+    for f in ("heatmap.png", "capacity.png", "best.yaml", "summary.json"):
+        assert (d / f).stat().st_size > 0, f
+    assert list(d.glob("*/events.out.tfevents.*")), "no TensorBoard event files from Tune"
+    study = optuna.load_study(study_name="s4", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert len(study.trials) == 4
+    assert study.trials[0].params["student.rce_weight"] == 0.0  # the enqueued forward-CE baseline
+    best = load_config(d / "best.yaml")
+    assert best.student.targets == [summary["chosen"]["student.target"]]
+    assert best.student.model.width == summary["chosen"]["student.model.width"]
+    assert summary["gap_test_acc"] >= 0
+
+
+def test_trials_reuse_cached_teachers(tuned, capfd):
+    cfg, _, _ = tuned
+    teachers = list((cfg.run_dir / "teachers").iterdir())
+    assert len(teachers) == 1  # one ensemble for the whole search
+
+
+def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(ray_session, tmp_path):
+    cfg = small_config(tmp_path)
+    marker = tmp_path / "failed-once"
+    space_file = write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, inject_failure={"epoch": 3, "marker": str(marker)})
+    summary = run_tune(cfg, load_space(space_file, cfg), "retry")
+    assert marker.exists()
+    assert summary["n_errors"] == 0
+    table = pd.read_parquet(cfg.run_dir / "tune" / "retry" / "trials.parquet")
+    assert (table["epoch"] == cfg.student.epochs).all()
+    # the retried trial resumed at epoch 3 from the epoch-2 checkpoint: no epoch was reported twice
+    for result in (cfg.run_dir / "tune" / "retry").glob("*/result.json"):
+        epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
+        assert epochs == list(range(1, cfg.student.epochs + 1)), (result, epochs)
+
+
+def test_bad_space_files_are_rejected_with_the_key(tmp_path):
+    cfg = load_config(None)
+    cases = [
+        ({"params": {"student.model.widht": {"type": "int", "low": 1, "high": 4}}}, "student.model.widht"),
+        ({"params": {"student.rce_weight": {"type": "uniform", "low": 0.5, "high": 0.5}}}, "empty range"),
+        ({"params": {"student.rce_weight": {"type": "uniform", "low": 0.0, "high": 2.0}}}, "student.rce_weight"),
+        ({"params": {"student.target": {"type": "choice", "values": []}}}, "non-empty"),
+        ({"params": {"teachers.k": {"type": "int", "low": 2, "high": 8}}}, "only student.* keys"),
+        ({"params": {}}, "params"),
+        ({"serach": "grid"}, "serach: unknown key"),
+    ]
+    for change, needle in cases:
+        f = write_space(tmp_path / "bad.yaml", **change)
+        with pytest.raises(ConfigError) as err:
+            load_space(f, cfg)
+        assert needle in str(err.value) and "bad.yaml" in str(err.value), (change, str(err.value))
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    cfg = small_config(tmp_path, student={"epochs": 60, "patience": 100})
+    conf = tmp_path / "c.yaml"
+    conf.write_text(to_yaml(cfg))
+    space = write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
+                        params={"student.model.width": {"type": "grid", "values": [4, 8, 16, 32, 48, 64]}})
+    # save Tune's experiment state at every step, so that the state on disk when the driver dies
+    # knows every trial that finished
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
+    search = cfg.run_dir / "tune" / "space"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished: dict[str, float] = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and not finished:
+        for result in search.glob("*/result.json"):
+            lines = result.read_text().splitlines()
+            if lines and json.loads(lines[-1])["epoch"] == cfg.student.epochs:
+                finished[result.parent.name] = result.stat().st_mtime_ns
+        time.sleep(0.5)
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    finished = {name: (search / name / "result.json").stat().st_mtime_ns for name in finished}
+    assert not (search / "trials.parquet").exists()
+    out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = pd.read_parquet(search / "trials.parquet")
+    assert len(table) == 6 and (table["status"] == "TERMINATED").all()
+    for name, mtime in finished.items():
+        assert (search / name / "result.json").stat().st_mtime_ns == mtime, f"finished trial {name} was run again"
+    for result in search.glob("*/result.json"):  # interrupted trials continued, none started over
+        epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
+        assert epochs == sorted(set(epochs)) and epochs[-1] == cfg.student.epochs, (result.parent.name, epochs)
