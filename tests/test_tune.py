@@ -138,6 +138,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(table) == 6 and (table["status"] == "TERMINATED").all()
     for name, mtime in finished.items():
         assert (search / name / "result.json").stat().st_mtime_ns == mtime, f"finished trial {name} was run again"
-    for result in search.glob("*/result.json"):  # interrupted trials continued, none started over
+    for result in search.glob("*/result.json"):  # interrupted trials continued from a checkpoint
         epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
-        assert epochs == sorted(set(epochs)) and epochs[-1] == cfg.student.epochs, (result.parent.name, epochs)
+        assert epochs.count(1) == 1 and epochs[-1] == cfg.student.epochs, (result.parent.name, epochs)
+        # at most the epochs in flight at the kill (reported, checkpoint not yet recorded) are redone
+        assert len(epochs) - len(set(epochs)) <= 2, (result.parent.name, epochs)

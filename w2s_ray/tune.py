@@ -154,7 +154,7 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler, num_samples=space.num_samples, max_concurrent_trials=limit),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler, num_samples=space.num_samples, max_concurrent_trials=limit, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(search_dir.parent.resolve()),

@@ -1,0 +1,58 @@
+"""Tune overhead: a 16-trial grid through `w2s-ray tune` vs the same 16 student trainings run one
+after another in one process without Ray.
+
+    python benchmarks/bench_tune.py [--space tune_spaces/grid_capacity_x_rce.yaml] [--run-root /tmp/w2s-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+
+import common  # noqa: F401
+import torch
+
+from w2s_ray.config import load_config
+from w2s_ray.pipeline import run_pipeline
+from w2s_ray.space import apply_params, load_space
+from w2s_ray.student import train_student
+from w2s_ray.tune import run_tune, trial_data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--space", default="tune_spaces/grid_capacity_x_rce.yaml")
+    ap.add_argument("--run-root", default=tempfile.mkdtemp(prefix="w2s-bench-"))
+    a = ap.parse_args()
+    cfg = load_config(None, {"output.root": a.run_root, "output.name": "bench"})
+    space = load_space(a.space, cfg)
+    common.start_ray()
+    import ray
+
+    st = run_pipeline(cfg, until="student")  # cached teachers, labels and ceiling, outside the timing
+
+    t0 = time.perf_counter()
+    summary = run_tune(cfg, space, "bench")
+    t_tune = time.perf_counter() - t0
+    n = summary["n_trials"]
+
+    data, refs = trial_data(st)
+    names = list(space.params)
+    points = [dict(zip(names, vals)) for vals in itertools.product(*(space.params[k].values for k in names))]
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for point in points:
+        s = apply_params(cfg, point).student
+        lab = data["labels"]
+        train_student(s, lab["x"], lab["t_dual"], lab["logt_dual"], refs["n_classes"])
+    t_seq = time.perf_counter() - t0
+    cpus = int(ray.cluster_resources()["CPU"])
+    print(f"Tune grid: {n} trials on {cpus} CPUs in {t_tune:.1f} s = {60 * n / t_tune:.1f} trials/min")
+    print(f"sequential, one process, no Ray: {len(points)} trainings in {t_seq:.1f} s = {60 * len(points) / t_seq:.1f} trainings/min")
+    print(f"ratio Tune wall / sequential wall = {t_tune / t_seq:.2f}x   (target <= 1.3 with 2 concurrent trials)")
+
+
+if __name__ == "__main__":
+    main()
