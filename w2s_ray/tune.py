@@ -159,7 +159,7 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
             name=name,
             storage_path=str(search_dir.parent.resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # >1: the saved experiment state may lag the newest checkpoint
             verbose=1,
         ),
     )
