@@ -45,8 +45,6 @@ class CNN1d(nn.Module):
             convs += [nn.Conv1d(ch, width, k, stride=2, padding=1), nn.ReLU()]
             length = (length + 2 - k) // 2 + 1
             ch = width
-            if length < 1:
-                raise ConfigError(f"model.depth={depth} is too deep for inputs of length {in_dim}")
         self.convs = nn.Sequential(*convs)
         self.head = nn.Linear(ch * length, n_classes)
 

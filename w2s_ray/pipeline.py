@@ -31,6 +31,15 @@ def log(msg: str) -> None:
     print(f"[w2s-ray] {msg}", file=sys.stderr, flush=True)
 
 
+def source_fingerprint(path: str | None) -> list | None:
+    """Size and mtime of local user data, so that an edited file is not served from the cache."""
+    if not path or "://" in path or not Path(path).exists():
+        return None
+    p = Path(path)
+    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    return [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 @dataclass
 class Keys:
     """Per-stage cache keys: each covers exactly the config parts its stage reads."""
@@ -39,7 +48,7 @@ class Keys:
 
     @property
     def data(self) -> str:
-        return config_hash("data", self.cfg.data)
+        return config_hash("data", self.cfg.data, source_fingerprint(self.cfg.data.path) if self.cfg.data.source == "parquet" else None)
 
     @property
     def teachers(self) -> str:

@@ -90,9 +90,7 @@ def plot_summary(rows: list[dict[str, Any]], teachers: pd.DataFrame, path: Path)
     ax2.set_title("teacher accuracies (dashed: students)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_tensorboard(run_dir: Path, teachers: pd.DataFrame, posterior: dict, students: dict[str, dict]) -> None:
