@@ -80,7 +80,7 @@ class TeachersConfig(Strict):
     resample: Literal["bootstrap", "seed", "disjoint"] = "bootstrap"
     seed: int = 0
     num_actors: int | None = Field(None, ge=1, description="default: as many as the CPUs/GPUs allow")
-    max_pack_size: int = Field(1024, ge=1)
+    max_pack_size: int = Field(256, ge=1, description="bounds the memory of one pack result")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0, le=1)
     compile: bool = Field(False, description="torch.compile the pack's forward and loss")
