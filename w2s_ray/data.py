@@ -19,8 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-
 from w2s_ray.config import DataConfig
 from w2s_ray.errors import DataError
 
@@ -32,9 +30,6 @@ class Split:
     ids: np.ndarray
     x: np.ndarray  # float32 [n, d]
     y: np.ndarray  # int64 [n]
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self.x), torch.from_numpy(self.y)
 
 
 # --- sources -------------------------------------------------------------------------------

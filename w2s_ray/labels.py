@@ -27,7 +27,6 @@ from w2s_ray.config import ExperimentConfig
 from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.teachers import read_pack_logp
 
-TARGET_COLUMNS = {"dual_mean": "t_dual", "arith_mean": "t_arith", "single": "t_single"}
 STAT_COLUMNS = ("variance", "pred_entropy", "mutual_info")
 
 
