@@ -208,6 +208,9 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
         os.replace(search_dir, old)
         log(f"tune: a previous search moved to {old}")
     search_dir.parent.mkdir(parents=True, exist_ok=True)
+    # short epochs make Tune snapshot its state often (to never point at a deleted checkpoint)
+    # and warn about it on every snapshot; the snapshot is cheap on local disk
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     data, refs = trial_data(st)
     refs["cpus"] = space.resources.cpu
     inject = space.inject_failure.model_dump() if space.inject_failure else None
