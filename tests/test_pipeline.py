@@ -122,3 +122,24 @@ def test_parquet_source_end_to_end(ray_session, tmp_path):
     st = run_pipeline(cfg)
     assert st.data.n_classes == 3 and st.data.in_dim == d
     assert st.students["dual_mean"]["test_acc"] > 0.5
+
+
+def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path, capfd):
+    small = small_config(tmp_path / "a", teachers={"k": 4, "epochs": 3, "model": {"name": "mlp", "width": 8}})
+    st_small = run_pipeline(small, until="labels")
+    bigger = small.model_copy(update={"teachers": small.teachers.model_copy(update={"k": 8})})
+    capfd.readouterr()
+    st_ext = run_pipeline(bigger, until="labels")
+    assert "extending the 4 on disk" in capfd.readouterr().err
+    assert st_ext.teachers_dir == st_small.teachers_dir  # the same ensemble, grown
+    fresh = bigger.model_copy(update={"output": bigger.output.model_copy(update={"root": str(tmp_path / "b")})})
+    st_fresh = run_pipeline(fresh, until="labels")
+    ext, new = read_labels(st_ext.labels_dir), read_labels(st_fresh.labels_dir)
+    for key in ("t_dual", "t_arith", "variance", "mutual_info"):
+        assert torch.allclose(ext[key], new[key], atol=1e-6), key
+    ci_ext = json.loads((st_ext.labels_dir / "posterior.json").read_text())["ci_dual"]
+    ci_new = json.loads((st_fresh.labels_dir / "posterior.json").read_text())["ci_dual"]
+    assert ci_ext == pytest.approx(ci_new)
+    # going back to K=4 reuses the 8 on disk and gives the first labels again
+    again = run_pipeline(small, until="labels")
+    assert torch.allclose(read_labels(again.labels_dir)["t_dual"], read_labels(st_small.labels_dir)["t_dual"])

@@ -49,7 +49,9 @@ def build_posterior(cfg: ExperimentConfig, teacher_stage: Path, packs: list[int]
     single: dict[str, np.ndarray] = {}
     for p in packs:
         for split, a in acc.items():
-            ids, logp = read_pack_logp(teacher_stage, split, p)
+            ids, logp = read_pack_logp(teacher_stage, split, p, cfg.teachers.k)
+            if len(ids) == 0:
+                continue
             a.add(torch.tensor(logp), ids.tolist())
             hit = np.nonzero(ids == pc.single_teacher)[0]
             if len(hit):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig, config_hash, to_yaml
@@ -52,14 +51,19 @@ class Keys:
 
     @property
     def teachers(self) -> str:
+        """Teacher t is a pure function of (data, teacher config, t), so K is left out of the key:
+        a larger K extends the same directory with the missing teachers. Disjoint subsets
+        depend on K, so there K is part of the key."""
         t = self.cfg.teachers.model_dump(mode="json")
         for scheduling_only in ("num_actors", "max_pack_size", "num_cpus_per_actor", "num_gpus_per_actor", "compile", "max_retries"):
             t.pop(scheduling_only)
+        if t["resample"] != "disjoint":
+            t.pop("k")
         return config_hash("teachers", self.data, t)
 
     @property
     def labels(self) -> str:
-        return config_hash("labels", self.teachers, self.cfg.posterior)
+        return config_hash("labels", self.teachers, self.cfg.teachers.k, self.cfg.posterior)
 
     def student(self, target: str) -> str:
         s = self.cfg.student.model_dump(mode="json")
@@ -134,9 +138,12 @@ def stage_teachers(st: RunState) -> Path:
 
     data = st.data or stage_data(st)
     d = artifacts.stage_dir(st.run_dir, "teachers", st.keys.teachers)
-    if artifacts.read_manifest(d) is None:
+    k = st.cfg.teachers.k
+    manifest = artifacts.read_manifest(d)
+    if manifest is None or manifest["k"] < k:
         init_ray(st.cfg.ray)
-        log(f"teachers: training K={st.cfg.teachers.k} {st.cfg.teachers.model.name} teachers → {d}")
+        have = f" (extending the {manifest['k']} on disk)" if manifest else ""
+        log(f"teachers: training K={k} {st.cfg.teachers.model.name} teachers{have} → {d}")
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").unlink(missing_ok=True)
         try:
@@ -147,7 +154,7 @@ def stage_teachers(st: RunState) -> Path:
         acc = table["acc_test"].to_numpy()
         artifacts.write_manifest(d, st.keys.teachers, k=table.num_rows, packs=sorted(set(table["pack"].to_pylist())), acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
     else:
-        log(f"teachers: cached {d}")
+        log(f"teachers: cached {d} (using {k} of {manifest['k']})")
     st.teachers_dir = d
     return d
 
@@ -207,11 +214,12 @@ def stage_students(st: RunState) -> dict[str, dict]:
 
 def stage_report(st: RunState) -> dict[str, Any]:
     from w2s_ray.report import write_report
+    from w2s_ray.teachers import read_teacher_table
 
     if not st.students:
         stage_students(st)
     tdir = st.teachers_dir
-    teachers = pq.read_table(tdir / "teachers.parquet").to_pandas()
+    teachers = read_teacher_table(tdir, st.cfg.teachers.k).to_pandas()
     posterior = artifacts.read_json(st.labels_dir / "posterior.json")
     return write_report(st.cfg, st.run_dir, teachers, posterior, st.students)
 

@@ -176,11 +176,22 @@ def finished_packs(stage: Path) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
 
-def read_pack_logp(stage: Path, split: str, pack_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(teacher ids, `[k, N, C]` log-probs) of one pack."""
-    t = pq.read_table(pack_path(stage, split, pack_index))
-    ids = t["teacher_id"].to_numpy()
+def read_teacher_table(stage: Path, k: int) -> pa.Table:
+    """Teachers 0..k-1 of a stage that may hold more (an extended ensemble)."""
+    import pyarrow.compute as pc
+
+    t = pq.read_table(stage / "teachers.parquet")
+    return t.filter(pc.less(t["teacher_id"], k))
+
+
+def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher ids, `[k, N, C]` log-probs) of one pack, only teachers below `k` when given."""
+    filters = [("teacher_id", "<", k)] if k is not None else None
+    t = pq.read_table(pack_path(stage, split, pack_index), filters=filters)
     c = t.schema.field("logp").type.list_size
+    if t.num_rows == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros((0, 0, c), dtype=np.float32)
+    ids = t["teacher_id"].to_numpy()
     logp = t["logp"].combine_chunks().flatten().to_numpy().reshape(-1, c)
     teacher_ids = np.unique(ids)
     return teacher_ids, logp.reshape(len(teacher_ids), -1, c)

@@ -170,9 +170,8 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
 
 def trial_data(st) -> tuple[dict, dict]:
     """What every trial needs, read once: pseudo-labels through Ray Data, test split, references."""
-    import pyarrow.parquet as pq
-
     from w2s_ray.labels import read_labels, read_test_posterior
+    from w2s_ray.teachers import read_teacher_table
 
     labels = read_labels(st.labels_dir, st.cfg.labels.read_batch_size)
     keep = ("x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single")
@@ -184,7 +183,7 @@ def trial_data(st) -> tuple[dict, dict]:
         "test_dual_log": read_test_posterior(st.labels_dir)["dual_log"],
         "y_transfer": torch.from_numpy(st.data.splits["transfer"].y),
     }
-    teachers = pq.read_table(st.teachers_dir / "teachers.parquet")["acc_test"].to_numpy()
+    teachers = read_teacher_table(st.teachers_dir, st.cfg.teachers.k)["acc_test"].to_numpy()
     posterior = artifacts.read_json(st.labels_dir / "posterior.json")
     refs = {
         "n_classes": st.data.n_classes,
