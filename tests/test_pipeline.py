@@ -43,7 +43,7 @@ def test_outputs_exist_and_are_consistent(finished):
 def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
     cfg, st = finished
     manifest = artifacts.read_manifest(st.labels_dir)
-    assert manifest["rows"] == cfg.data.n_transfer
+    assert manifest["rows"] == cfg.data.n_transfer and manifest["k"] == cfg.teachers.k
     assert "y" not in manifest["schema"]
     df = pd.read_parquet(st.labels_dir / "parts")  # readable with plain pandas
     assert len(df) == cfg.data.n_transfer

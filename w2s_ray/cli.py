@@ -3,6 +3,7 @@
     w2s-ray run [CONFIG.yaml] [--set key=value ...]
     w2s-ray data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
+    w2s-ray study variance|theory [CONFIG.yaml]               (a study with report.md)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/capacity_x_rce.yaml")
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
+    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling) or theory (squared-loss example)")
+    study.add_argument("kind", choices=["variance", "theory"])
+    study.add_argument("config", nargs="?")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
@@ -66,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             from w2s_ray.tune import run_tune
 
             run_tune(cfg, space, args.name or Path(args.space).stem, resume=args.resume)
+            return 0
+        if args.command == "study":
+            from w2s_ray.study import run_theory_study, run_variance_study
+
+            (run_variance_study if args.kind == "variance" else run_theory_study)(cfg)
             return 0
         from w2s_ray.pipeline import run_pipeline
 

@@ -102,7 +102,7 @@ def write_labels(stage: Path, table: pa.Table, test: pa.Table, summary: dict, ke
     artifacts.write_parquet(stage / "test_posterior.parquet", test)
     artifacts.write_json(stage / "posterior.json", summary)
     schema = {f.name: str(f.type) for f in table.schema}
-    return artifacts.write_manifest(stage, key, rows=table.num_rows, schema=schema)
+    return artifacts.write_manifest(stage, key, rows=table.num_rows, k=summary.get("k"), schema=schema)
 
 
 def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:

@@ -116,9 +116,11 @@ class PosteriorAccumulator:
         """Percentile CIs over teacher resamples for the accuracy of both posterior means."""
         if not self.n_boot:
             return {}
-        w = self.boot_w.clamp_min(1e-12).float().view(-1, 1, 1)
+        # a replicate whose teachers all drew weight 0 holds no ensemble (likely only at small K)
+        keep = self.boot_w > 0
+        w = self.boot_w[keep].float().view(-1, 1, 1)
         out = {}
-        for name, s in (("arith", self.boot_p), ("dual", self.boot_logp)):
+        for name, s in (("arith", self.boot_p[keep]), ("dual", self.boot_logp[keep])):
             acc = ((s / w).argmax(-1) == labels.view(1, -1)).float().mean(1).numpy()
             lo, hi = np.quantile(acc, [(1 - ci) / 2, 1 - (1 - ci) / 2])
             out[name] = [float(lo), float(hi)]
