@@ -58,3 +58,9 @@ def test_study_reports_are_written(ray_session, tmp_path):
     assert "scaling.png" in (out / "report.md").read_text()
     theory = run_theory_study(cfg)
     assert (theory / "theory.png").stat().st_size > 0 and len(pd.read_parquet(theory / "theory.parquet")) == len(TheoryConfig().widths)
+    runs = pd.read_parquet(theory / "runs.parquet")
+    assert len(runs) == 3 * 3 * 2 + 4 and set(runs["target"]) == {"single", "arith_mean", "dual_mean"}
+    assert (runs["kl_to_teachers"] > runs["kl_to_dual_mean"]).all()  # plus the teacher variance
+    bv = pd.read_parquet(theory / "bias_variance.parquet")
+    assert bv["risk"].to_numpy() == pytest.approx((bv["bias"] + bv["variance"]).to_numpy(), rel=1e-5)
+    assert (theory / "runs.png").stat().st_size > 0 and "Gain vs misfit" in (theory / "report.md").read_text()

@@ -53,13 +53,56 @@ def student_job(cfg_json: dict, target: str, x: torch.Tensor, t: torch.Tensor, l
     misfit_ref = test["transfer_dual_log"] if target == CEILING else log_t
     metrics = evaluate(log_test, log_transfer, misfit_ref, test)
     metrics.update(best_epoch=res.best_epoch, epochs_run=res.epochs_run, n_params=res.n_params, seconds=res.seconds, device=device)
-    return {"target": target, "state_dict": res.state_dict, "metrics": metrics, "history": res.history}
+    return {"target": target, "state_dict": res.state_dict, "metrics": metrics, "history": res.history, "log_test": log_test}
+
+
+class StudentInputs:
+    """What every student task of a run needs, read once (pseudo-labels through Ray Data) and put
+    in the object store once; `submit` starts one student task on a target."""
+
+    def __init__(self, labels: dict, test: dict, y_gold: torch.Tensor, n_classes: int):
+        import ray
+
+        self.labels, self.y_gold, self.n_classes = labels, y_gold, n_classes
+        self.x_ref, self.test_ref = ray.put(labels["x"]), ray.put(test)
+
+    @classmethod
+    def load(cls, st, data, labels_dir: Path) -> "StudentInputs":
+        from w2s_ray.labels import read_labels, read_test_posterior
+
+        labels = read_labels(labels_dir, st.cfg.labels.read_batch_size)
+        tr = data.splits["transfer"]
+        if not torch.equal(labels["id"], torch.from_numpy(tr.ids)):
+            raise RuntimeError(f"pseudo-labels in {labels_dir} do not match the transfer split's rows")
+        test_post = read_test_posterior(labels_dir)
+        test = {
+            "x": torch.from_numpy(data.splits["test"].x),
+            "y": torch.from_numpy(data.splits["test"].y),
+            "dual_log": test_post["dual_log"],
+            "single_log": test_post["single_log"],
+            "transfer_dual_log": labels["logt_dual"],
+        }
+        return cls(labels, test, torch.from_numpy(tr.y), data.n_classes)
+
+    def submit(self, scfg: StudentConfig, target: str):
+        import ray
+
+        from w2s_ray.labels import target_of
+
+        if target == CEILING:
+            t = torch.nn.functional.one_hot(self.y_gold, self.n_classes).float()
+            log_t = t.clamp_min(1e-8).log()
+        else:
+            t, log_t = target_of(self.labels, target, scfg.log_floor)
+        # gold labels leave here only for the ceiling, or for oracle early stopping
+        gold = self.y_gold if (scfg.selection == "oracle" or target == CEILING) else None
+        task = ray.remote(student_job).options(num_cpus=scfg.num_cpus, num_gpus=scfg.num_gpus)
+        return task.remote(scfg.model_dump(mode="json"), target, self.x_ref, t, log_t, self.n_classes, gold, self.test_ref, max(1, int(scfg.num_cpus)))
 
 
 def run_students(st, data, labels_dir: Path) -> dict[str, dict]:
     import ray
 
-    from w2s_ray.labels import read_labels, read_test_posterior, target_of
     from w2s_ray.pipeline import log
     from w2s_ray.raytools import init_ray
 
@@ -79,36 +122,11 @@ def run_students(st, data, labels_dir: Path) -> dict[str, dict]:
         return results
 
     init_ray(st.cfg.ray)
-    labels = read_labels(labels_dir, st.cfg.labels.read_batch_size)
-    x = labels["x"]
-    tr = data.splits["transfer"]
-    if not torch.equal(labels["id"], torch.from_numpy(tr.ids)):
-        raise RuntimeError(f"pseudo-labels in {labels_dir} do not match the transfer split's rows")
-    test_post = read_test_posterior(labels_dir)
-    test = {
-        "x": torch.from_numpy(data.splits["test"].x),
-        "y": torch.from_numpy(data.splits["test"].y),
-        "dual_log": test_post["dual_log"],
-        "single_log": test_post["single_log"],
-        "transfer_dual_log": labels["logt_dual"],
-    }
-    y_gold = torch.from_numpy(tr.y)
-    # gold labels leave this function only for the ceiling, or for oracle early stopping
-    oracle = scfg.selection == "oracle"
-    x_ref, test_ref = ray.put(x), ray.put(test)
-    task = ray.remote(student_job).options(num_cpus=scfg.num_cpus, num_gpus=scfg.num_gpus)
-    threads = max(1, int(scfg.num_cpus))
+    inputs = StudentInputs.load(st, data, labels_dir)
     running = {}
     for tgt in todo:
-        if tgt == CEILING:
-            t = torch.nn.functional.one_hot(y_gold, data.n_classes).float()
-            log_t = t.clamp_min(1e-8).log()
-        else:
-            t, log_t = target_of(labels, tgt, scfg.log_floor)
-        gold = y_gold if (oracle or tgt == CEILING) else None
         log(f"student[{tgt}]: training {scfg.model.name} (width {scfg.model.width}, depth {scfg.model.depth})")
-        ref = task.remote(scfg.model_dump(mode="json"), tgt, x_ref, t, log_t, data.n_classes, gold, test_ref, threads)
-        running[ref] = tgt
+        running[inputs.submit(scfg, tgt)] = tgt
     while running:
         [ref], _ = ray.wait(list(running), num_returns=1)
         tgt = running.pop(ref)
