@@ -56,6 +56,9 @@ def test_study_reports_are_written(ray_session, tmp_path):
     for f in ("report.md", "scaling.png", "summary.json"):
         assert (out / f).stat().st_size > 0
     assert "scaling.png" in (out / "report.md").read_text()
+    sources = pd.read_parquet(out / "sources.parquet")
+    assert sources["resample"].tolist() == ["seed", "bootstrap", "disjoint"]
+    assert (sources["teacher_variance"] > 0).all()
     theory = run_theory_study(cfg)
     assert (theory / "theory.png").stat().st_size > 0 and len(pd.read_parquet(theory / "theory.parquet")) == len(TheoryConfig().widths)
     runs = pd.read_parquet(theory / "runs.parquet")
