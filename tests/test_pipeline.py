@@ -12,7 +12,7 @@ from conftest import small_config
 from w2s_ray import artifacts
 from w2s_ray.labels import read_labels
 from w2s_ray.pipeline import RunState, run_pipeline, stage_data, stage_labels
-from w2s_ray.posterior import PosteriorAccumulator, dual_mean_log
+from w2s_ray.posterior import dual_mean_log
 from w2s_ray.teachers import read_pack_logp
 
 

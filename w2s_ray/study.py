@@ -120,7 +120,7 @@ def run_variance_study(cfg: ExperimentConfig) -> Path:
         axes[1].set_xlabel("K teachers")
         axes[1].legend(fontsize=8)
         ax = axes[2]
-        ax.loglog(table["K"][:-1], table["kl_full_to_K"][:-1], marker="o", base=2, label=f"KL(full ‖ K)")
+        ax.loglog(table["K"][:-1], table["kl_full_to_K"][:-1], marker="o", base=2, label="KL(full ‖ K)")
         if math.isfinite(slope):
             ks = fit_rows["K"].to_numpy()
             ax.loglog(ks, np.exp(intercept) * ks**slope, "k--", base=2, label=f"fit: slope {slope:.2f}")

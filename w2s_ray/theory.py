@@ -80,7 +80,7 @@ def run_theory(cfg: TheoryConfig) -> list[dict]:
         preds_tr.append(features(x_tr, w) @ a)
         preds_te.append(features(x_te, w) @ a)
     f_tr, f_te = torch.stack(preds_tr), torch.stack(preds_te)  # [K, n]
-    mean_tr, mean_te = f_tr.mean(0), f_te.mean(0)
+    mean_te = f_te.mean(0)
     variance = float(squared_distance(f_te, mean_te).mean())
     teacher_risk = float(squared_distance(f_te, y_te).mean())
 
