@@ -78,3 +78,21 @@ def test_resume_from_an_epoch_checkpoint_gives_the_same_student(toy):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
     for k in whole.state_dict:
         assert torch.allclose(whole.state_dict[k], resumed.state_dict[k], atol=1e-6), k
+
+
+def test_random_roll_shifts_each_row_circularly():
+    from w2s_ray.student import random_roll
+
+    x = torch.arange(20.0).view(2, 10)
+    gen = torch.Generator().manual_seed(0)
+    rolled = random_roll(x, 3, gen)
+    for r, orig in zip(rolled, x):
+        shifts = [s for s in range(-3, 4) if torch.equal(r, torch.roll(orig, s))]
+        assert shifts, (r, orig)
+    assert torch.equal(random_roll(x, 0, gen), x)
+
+
+def test_shift_augmented_student_trains(toy):
+    x, y, t, log_t = toy
+    res = train_student(cfg(augment_shift=2), x, t, log_t, 3)
+    assert res.epochs_run == 6 and all(math.isfinite(h["train_loss"]) for h in res.history)

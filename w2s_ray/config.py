@@ -119,6 +119,7 @@ class StudentConfig(Strict):
     aux_warmup: float = Field(0.2, ge=0, le=1, description="fraction of training before aux weight is full")
     log_floor: float = Field(math.log(1e-8), lt=0, description="floor on log teacher probs in RCE")
     epochs: int = Field(25, ge=1)
+    augment_shift: int = Field(0, ge=0, description="random circular shifts of the student's inputs, up to this many positions")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -39,6 +39,16 @@ def holdout_split(n: int, frac: float, seed: int) -> tuple[torch.Tensor, torch.T
     return perm[n_hold:], perm[:n_hold]
 
 
+def random_roll(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Roll each row by its own random shift in [-max_shift, max_shift] (MNIST-1D's translations
+    are circular rolls, so the label is unchanged). A student made shift-invariant this way
+    cannot copy errors a teacher makes because of where a pattern sits."""
+    n, length = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 1), generator=gen).to(x.device)
+    idx = (torch.arange(length, device=x.device).unsqueeze(0) - shift) % length
+    return x.gather(1, idx)
+
+
 @torch.no_grad()
 def predict_log(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     model.eval()
@@ -118,7 +128,10 @@ def train_student(
         for s in range(0, len(perm), cfg.batch_size):
             rows = perm[s : s + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            batch_loss = objective(model(x[rows]), rows, step)
+            xb = x[rows]
+            if cfg.augment_shift:
+                xb = random_roll(xb, cfg.augment_shift, gen)
+            batch_loss = objective(model(xb), rows, step)
             batch_loss.backward()
             opt.step()
             total += float(batch_loss.detach()) * len(rows)
