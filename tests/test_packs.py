@@ -53,3 +53,15 @@ def test_resampling_schemes():
     parts = [teacher_indices("disjoint", n, k, t, 0, 0) for t in range(k)]
     allp = np.concatenate(parts)
     assert len(allp) == len(np.unique(allp)) == n and all(len(p) == 25 for p in parts)
+
+
+def test_teacher_window_view_zeroes_everything_outside_the_window():
+    from w2s_ray.config import TeachersConfig
+    from w2s_ray.teachers import teacher_view
+
+    x = np.arange(12, dtype=np.float32).reshape(2, 6) + 1
+    full = TeachersConfig()
+    assert teacher_view(x, full) is x
+    win = TeachersConfig(view={"kind": "window", "start": 1, "length": 3})
+    v = teacher_view(x, win)
+    assert (v[:, 1:4] == x[:, 1:4]).all() and (v[:, [0, 4, 5]] == 0).all()

@@ -70,8 +70,18 @@ class DataConfig(Strict):
         return self
 
 
+class ViewConfig(Strict):
+    """What part of each input the teachers see: all of it, or a window of positions (the rest
+    zeroed) — a less informative view than the student's."""
+
+    kind: Literal["full", "window"] = "full"
+    start: int = Field(0, ge=0)
+    length: int = Field(20, ge=1)
+
+
 class TeachersConfig(Strict):
     k: int = Field(64, ge=2, description="number of teachers")
+    view: ViewConfig = Field(default_factory=ViewConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)

@@ -45,6 +45,16 @@ def default_num_actors(cfg: TeachersConfig, resources: dict[str, float]) -> int:
     return min(cfg.num_actors, fit) if cfg.num_actors else fit
 
 
+def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
+    """The teachers' view of the inputs (weak, transfer and test alike)."""
+    if cfg.view.kind == "full":
+        return x
+    out = np.zeros_like(x)
+    sl = slice(cfg.view.start, cfg.view.start + cfg.view.length)
+    out[:, sl] = x[:, sl]
+    return out
+
+
 def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
     """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
     import torch
@@ -53,7 +63,7 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
 
     t0 = time.perf_counter()
     # arrays from the object store are read-only; torch.tensor copies them into writable memory
-    x_weak = torch.tensor(data["x_weak"])
+    x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
     y_weak = torch.tensor(data["y_weak"])
     n = len(y_weak)
     seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
@@ -62,7 +72,7 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
     out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
     for split in PRED_SPLITS:
-        out[f"logp_{split}"] = pack.log_probs(torch.tensor(data[f"x_{split}"])).numpy()
+        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()
     y_test = data["y_test"]
     out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
     out["acc_weak"] = (pack.log_probs(x_weak).numpy().argmax(-1) == data["y_weak"][None]).mean(1).tolist()
