@@ -66,3 +66,19 @@ def test_cli_reports_a_wrong_key_without_traceback(tmp_path):
     assert out.returncode == 2
     assert "teachers.widht: unknown key" in out.stderr
     assert "Traceback" not in out.stderr and "ray" not in out.stderr.lower().replace("w2s-ray", "")
+
+
+def test_stage_keys_depend_on_what_each_stage_reads():
+    from w2s_ray.pipeline import Keys
+
+    base = load_config(None)
+    k = Keys(base)
+    student_only = Keys(load_config(None, {"student.rce_weight": 0.5}))
+    assert (student_only.teachers, student_only.labels, student_only.ceiling) == (k.teachers, k.labels, k.ceiling)
+    assert student_only.student("dual_mean") != k.student("dual_mean")
+    shifted = Keys(load_config(None, {"student.augment_shift": 20}))
+    assert shifted.ceiling != k.ceiling  # a training option of the student changes the ceiling
+    more = Keys(load_config(None, {"teachers.k": 128}))
+    assert more.teachers == k.teachers and more.labels != k.labels  # the ensemble is extended, not retrained
+    window = Keys(load_config(None, {"teachers.view": {"kind": "window"}}))
+    assert window.teachers != k.teachers and window.ceiling == k.ceiling

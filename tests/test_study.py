@@ -67,3 +67,7 @@ def test_study_reports_are_written(ray_session, tmp_path):
     bv = pd.read_parquet(theory / "bias_variance.parquet")
     assert bv["risk"].to_numpy() == pytest.approx((bv["bias"] + bv["variance"]).to_numpy(), rel=1e-5)
     assert (theory / "runs.png").stat().st_size > 0 and "Gain vs misfit" in (theory / "report.md").read_text()
+    regimes = pd.read_parquet(theory / "regimes.parquet")
+    assert len(regimes) == 4 and regimes["pgr_dual_mean_vs_teacher"].notna().all()
+    # the window regime's teachers see less than the default's
+    assert regimes["mean_teacher_acc"].iloc[2] != regimes["mean_teacher_acc"].iloc[0]

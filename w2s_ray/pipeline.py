@@ -73,9 +73,12 @@ class Keys:
 
     @property
     def ceiling(self) -> str:
-        s = self.cfg.student
-        training = {k: getattr(s, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "holdout_frac", "patience", "selection", "seed")}
-        return config_hash("ceiling", self.data, s.model, training)
+        """Everything about the student except what concerns teacher targets: new training
+        options change the ceiling's key by default."""
+        s = self.cfg.student.model_dump(mode="json")
+        for teacher_side in ("targets", "loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "log_floor", "ceiling", "num_cpus", "num_gpus"):
+            s.pop(teacher_side)
+        return config_hash("ceiling", self.data, s)
 
 
 @dataclass
