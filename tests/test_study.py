@@ -65,7 +65,7 @@ def test_study_reports_are_written(ray_session, tmp_path):
     assert len(runs) == 3 * 3 * 2 + 4 and set(runs["target"]) == {"single", "arith_mean", "dual_mean"}
     assert (runs["kl_to_teachers"] > runs["kl_to_dual_mean"]).all()  # plus the teacher variance
     bv = pd.read_parquet(theory / "bias_variance.parquet")
-    assert bv["risk"].to_numpy() == pytest.approx((bv["bias"] + bv["variance"]).to_numpy(), rel=1e-5)
+    assert len(bv) == 3 and bv["risk"].to_numpy() == pytest.approx((bv["bias"] + bv["variance"]).to_numpy(), rel=1e-5)
     assert (theory / "runs.png").stat().st_size > 0 and "Gain vs misfit" in (theory / "report.md").read_text()
     regimes = pd.read_parquet(theory / "regimes.parquet")
     assert len(regimes) == 4 and regimes["pgr_dual_mean_vs_teacher"].notna().all()

@@ -84,15 +84,16 @@ class StudentInputs:
         }
         return cls(labels, test, torch.from_numpy(tr.y), data.n_classes)
 
-    def submit(self, scfg: StudentConfig, target: str):
+    def submit(self, scfg: StudentConfig, target: str, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None):
+        """Start one student task on a named target, or on given probabilities `t` (with logs)."""
         import ray
 
         from w2s_ray.labels import target_of
 
-        if target == CEILING:
+        if t is None and target == CEILING:
             t = torch.nn.functional.one_hot(self.y_gold, self.n_classes).float()
             log_t = t.clamp_min(1e-8).log()
-        else:
+        elif t is None:
             t, log_t = target_of(self.labels, target, scfg.log_floor)
         # gold labels leave here only for the ceiling, or for oracle early stopping
         gold = self.y_gold if (scfg.selection == "oracle" or target == CEILING) else None

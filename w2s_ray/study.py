@@ -322,8 +322,13 @@ def theory_on_runs(cfg: ExperimentConfig, out: Path) -> list[str]:
         return fig
 
     _fig(out / "runs.png", draw_gain)
-    bv = bias_variance(seed_logs, y_test)
-    bv_table = pd.DataFrame([{"who": f"teachers (K={cfg.teachers.k})", **teacher_bv, "risk": teacher_bv["bias"] + teacher_bv["variance"]}, {"who": f"students ({SEEDS} seeds, dual-mean target)", **bv}])
+    bv_table = pd.DataFrame(
+        [
+            {"who": f"teachers (K={cfg.teachers.k})", **teacher_bv, "risk": teacher_bv["bias"] + teacher_bv["variance"]},
+            {"who": f"students ({SEEDS} seeds, dual-mean target)", **bias_variance(seed_logs["seeds"], y_test)},
+            {"who": f"students on {len(seed_logs['sub-ensembles'])} disjoint sub-ensembles' dual means", **bias_variance(seed_logs["sub-ensembles"], y_test)},
+        ]
+    )
     artifacts.write_parquet(out / "bias_variance.parquet", pa.Table.from_pandas(bv_table, preserve_index=False))
     cols = ["width", "target", "lambda", "student_acc", "teacher_acc", "gain_ce", "misfit", "entropy", "kl_to_dual_mean", "kl_to_teachers"]
     main = runs[runs["seed"] == cfg.student.seed][cols]
@@ -363,7 +368,7 @@ RUN_LAMBDAS = (0.0, 0.5)
 SEEDS = 4
 
 
-def student_runs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, list[torch.Tensor], dict, torch.Tensor]:
+def student_runs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, list[torch.Tensor]], dict, torch.Tensor]:
     """Students over width × target × λ, plus SEEDS seeds of the configured student on the dual mean."""
     import ray
 
@@ -412,7 +417,32 @@ def student_runs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, list[torch.Tensor
         if seed >= base.seed + 1000:
             seeds_log.append(s)
     teacher_bv = {"bias": M.gold_ce(test["dual_log"], y), "variance": float(test["variance"].mean())}
+    seeds_log = {"seeds": seeds_log, "sub-ensembles": sub_ensemble_students(cfg, st, inputs)}
     return pd.DataFrame(rows).sort_values(["target", "lambda", "width", "seed"]), seeds_log, teacher_bv, y
+
+
+def sub_ensemble_students(cfg: ExperimentConfig, st, inputs, groups: int = 4) -> list[torch.Tensor]:
+    """Students on the dual means of `groups` disjoint sub-ensembles (teacher ids split evenly)."""
+    import ray
+
+    from w2s_ray.posterior import PosteriorAccumulator
+    from w2s_ray.teachers import read_pack_logp
+
+    k = cfg.teachers.k
+    size = k // groups
+    n, c = len(st.data.splits["transfer"].y), st.data.n_classes
+    accs = [PosteriorAccumulator(n, c) for _ in range(groups)]
+    for p in artifacts.read_manifest(st.teachers_dir, verify=False)["packs"]:
+        ids, logp = read_pack_logp(st.teachers_dir, "transfer", p, size * groups)
+        for g in range(groups):
+            rows = np.nonzero((ids >= g * size) & (ids < (g + 1) * size))[0]
+            if len(rows):
+                accs[g].add(torch.tensor(logp[rows]))
+    refs = []
+    for g, acc in enumerate(accs):
+        dual_log = acc.finalize()["dual_log"]
+        refs.append(inputs.submit(cfg.student, f"dual_mean[teachers {g * size}..{(g + 1) * size - 1}]", dual_log.exp(), dual_log))
+    return [out["log_test"] for out in ray.get(refs)]
 
 
 def bias_variance(logs: list[torch.Tensor], y: torch.Tensor) -> dict[str, float]:
