@@ -294,6 +294,8 @@ def theory_on_runs(cfg: ExperimentConfig, out: Path) -> list[str]:
     slope, intercept = np.polyfit(runs["misfit"], runs["gain_ce"], 1)
     r = float(np.corrcoef(runs["misfit"], runs["gain_ce"])[0, 1])
     r_ent = float(np.corrcoef(runs["entropy"], runs["gain_ce"])[0, 1])
+    slope_acc = float(np.polyfit(runs["misfit"], runs["gain_acc"], 1)[0])
+    r_acc = float(np.corrcoef(runs["misfit"], runs["gain_acc"])[0, 1])
 
     def draw_gain(plt):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -341,7 +343,8 @@ def theory_on_runs(cfg: ExperimentConfig, out: Path) -> list[str]:
         f"**Gain vs misfit.** Across the runs the cross-entropy gain over the teacher each student was trained on "
         f"rises with the misfit with slope {slope:.2f} (intercept {intercept:.3f}, correlation r = {r:.2f}). The paper "
         "predicts that the gain is quantified by the misfit (gain ≈ misfit, slope 1, when the student's class is "
-        f"rich enough and convex); here the slope is {'close to' if abs(slope - 1) < 0.25 else 'far from'} 1.",
+        f"rich enough and convex); here the slope is {'close to' if abs(slope - 1) < 0.25 else 'far from'} 1. "
+        f"In accuracy, the gain against misfit has slope {slope_acc:.3f} and r = {r_acc:.2f}.",
         "",
         "**Capacity → posterior mean.** For students on the dual-mean target, the KL to the dual posterior mean and "
         "the mean KL to single teachers (which equals the former plus the teacher variance, exactly) against width; "
