@@ -74,6 +74,10 @@ def variance_table(cfg: ExperimentConfig, teacher_dir: Path, packs: list[int], y
     return pd.DataFrame(out)
 
 
+def md_section(title: str, text: str, table: pd.DataFrame, tables: str) -> list[str]:
+    return ["", f"## {title}", "", text, "", table.to_markdown(index=False, floatfmt=".4f"), "", f"Tables: {tables}."]
+
+
 def _fig(path: Path, draw) -> None:
     import matplotlib
 
@@ -148,17 +152,13 @@ def run_variance_study(cfg: ExperimentConfig) -> Path:
     ]
     sources = randomness_sources(cfg)
     artifacts.write_parquet(out / "sources.parquet", pa.Table.from_pandas(sources, preserve_index=False))
-    report += [
-        "",
-        f"## Sources of teacher randomness (K = {int(sources['K'].iloc[0])})",
-        "",
+    report += md_section(
+        f"Sources of teacher randomness (K = {int(sources['K'].iloc[0])})",
         "Each row trains its own ensemble whose teachers differ only by seed (same weak-gold rows), by a bootstrap "
         "resample, or by disjoint subsets of the weak-gold split; the student is the configured one on the dual mean.",
-        "",
-        sources.to_markdown(index=False, floatfmt=".4f"),
-        "",
-        "Tables: `scaling.parquet`, `sources.parquet`.",
-    ]
+        sources,
+        "`scaling.parquet`, `sources.parquet`",
+    )
     artifacts.write_text(out / "report.md", "\n".join(report) + "\n")
     artifacts.write_json(out / "summary.json", {"slope": slope, "intercept": intercept, "k_max": cfg.teachers.k})
     print(sources.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -269,18 +269,14 @@ def run_theory_study(cfg: ExperimentConfig) -> Path:
     report += theory_on_runs(cfg, out)
     regimes = weak_to_strong_regimes(cfg)
     artifacts.write_parquet(out / "regimes.parquet", pa.Table.from_pandas(regimes, preserve_index=False))
-    report += [
-        "",
-        "## Where the student generalizes beyond its teachers",
-        "",
+    report += md_section(
+        "Where the student generalizes beyond its teachers",
         "One full run per regime (students on the dual mean and on one teacher, the gold ceiling with the same "
         "student). PGR ≥ 0.3 against the mean single teacher needs teachers whose errors the student cannot "
         "copy: here, teachers that see a window of the signal and a student made shift-invariant.",
-        "",
-        regimes.to_markdown(index=False, floatfmt=".4f"),
-        "",
-        "Tables: `regimes.parquet`.",
-    ]
+        regimes,
+        "`regimes.parquet`",
+    )
     artifacts.write_text(out / "report.md", "\n".join(report) + "\n")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nreport: {out / 'report.md'}")
