@@ -113,9 +113,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     conf.write_text(to_yaml(cfg))
     space = write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
                         params={"student.model.width": {"type": "grid", "values": [4, 8, 16, 32, 48, 64]}})
-    # save Tune's experiment state at every step, so that the state on disk when the driver dies
-    # knows every trial that finished
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
     search = cfg.run_dir / "tune" / "space"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -132,8 +130,16 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
                 finished[result.parent.name] = result.stat().st_mtime_ns
         time.sleep(0.5)
     assert finished, "no trial finished before the deadline"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
+    # interrupt the driver as Ctrl-C or `ray job stop` would (Tune saves its state on SIGINT),
+    # then make sure nothing it started is left
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        assert proc.wait(timeout=60) != 0  # an interrupted search says so and writes no results
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # everything had already exited
+            pass
     finished = {name: (search / name / "result.json").stat().st_mtime_ns for name in finished}
     assert not (search / "trials.parquet").exists()
     out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=400)

@@ -26,6 +26,7 @@ import torch
 
 from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig, to_yaml
+from w2s_ray.errors import W2SError
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
 
 REALISTIC = ("val_teacher_ce", "min")
@@ -221,6 +222,12 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     t0 = time.perf_counter()
     grid = build_tuner(base, space, name, search_dir, trainable, resume).fit()
     log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
+    expected = space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
+    if grid.num_terminated + grid.num_errors < max(len(grid), expected):
+        raise W2SError(
+            f"the search was interrupted ({grid.num_terminated + grid.num_errors} of {expected} trials done); "
+            f"continue it with: w2s-ray tune ... --space ... --resume"
+        )
     table = trials_table(grid, list(space.params))
     return write_outputs(cfg, space, name, search_dir, table, refs)
 
