@@ -167,6 +167,13 @@ def run_variance_study(cfg: ExperimentConfig) -> Path:
     return out
 
 
+def mean_teacher_acc(teacher_dir: Path, k: int) -> float:
+    """Over the K teachers the run uses (the directory may hold an extended ensemble)."""
+    from w2s_ray.teachers import read_teacher_table
+
+    return float(read_teacher_table(teacher_dir, k)["acc_test"].to_numpy().mean())
+
+
 def randomness_sources(cfg: ExperimentConfig, k: int = 64) -> pd.DataFrame:
     """Seed-only, bootstrap and disjoint-subset ensembles of the same size, and their students."""
     from w2s_ray.pipeline import run_pipeline
@@ -183,10 +190,9 @@ def randomness_sources(cfg: ExperimentConfig, k: int = 64) -> pd.DataFrame:
         )
         st = run_pipeline(c, until="student")
         post = artifacts.read_json(st.labels_dir / "posterior.json")
-        teachers = artifacts.read_manifest(st.teachers_dir, verify=False)
         rows.append(
             {
-                "resample": resample, "K": k, "mean_teacher_acc": teachers["acc_mean"],
+                "resample": resample, "K": k, "mean_teacher_acc": mean_teacher_acc(st.teachers_dir, k),
                 "teacher_variance": post["variance_test"], "mutual_info": post["mutual_info_test"],
                 "ensemble_acc_dual": post["test_acc_dual"], "student_acc": st.students["dual_mean"]["test_acc"],
             }
@@ -213,7 +219,7 @@ def weak_to_strong_regimes(cfg: ExperimentConfig) -> pd.DataFrame:
         c = c.model_copy(update={"student": c.student.model_copy(update={"targets": ["dual_mean", "single"], "ceiling": True})})
         st = run_pipeline(c, until="student")
         post = artifacts.read_json(st.labels_dir / "posterior.json")
-        teacher = artifacts.read_manifest(st.teachers_dir, verify=False)["acc_mean"]
+        teacher = mean_teacher_acc(st.teachers_dir, c.teachers.k)
         ceiling = st.students["gold"]["test_acc"]
         row = {"regime": name, "mean_teacher_acc": teacher, "ensemble_acc": post["test_acc_dual"], "ceiling_acc": ceiling}
         for tgt in ("dual_mean", "single"):
