@@ -90,7 +90,7 @@ def plot_summary(rows: list[dict[str, Any]], teachers: pd.DataFrame, path: Path)
     ax2.set_title("teacher accuracies (dashed: students)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_tensorboard(run_dir: Path, teachers: pd.DataFrame, posterior: dict, students: dict[str, dict]) -> None:
@@ -148,7 +148,8 @@ def _binned(values: pd.Series, log: bool) -> pd.Series:
     return pd.Series(np.round(2**out) if log else np.round(out, 2), index=values.index)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Written to a temporary name and renamed, like every other artifact."""
     import matplotlib.pyplot as plt
 
     with artifacts.atomic_path(path) as tmp:
@@ -181,7 +182,7 @@ def plot_heatmaps(table: pd.DataFrame, path: Path) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_capacity(table: pd.DataFrame, path: Path) -> None:
@@ -205,4 +206,4 @@ def plot_capacity(table: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -63,7 +63,7 @@ class StudentInputs:
     def __init__(self, labels: dict, test: dict, y_gold: torch.Tensor, n_classes: int):
         import ray
 
-        self.labels, self.y_gold, self.n_classes = labels, y_gold, n_classes
+        self.labels, self.test, self.y_gold, self.n_classes = labels, test, y_gold, n_classes
         self.x_ref, self.test_ref = ray.put(labels["x"]), ray.put(test)
 
     @classmethod

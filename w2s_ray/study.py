@@ -84,11 +84,11 @@ def _fig(path: Path, draw) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from w2s_ray.report import save_figure
+
     fig = draw(plt)
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_variance_study(cfg: ExperimentConfig) -> Path:

@@ -171,18 +171,17 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
 
 def trial_data(st) -> tuple[dict, dict]:
     """What every trial needs, read once: pseudo-labels through Ray Data, test split, references."""
-    from w2s_ray.labels import read_labels, read_test_posterior
+    from w2s_ray.students import StudentInputs
     from w2s_ray.teachers import read_teacher_table
 
-    labels = read_labels(st.labels_dir, st.cfg.labels.read_batch_size)
+    inputs = StudentInputs.load(st, st.data, st.labels_dir)
     keep = ("x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single")
-    test = st.data.splits["test"]
     data = {
-        "labels": {k: labels[k].clone() for k in keep},
-        "x_test": torch.from_numpy(test.x),
-        "y_test": torch.from_numpy(test.y),
-        "test_dual_log": read_test_posterior(st.labels_dir)["dual_log"],
-        "y_transfer": torch.from_numpy(st.data.splits["transfer"].y),
+        "labels": {k: inputs.labels[k] for k in keep},
+        "x_test": inputs.test["x"],
+        "y_test": inputs.test["y"],
+        "test_dual_log": inputs.test["dual_log"],
+        "y_transfer": inputs.y_gold,
     }
     teachers = read_teacher_table(st.teachers_dir, st.cfg.teachers.k)["acc_test"].to_numpy()
     posterior = artifacts.read_json(st.labels_dir / "posterior.json")
