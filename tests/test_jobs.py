@@ -1,80 +1,30 @@
 """`ray job submit` for real: a head node on 127.0.0.1 started here, token auth on, the default
 pipeline at a small size submitted as a job, outputs checked, and only that head stopped."""
 
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_members(sid: int) -> list[int]:
-    """Processes in session `sid`: `ray start` runs as a session leader, and every daemon, agent
-    and worker of its head stays in that session (some rename themselves, so names won't do)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
-                pids.append(int(d))
-    return pids
-
-
-def stop_head(sid: int) -> None:
-    """`ray stop` would stop every Ray on the machine (the test session's too): stop only ours."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_members(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
+from local_cluster import BIN, free_port, kill_session, node_env, session_members, start_head
 
 
 @pytest.fixture
 def head():
     temp_dir = tempfile.mkdtemp(prefix="w2s-ray-head-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    dash, gcs = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's entry point, w2s-ray, lives here
-        "RAY_AUTH_MODE": "token",  # on by default in Ray 2.60 for clusters it starts; set explicitly
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    # every port chosen free, so this head cannot collide with another Ray on the machine
-    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
-           "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2", "--disable-usage-stats",
-           "--temp-dir", temp_dir]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _, err = proc.communicate(timeout=180)
+    dash = free_port()
+    # token auth is on by default in Ray 2.60 for clusters it starts; set explicitly
+    env = node_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    sid, _ = start_head(temp_dir, env, num_cpus=2, dashboard_port=dash)
     try:
-        assert proc.returncode == 0, err[-2000:]
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        stop_head(proc.pid)
-        assert not session_members(proc.pid), "the head node did not stop"
+        kill_session(sid)
+        assert not session_members(sid), "the head node did not stop"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -4,14 +4,20 @@ The driver ships the weak, transfer and test inputs to the object store once, st
 `PackTrainer` actors, hands each a pack of teacher ids at a time and collects packs with
 `ray.wait` as they finish. Each finished pack is written at once (its teachers' log-probs on
 the transfer and test splits, long format: teacher_id, row, logp[C]), so an interrupted stage
-resumes with the teachers it has not trained yet. Actors are restarted and their pack retried
-when they die (node loss); since a teacher is a pure function of its seed, a retried pack
-reproduces exactly the teachers it would have given.
+resumes with the teachers it has not trained yet.
+
+Actors are placed with the SPREAD strategy, so a cluster's nodes share the packs. When a node
+dies, Ray restarts its actors elsewhere and retries their pack (`max_restarts`,
+`max_task_retries`); if that is not enough (restarts used up, the result lost with the node),
+the driver puts the pack back in the queue with a fresh actor. Since a teacher is a pure
+function of its seed and a pack keeps its teacher ids, a retried pack reproduces exactly the
+teachers it would have given: a lost node changes no posterior statistic.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,21 +123,32 @@ class ActorPool:
         self.key: tuple | None = None
         self.actors: list = []
 
+    def _start(self, cfg: TeachersConfig):
+        trainer = _pack_trainer_class().options(
+            num_cpus=cfg.num_cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor,
+            max_restarts=cfg.max_retries,
+            max_task_retries=cfg.max_retries,
+            scheduling_strategy="SPREAD",
+        )
+        return trainer.remote(max(1, int(cfg.num_cpus_per_actor)))
+
     def get(self, cfg: TeachersConfig, n: int) -> list:
         key = (cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.max_retries)
         if key != self.key:
             self.release()
             self.key = key
-        if len(self.actors) < n:
-            trainer = _pack_trainer_class().options(
-                num_cpus=cfg.num_cpus_per_actor,
-                num_gpus=cfg.num_gpus_per_actor,
-                max_restarts=cfg.max_retries,
-                max_task_retries=cfg.max_retries,
-            )
-            threads = max(1, int(cfg.num_cpus_per_actor))
-            self.actors += [trainer.remote(threads) for _ in range(n - len(self.actors))]
+        self.actors += [self._start(cfg) for _ in range(n - len(self.actors))]
         return self.actors[:n]
+
+    def replace(self, cfg: TeachersConfig, dead):
+        """A fresh actor in place of one Ray gave up on (restarts used up, or its node gone)."""
+        import ray
+
+        ray.kill(dead)
+        new = self._start(cfg)
+        self.actors[self.actors.index(dead)] = new
+        return new
 
     def release(self) -> None:
         import ray
@@ -210,6 +227,17 @@ def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = Non
 # --- the stage -----------------------------------------------------------------------------
 
 
+def _lost_errors() -> tuple[type[Exception], ...]:
+    """Failures of the system (a dead actor, worker or node; a lost result), not of training."""
+    from ray import exceptions as e
+
+    return (e.RayActorError, e.ObjectLostError, e.WorkerCrashedError, e.NodeDiedError)
+
+
+def log_lost(pack: int, err: Exception) -> None:
+    sys.stderr.write(f"\nteachers: pack {pack} lost ({type(err).__name__}); queued again\n")
+
+
 def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: Path) -> pa.Table:
     """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
     import ray
@@ -217,6 +245,7 @@ def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: P
     from w2s_ray.raytools import cluster_resources
 
     tcfg = cfg.teachers
+    lost_errors = _lost_errors()
     done = finished_packs(stage)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
@@ -233,17 +262,29 @@ def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: P
 
         def submit(actor) -> None:
             p, ids = queue.pop(0)
-            running[actor.train.remote(data_ref, cfg_json, n_classes, p, ids)] = actor
+            running[actor.train.remote(data_ref, cfg_json, n_classes, p, ids)] = (actor, p, ids)
 
         for actor in actors:
             if queue:
                 submit(actor)
         n_done, t0 = len(done_ids), time.perf_counter()
+        requeued: dict[int, int] = {}
         progress("teachers", n_done, tcfg.k)
         while running:
             [ref], _ = ray.wait(list(running), num_returns=1)
-            actor = running.pop(ref)
-            result = ray.get(ref)
+            actor, p, ids = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except lost_errors as err:
+                # Ray's own restarts and retries did not save this pack: queue it again
+                requeued[p] = requeued.get(p, 0) + 1
+                if requeued[p] > tcfg.max_retries + 1:
+                    raise
+                log_lost(p, err)
+                queue.insert(0, (p, ids))
+                actor = POOL.replace(tcfg, actor) if isinstance(err, ray.exceptions.RayActorError) else actor
+                submit(actor)
+                continue
             write_pack(stage, result)
             n_done += len(result["teacher_ids"])
             progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")

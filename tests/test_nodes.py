@@ -1,0 +1,140 @@
+"""A node dies mid-run: no teacher is lost and no posterior statistic changes.
+
+A head (2 CPUs) and a second raylet (1 CPU, custom resource `second_node`) run on this machine.
+`w2s-ray labels` runs against them as a separate driver; its two teacher actors are spread over
+both nodes. As soon as the second node has finished a pack, every process of that node is
+killed. The head must take over (Ray restarts the actor there and retries its pack), the stage
+must end with exactly K distinct teachers, and teachers and posterior must equal those of an
+uninterrupted run of the same config on the test session's Ray.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from local_cluster import BIN, kill_session, node_env, session_members, start_head, start_worker
+from w2s_ray.config import parse_config
+from w2s_ray.pipeline import run_pipeline
+from w2s_ray.teachers import read_pack_logp
+
+K = 24
+
+
+def experiment(root, name: str, max_retries: int) -> dict:
+    return {
+        "data": {"source": "digits", "n_weak": 400, "n_transfer": 700, "n_test": 600},
+        # ~1.5 s per pack of 2: the kill comes with most packs still to train
+        "teachers": {"k": K, "epochs": 400, "model": {"name": "mlp", "width": 32}, "num_actors": 2,
+                     "max_pack_size": 2, "max_retries": max_retries},
+        "posterior": {"n_boot": 20},
+        "output": {"root": str(root), "name": name},
+    }
+
+
+ALIVE_NODES = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+deadline = time.time() + 120
+while time.time() < deadline:
+    alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    if len(alive) == 2:
+        break
+    time.sleep(0.5)
+print(json.dumps(alive))
+"""
+
+
+@pytest.fixture
+def two_nodes():
+    temp_dir = tempfile.mkdtemp(prefix="w2s-ray-nodes-", dir="/tmp")
+    # the head notices a dead node within ~2 s instead of Ray's default ~30 s
+    env = node_env(RAY_AUTH_MODE="disabled", RAY_health_check_initial_delay_ms="0", RAY_health_check_period_ms="500",
+                   RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3")
+    head_sid, address = start_head(temp_dir, env, num_cpus=2)
+    worker_sid = start_worker(address, env, num_cpus=1, resources='{"second_node": 1}')
+    try:
+        out = subprocess.run([sys.executable, "-c", ALIVE_NODES, address], env=env, capture_output=True, text=True, timeout=180)
+        nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len(nodes) == 2, out.stderr[-2000:]
+        second = next(n for n, res in nodes.items() if "second_node" in res)
+        yield address, env, worker_sid, second
+    finally:
+        for sid in (worker_sid, head_sid):
+            kill_session(sid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not session_members(worker_sid) + session_members(head_sid), "a node did not stop"
+
+
+def packs_on_disk(run) -> list[dict]:
+    rows = []
+    for f in sorted(run.glob("teachers/*/packs/pack-*.parquet")):
+        try:
+            t = pq.read_table(f).to_pylist()
+        except OSError:
+            continue
+        rows.append({"pack": t[0]["pack"], "node": t[0]["node"], "teachers": [r["teacher_id"] for r in t]})
+    return rows
+
+
+@pytest.mark.parametrize("max_retries", [3, 0], ids=["ray-restarts-actor", "driver-requeues-pack"])
+def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, max_retries):
+    address, env, worker_sid, second = two_nodes
+    cfg_file = tmp_path / "nodes.yaml"
+    cfg_file.write_text(yaml.safe_dump(experiment(tmp_path / "runs", "killed", max_retries)))
+    driver = subprocess.Popen([str(BIN / "w2s-ray"), "labels", str(cfg_file)], env={**env, "RAY_ADDRESS": address},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    while not any(p["node"] == second for p in packs_on_disk(run)):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.time() < deadline, "no pack finished on the second node"
+        time.sleep(0.05)
+    kill_session(worker_sid, signals=(9,), wait=0.5)  # the node dies: raylet, object store, workers
+    assert not session_members(worker_sid)
+    before_kill = {p["pack"] for p in packs_on_disk(run)}
+    log, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, log[-3000:]
+
+    packs = packs_on_disk(run)
+    after_kill = [p for p in packs if p["pack"] not in before_kill]
+    assert after_kill, "the run had finished before the node died; nothing was tested"
+    assert len({p["node"] for p in packs}) == 2, "the actors were not spread over both nodes"
+    assert all(p["node"] != second for p in after_kill), "a pack finished on the dead node"
+    teacher_ids = [t for p in packs for t in p["teachers"]]
+    assert sorted(teacher_ids) == list(range(K)), "teachers lost or trained twice"
+    if max_retries == 0:
+        assert "queued again" in log
+
+    # the same experiment, never interrupted, on the test session's Ray
+    whole = run_pipeline(parse_config(experiment(tmp_path / "runs", "whole", max_retries)), until="labels")
+    tdir_killed = next(run.glob("teachers/*"))
+    assert tdir_killed.name == whole.teachers_dir.name
+    for split in ("transfer", "test"):
+        a = stack_logp(tdir_killed, split)
+        b = stack_logp(whole.teachers_dir, split)
+        assert a.shape == b.shape == (K, *a.shape[1:])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    post_killed = json.loads(next(run.glob("labels/*/posterior.json")).read_text())
+    post_whole = json.loads((whole.labels_dir / "posterior.json").read_text())
+    assert post_killed.keys() == post_whole.keys()
+    for key, value in post_whole.items():
+        np.testing.assert_allclose(np.asarray(post_killed[key], dtype=float), np.asarray(value, dtype=float), rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def stack_logp(tdir, split: str) -> np.ndarray:
+    """All teachers' log-probs, ordered by teacher id, whatever packs they came in."""
+    ids, logps = [], []
+    for f in sorted((tdir / "packs").glob("pack-*.parquet")):
+        i, lp = read_pack_logp(tdir, split, int(f.stem.split("-")[1]))
+        ids.append(i)
+        logps.append(lp)
+    ids = np.concatenate(ids)
+    return np.concatenate(logps)[np.argsort(ids)]
