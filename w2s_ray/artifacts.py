@@ -4,6 +4,10 @@ A stage directory `<run>/<stage>/<hash>/` is complete only when its `manifest.js
 every file it lists has the recorded size and sha256. The manifest is written last, by rename,
 so a run killed mid-stage leaves a directory that the next run recognises as incomplete and
 rebuilds, never a half file that it trusts.
+
+When the run directory lives in a store (`output.root` a URI, see `storage`), every finished
+file is uploaded as it is renamed into place, and a stage not complete locally is first
+downloaded from the store.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from w2s_ray import storage
 
 MANIFEST = "manifest.json"
 
@@ -43,6 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+        storage.push(path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -77,7 +84,11 @@ def write_parquet(path: str | Path, table: pa.Table) -> Path:
 
 
 def stage_dir(run_dir: str | Path, stage: str, key: str) -> Path:
-    return Path(run_dir) / stage / key
+    """A stage's directory; when it is not complete locally, what the store holds of it is fetched."""
+    d = Path(run_dir) / stage / key
+    if not (d / MANIFEST).is_file():
+        storage.pull(d)
+    return d
 
 
 def write_manifest(directory: Path, key: str, files: list[str] | None = None, **extra: Any) -> dict:
@@ -120,12 +131,20 @@ def reset_dir(directory: Path) -> Path:
     """Start a stage afresh: an incomplete directory from an interrupted run is discarded."""
     if directory.exists():
         shutil.rmtree(directory)
+    storage.delete(directory)
     directory.mkdir(parents=True)
     return directory
 
 
+def remove(path: Path) -> None:
+    """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
+    Path(path).unlink(missing_ok=True)
+    storage.delete(path, is_dir=False)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move a fully written directory into place, replacing (never merging with) what was there."""
+    """Move a fully written directory into place, replacing (never merging with) what was there.
+    Local only: a writer that fills a directory itself writes to the store itself (Ray Data)."""
     dst = Path(dst)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

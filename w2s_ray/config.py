@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from w2s_ray import storage
 from w2s_ray.errors import ConfigError
 
 DIGITS_SIZE = 1797  # scikit-learn's digits has exactly this many samples
@@ -151,9 +152,20 @@ class RayConfig(Strict):
 
 
 class OutputConfig(Strict):
-    root: str = "runs"
+    root: str = Field("runs", description="a path (NFS on a cluster) or a pyarrow filesystem URI: s3://bucket/prefix, gs://..., file:///...")
     name: str = "default"
+    cache: str | None = Field(None, description="local working copy of a run whose root is a URI; default ~/.cache/w2s-ray")
     tensorboard: bool = True
+
+    @field_validator("root")
+    @classmethod
+    def _root_opens(cls, root: str) -> str:
+        if storage.is_uri(root):
+            try:
+                storage.open_filesystem(root)
+            except Exception as err:  # pyarrow raises several kinds
+                raise ValueError(f"cannot open {root!r} as a pyarrow filesystem URI: {err}") from None
+        return root
 
 
 class ExperimentConfig(Strict):
@@ -179,7 +191,8 @@ class ExperimentConfig(Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.root) / self.output.name
+        """Where the stages work: the run directory itself, or the local copy of one in a store."""
+        return storage.run_dir(self.output.root, self.output.name, self.output.cache)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

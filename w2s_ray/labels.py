@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from w2s_ray import artifacts
+from w2s_ray import artifacts, storage
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.teachers import read_pack_logp
@@ -89,15 +89,25 @@ def test_table(ids: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
 
 
 def write_labels(stage: Path, table: pa.Table, test: pa.Table, summary: dict, key: str, rows_per_file: int) -> dict:
-    """Write through Ray Data into a temporary directory, then swap it in whole."""
+    """Write through Ray Data into a temporary directory, then swap it in whole. For a run in a
+    store, Ray Data writes straight into the store (its write tasks may run on any node) and
+    the parts are then fetched into the local copy for the manifest."""
     import ray.data
 
+    n_blocks = max(1, math.ceil(table.num_rows / rows_per_file))
+    ds = ray.data.from_arrow(table).repartition(n_blocks)
+    write = {"min_rows_per_file": min(rows_per_file, table.num_rows)}
     parts_tmp = stage / ".parts.tmp"
     if parts_tmp.exists():
         shutil.rmtree(parts_tmp)
-    n_blocks = max(1, math.ceil(table.num_rows / rows_per_file))
-    ds = ray.data.from_arrow(table).repartition(n_blocks)
-    ds.write_parquet(str(parts_tmp), min_rows_per_file=min(rows_per_file, table.num_rows))
+    store = storage.remote(stage / "parts")
+    if store is None:
+        ds.write_parquet(str(parts_tmp), **write)
+    else:
+        fs, path = store
+        fs.delete_dir_contents(path, missing_dir_ok=True)  # the manifest, written last, marks the parts complete
+        ds.write_parquet(path, filesystem=fs, **write)
+        storage.pull_into(stage / "parts", parts_tmp)
     artifacts.replace_dir(parts_tmp, stage / "parts")
     artifacts.write_parquet(stage / "test_posterior.parquet", test)
     artifacts.write_json(stage / "posterior.json", summary)
@@ -127,7 +137,8 @@ def iter_label_batches(stage: Path, batch_size: int = 65536):
     """Stream the pseudo-labels through `ray.data.read_parquet` as dicts of tensors."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(stage / "parts"))
+    store = storage.remote(stage / "parts")  # in a store, read tasks on any node can reach the parts
+    ds = ray.data.read_parquet(store[1], filesystem=store[0]) if store else ray.data.read_parquet(str(stage / "parts"))
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4):
         yield batch_to_torch(batch)
 

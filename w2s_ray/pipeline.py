@@ -148,7 +148,7 @@ def stage_teachers(st: RunState) -> Path:
         have = f" (extending the {manifest['k']} on disk)" if manifest else ""
         log(f"teachers: training K={k} {st.cfg.teachers.model.name} teachers{have} → {d}")
         d.mkdir(parents=True, exist_ok=True)
-        (d / "manifest.json").unlink(missing_ok=True)
+        artifacts.remove(d / artifacts.MANIFEST)
         try:
             table = train_teachers(st.cfg, data.splits, data.n_classes, d)
         finally:

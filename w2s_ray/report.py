@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from w2s_ray import artifacts
+from w2s_ray import artifacts, storage
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import pgr
 from w2s_ray.students import CEILING
@@ -110,6 +110,7 @@ def write_tensorboard(run_dir: Path, teachers: pd.DataFrame, posterior: dict, st
                     w.add_scalar(f"student_{tgt}/{key}", v, rec["epoch"])
         w.add_scalar(f"student_{tgt}/test_acc", m["test_acc"], m.get("best_epoch", 0))
     w.close()
+    storage.push_tree(run_dir / "tensorboard")
 
 
 def write_report(cfg: ExperimentConfig, run_dir: Path, teachers: pd.DataFrame, posterior: dict, students: dict[str, dict]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from w2s_ray import artifacts
+from w2s_ray import artifacts, storage
 from w2s_ray.config import ExperimentConfig, to_yaml
 from w2s_ray.errors import W2SError
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
@@ -121,8 +121,10 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
     from ray import tune
 
     metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
-    if resume and tune.Tuner.can_restore(str(search_dir)):
-        return tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+    # Tune keeps its experiment state and checkpoints in the run's store when it has one
+    fs, experiment = storage.remote(search_dir) or (None, str(search_dir.resolve()))
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     param_space = {k: tune_param(p) for k, p in space.params.items()}
     limit = max_concurrent(space, ray.cluster_resources())
     search_alg = None
@@ -132,14 +134,14 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
         from ray.tune.search.optuna import OptunaSearch
 
         search_dir.mkdir(parents=True, exist_ok=True)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{(search_dir / 'optuna.db').resolve()}")
+        study_db = optuna.storages.RDBStorage(f"sqlite:///{(search_dir / 'optuna.db').resolve()}")
         baseline = baseline_point(space, cfg) if space.baseline else None
         searcher = OptunaSearch(
             metric=metric,
             mode=mode,
             sampler=optuna.samplers.TPESampler(seed=space.seed),
             study_name=name,
-            storage=storage,
+            storage=study_db,
             points_to_evaluate=[baseline] if baseline else None,
         )
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=limit)
@@ -158,7 +160,8 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler, num_samples=space.num_samples, max_concurrent_trials=limit, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(search_dir.parent.resolve()),
+            storage_path=experiment.rsplit("/", 1)[0],
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # >1: the saved experiment state may lag the newest checkpoint
             verbose=1,
@@ -202,10 +205,14 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True})})
     st = run_pipeline(base, until="student")  # teachers, labels, ceiling: cached after the first run
     search_dir = cfg.run_dir / "tune" / name
-    if search_dir.exists() and not resume:
+    if resume:
+        storage.pull(search_dir)  # the Optuna study of a search begun on another machine
+    else:
         old = search_dir.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(search_dir, old)
-        log(f"tune: a previous search moved to {old}")
+        storage.move_tree(search_dir, old)
+        if search_dir.exists():
+            os.replace(search_dir, old)
+            log(f"tune: a previous search moved to {old}")
     search_dir.parent.mkdir(parents=True, exist_ok=True)
     # short epochs make Tune snapshot its state often (to never point at a deleted checkpoint)
     # and warn about it on every snapshot; the snapshot is cheap on local disk
@@ -220,6 +227,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
     t0 = time.perf_counter()
     grid = build_tuner(base, space, name, search_dir, trainable, resume).fit()
+    if (search_dir / "optuna.db").is_file():
+        storage.push(search_dir / "optuna.db")
     log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
     expected = space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
     if grid.num_terminated + grid.num_errors < max(len(grid), expected):

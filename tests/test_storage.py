@@ -1,0 +1,124 @@
+"""Run directories in a store: `output.root` as a `file://` URI and as `s3://` on a local S3
+server (moto). Every stage lands in the store, a run with an empty local copy is served from the
+store without recomputing, a teacher stage resumes from the packs the store holds, pseudo-labels
+are written and read by Ray Data in the store, and Tune keeps its state there."""
+
+import json
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import small_config
+from w2s_ray import artifacts, storage
+from w2s_ray.config import parse_config
+from w2s_ray.errors import ConfigError
+from w2s_ray.pipeline import run_pipeline
+from w2s_ray.space import load_space
+from w2s_ray.tune import run_tune
+
+STAGES = ("data", "teachers", "labels", "student", "ceiling")
+
+
+def store_files(fs: pafs.FileSystem, base: str) -> dict[str, int]:
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def stage_manifests(files: dict[str, int]) -> set[str]:
+    return {f.split("/")[0] for f in files if f.count("/") == 2 and f.endswith("/manifest.json")}
+
+
+def check_store_matches(cfg, fs, base):
+    """Every stage complete in the store, each file there byte-identical in size to its manifest."""
+    files = store_files(fs, base)
+    assert set(STAGES) <= stage_manifests(files), sorted(files)
+    assert {"config.yaml", "results.json", "results.parquet", "summary.png"} <= set(files)
+    assert not [f for f in files if f.endswith(".tmp")], "temporary files left in the store"
+    assert any(f.startswith("labels/") and "/parts/" in f and f.endswith(".parquet") for f in files)
+    for f in [f for f in files if f.endswith("/manifest.json") and f.count("/") == 2]:
+        with fs.open_input_stream(f"{base}/{f}") as s:
+            manifest = json.loads(s.read())
+        stage = f.rsplit("/", 1)[0]
+        for name, meta in manifest["files"].items():
+            assert files.get(f"{stage}/{name}") == meta["bytes"], f"{stage}/{name}"
+    return files
+
+
+def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
+    store_root = tmp_path / "store"
+    cfg = small_config(tmp_path, output={"root": f"file://{store_root}", "cache": str(tmp_path / "cache"), "name": "s"})
+    assert cfg.run_dir == tmp_path / "cache" / "file" / str(store_root).strip("/") / "s"
+    first = run_pipeline(cfg)
+    fs, base = pafs.LocalFileSystem(), str(store_root / "s")
+    files = check_store_matches(cfg, fs, base)
+    results = json.loads((store_root / "s" / "results.json").read_text())["rows"]
+
+    # a fresh machine: nothing local; every stage comes from the store, nothing is retrained
+    artifacts.reset_dir(tmp_path / "cache")  # the cache is not under the store: only local files go
+    capfd.readouterr()
+    again = run_pipeline(cfg)
+    log = capfd.readouterr().err
+    for stage in ("data", "teachers", "labels", "student[dual_mean]", "student[gold]"):
+        assert f"{stage}: cached" in log, (stage, log[-2000:])
+    assert json.loads((again.run_dir / "results.json").read_text())["rows"] == results
+
+    # the store holds half a teacher stage (an interrupted run elsewhere): only the rest is trained
+    tdir = store_root / "s" / "teachers" / first.teachers_dir.name
+    teachers = pd.read_parquet(tdir / "teachers.parquet").set_index("teacher_id")
+    packs = sorted((tdir / "packs").glob("pack-*.parquet"))
+    kept = packs[:1]
+    for f in [tdir / "manifest.json", tdir / "teachers.parquet", *packs[1:]]:
+        f.unlink()
+    stamp = {f: f.stat().st_mtime_ns for f in kept}
+    artifacts.reset_dir(tmp_path / "cache")
+    capfd.readouterr()
+    resumed = run_pipeline(cfg, until="teachers")
+    assert "teachers: training" in capfd.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in kept} == stamp, "a pack the store held was trained again"
+    assert artifacts.read_manifest(tdir) is not None and artifacts.read_manifest(resumed.teachers_dir) is not None
+    again = pd.read_parquet(tdir / "teachers.parquet").set_index("teacher_id")
+    pd.testing.assert_series_equal(again["acc_test"], teachers["acc_test"])
+
+
+def test_unopenable_root_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"output\.root"):
+        parse_config({"output": {"root": "nosuchscheme://bucket/runs"}})
+
+
+@pytest.fixture(scope="module")
+def s3_root():
+    moto = pytest.importorskip("moto.server")
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # credentials in the URI, so Ray's workers need no environment; moto accepts any
+    root = f"s3://test:test@w2s-runs/exp?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    pafs.FileSystem.from_uri(f"{root}&allow_bucket_creation=true")[0].create_dir("w2s-runs")
+    fs, _ = storage.open_filesystem(root)
+    yield root, fs
+    server.stop()
+
+
+def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
+    root, fs = s3_root
+    cfg = small_config(tmp_path, output={"root": root, "cache": str(tmp_path / "cache"), "name": "s3"})
+    run_pipeline(cfg)
+    base = "w2s-runs/exp/s3"
+    check_store_matches(cfg, fs, base)
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "search": "optuna", "num_samples": 2, "seed": 0, "resources": {"cpu": 1},
+        "params": {"student.model.width": {"type": "choice", "values": [8, 32]}},
+    }))
+    summary = run_tune(cfg, load_space(space_file, cfg), "s3tune")
+    assert summary["n_trials"] == 2
+    files = store_files(fs, base)
+    tune_files = [f for f in files if f.startswith("tune/s3tune/")]
+    for name in ("trials.parquet", "best.yaml", "summary.json", "optuna.db"):
+        assert f"tune/s3tune/{name}" in files, name
+    assert any(f.startswith("tune/s3tune/experiment_state") for f in tune_files), tune_files  # Tune's own state
+    assert sum("/checkpoint_" in f for f in tune_files) >= 2, "trial checkpoints are not in the bucket"
