@@ -9,6 +9,7 @@ uninterrupted run of the same config on the test session's Ray.
 """
 
 import json
+import signal
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, 
         assert driver.poll() is None, driver.stdout.read()[-3000:]
         assert time.time() < deadline, "no pack finished on the second node"
         time.sleep(0.05)
-    kill_session(worker_sid, signals=(9,), wait=0.5)  # the node dies: raylet, object store, workers
+    kill_session(worker_sid, signals=(signal.SIGKILL,), wait=0.5)  # the node dies: raylet, object store, workers
     assert not session_members(worker_sid)
     before_kill = {p["pack"] for p in packs_on_disk(run)}
     log, _ = driver.communicate(timeout=300)
