@@ -9,8 +9,8 @@ uninterrupted run of the same config on the test session's Ray.
 """
 
 import json
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
