@@ -4,6 +4,7 @@ store without recomputing, a teacher stage resumes from the packs the store hold
 are written and read by Ray Data in the store, and Tune keeps its state there."""
 
 import json
+import shutil
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -122,3 +123,10 @@ def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
         assert f"tune/s3tune/{name}" in files, name
     assert any(f.startswith("tune/s3tune/experiment_state") for f in tune_files), tune_files  # Tune's own state
     assert sum("/checkpoint_" in f for f in tune_files) >= 2, "trial checkpoints are not in the bucket"
+
+    # `--resume` on a machine with nothing local: Tune restores the search from the bucket
+    trials = set(pd.read_parquet(cfg.run_dir / "tune" / "s3tune" / "trials.parquet")["trial_id"])
+    shutil.rmtree(tmp_path / "cache")
+    resumed = run_tune(cfg, load_space(space_file, cfg), "s3tune", resume=True)
+    assert resumed["n_trials"] == 2
+    assert set(pd.read_parquet(cfg.run_dir / "tune" / "s3tune" / "trials.parquet")["trial_id"]) == trials, "the search was not restored"
