@@ -105,7 +105,9 @@ def _pack_trainer_class():
         def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
             cfg = TeachersConfig.model_validate(cfg_json)
             out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
-            out.update(pack=pack_index, node=self.node, device=self.device)
+            # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
             return out
 
     return PackTrainer
@@ -190,6 +192,7 @@ def write_pack(stage: Path, result: dict[str, Any]) -> None:
             "seed": np.asarray(result["seeds"], dtype=np.int64),
             "pack": np.full(len(ids), result["pack"], dtype=np.int32),
             "node": [result.get("node", "local")] * len(ids),
+            "restarted": [bool(result.get("restarted", False))] * len(ids),
             "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
             "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
             "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
@@ -200,7 +203,8 @@ def write_pack(stage: Path, result: dict[str, Any]) -> None:
 
 def finished_packs(stage: Path) -> pa.Table | None:
     files = sorted((stage / "packs").glob("pack-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    # promote: packs written before a column was added (provenance) still concatenate
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
 
 
 def read_teacher_table(stage: Path, k: int) -> pa.Table:
