@@ -1,5 +1,6 @@
 """`ray job submit` for real: a head node on 127.0.0.1 started here, token auth on, the default
-pipeline at a small size submitted as a job, outputs checked, and only that head stopped."""
+pipeline at a small size and then a Tune search submitted as jobs, outputs checked, and only
+that head stopped."""
 
 import secrets
 import shutil
@@ -39,17 +40,32 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
         "student: {model: {name: mlp, width: 32}, epochs: 3, targets: [dual_mean]}\n"
         f"output: {{root: {runs}, name: job}}\n"
     )
-    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(job_dir), "--", "w2s-ray", "run", "small.yaml"]
-    deadline = time.time() + 120
-    while True:  # the head's job agent comes up a few seconds after `ray start` returns
-        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in out.stdout + out.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
+    (job_dir / "grid.yaml").write_text(
+        "search: grid\nscheduler: {type: none}\nresources: {cpu: 1}\n"
+        "params: {student.model.width: {type: grid, values: [8, 32]}}\n"
+    )
+
+    def submit(*command: str) -> str:
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(job_dir), "--", *command]
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up a few seconds after `ray start` returns
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in out.stdout + out.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0 and "succeeded" in log, log[-3000:]
+        return log
+
+    submit("w2s-ray", "run", "small.yaml")
     assert (runs / "job" / "results.json").is_file()
     teachers = pd.read_parquet(next((runs / "job" / "teachers").glob("*/teachers.parquet")))
     assert sorted(teachers["teacher_id"]) == list(range(8))
+    # a Tune search as a job: it reuses the run's cached stages and trains only the trials
+    log = submit("w2s-ray", "tune", "small.yaml", "--space", "grid.yaml")
+    assert "teachers: cached" in log
+    trials = pd.read_parquet(runs / "job" / "tune" / "grid" / "trials.parquet")
+    assert sorted(trials["student.model.width"]) == [8, 32] and (trials["status"] == "TERMINATED").all()
     # the job server refuses a client without the cluster's token
     wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
     denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=wrong, capture_output=True, text=True, timeout=120)

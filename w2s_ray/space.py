@@ -70,7 +70,7 @@ class InjectFailure(Strict):
 
 class SearchSpace(Strict):
     search: Literal["optuna", "grid", "random"] = "optuna"
-    num_samples: int = Field(16, ge=1, description="trials (optuna/random) or repeats of the grid")
+    num_samples: int | None = Field(None, ge=1, description="trials (optuna/random; default 16) or repeats of the grid (default 1)")
     max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
     seed: int = 0
     scheduler: Scheduler = Field(default_factory=Scheduler)
@@ -85,6 +85,8 @@ class SearchSpace(Strict):
 
     @model_validator(mode="after")
     def _grid_is_discrete(self) -> "SearchSpace":
+        if self.num_samples is None:
+            self.num_samples = 1 if self.search == "grid" else 16
         if self.search == "grid":
             bad = [k for k, p in self.params.items() if p.type not in ("grid", "choice")]
             if bad:
