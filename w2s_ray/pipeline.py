@@ -30,6 +30,18 @@ def log(msg: str) -> None:
     print(f"[w2s-ray] {msg}", file=sys.stderr, flush=True)
 
 
+def warn_if_unshared(cfg: ExperimentConfig) -> None:
+    """Ray Data writes and reads the pseudo-labels on any node: a local run directory must be
+    one every node mounts at the same path. We cannot see whether it is; say what is needed."""
+    from w2s_ray import storage
+    from w2s_ray.raytools import alive_nodes
+
+    nodes = alive_nodes()
+    if nodes > 1 and not storage.is_uri(cfg.output.root):
+        log(f"warning: the cluster has {nodes} nodes and output.root={cfg.output.root!r} is a local path; "
+            "it must be a filesystem every node mounts at the same path (NFS), or use a URI such as s3://bucket/prefix")
+
+
 def source_fingerprint(path: str | None) -> list | None:
     """Size and mtime of local user data, so that an edited file is not served from the cache."""
     if not path or "://" in path or not Path(path).exists():
@@ -170,6 +182,7 @@ def stage_labels(st: RunState) -> Path:
     d = artifacts.stage_dir(st.run_dir, "labels", st.keys.labels)
     if artifacts.read_manifest(d) is None:
         init_ray(st.cfg.ray)
+        warn_if_unshared(st.cfg)
         log(f"labels: posterior over teachers, pseudo-labels via Ray Data → {d}")
         artifacts.reset_dir(d)
         tmanifest = artifacts.read_manifest(tdir, verify=False)

@@ -49,6 +49,12 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ray.init(**kwargs)
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def cluster_resources() -> dict[str, float]:
     import ray
 
