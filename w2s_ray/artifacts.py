@@ -139,7 +139,7 @@ def reset_dir(directory: Path) -> Path:
 def remove(path: Path) -> None:
     """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
     Path(path).unlink(missing_ok=True)
-    storage.delete(path, is_dir=False)
+    storage.delete(path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

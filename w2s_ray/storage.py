@@ -61,13 +61,14 @@ _STORES: dict[Path, Store] = {}
 
 
 def run_dir(root: str, name: str, cache: str | None = None) -> Path:
-    """The local directory a run's stages work in; for a URI root, its store is registered."""
+    """The local directory a run's stages work in; for a URI root, its store is registered
+    (once: opening an object store may cost a network round trip)."""
     if not is_uri(root):
         return Path(root) / name
-    fs, base = open_filesystem(root)
     parts = urlsplit(root)  # the host, never the credentials a URI may carry
     local = Path(os.path.abspath(Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name))
     if local not in _STORES:
+        fs, base = open_filesystem(root)
         _STORES[local] = Store(fs, f"{base}/{name}", local)
     return local
 
@@ -115,15 +116,16 @@ def push_tree(directory: Path) -> None:
             push(f)
 
 
-def delete(path: Path, is_dir: bool = True) -> None:
+def delete(path: Path) -> None:
+    """Delete the file or directory at `path` in the store, if there is one."""
     store = store_of(path)
     if store is None:
         return
     dst = store.path_of(path)
-    info = store.fs.get_file_info(dst)
-    if info.type == pafs.FileType.Directory and is_dir:
+    kind = store.fs.get_file_info(dst).type
+    if kind == pafs.FileType.Directory:
         store.fs.delete_dir(dst)
-    elif info.type == pafs.FileType.File:
+    elif kind == pafs.FileType.File:
         store.fs.delete_file(dst)
 
 
