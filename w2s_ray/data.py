@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from w2s_ray import storage
 from w2s_ray.config import DataConfig
 from w2s_ray.errors import DataError
 
@@ -71,7 +72,7 @@ def _open_parquet(path: str) -> pa.Table:
     import pyarrow.fs as pafs
 
     try:
-        fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+        fs, p = storage.open_filesystem(path) if storage.is_uri(path) else (pafs.LocalFileSystem(), str(Path(path).resolve()))
         info = fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data file not found: {path}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from w2s_ray import artifacts
+from w2s_ray import artifacts, storage
 from w2s_ray.config import ExperimentConfig, config_hash, to_yaml
 from w2s_ray.data import SPLITS, Split, load_source, make_splits, n_classes_of, read_split, split_table
 from w2s_ray.raytools import init_ray
@@ -33,7 +33,6 @@ def log(msg: str) -> None:
 def warn_if_unshared(cfg: ExperimentConfig) -> None:
     """Ray Data writes and reads the pseudo-labels on any node: a local run directory must be
     one every node mounts at the same path. We cannot see whether it is; say what is needed."""
-    from w2s_ray import storage
     from w2s_ray.raytools import alive_nodes
 
     nodes = alive_nodes()
@@ -44,7 +43,7 @@ def warn_if_unshared(cfg: ExperimentConfig) -> None:
 
 def source_fingerprint(path: str | None) -> list | None:
     """Size and mtime of local user data, so that an edited file is not served from the cache."""
-    if not path or "://" in path or not Path(path).exists():
+    if not path or storage.is_uri(path) or not Path(path).exists():
         return None
     p = Path(path)
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
