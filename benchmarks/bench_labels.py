@@ -10,6 +10,7 @@ same Arrow → torch conversion (`labels.batch_to_torch`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from w2s_ray.labels import batch_to_torch, iter_label_batches, labels_table, test_table, write_labels
+from w2s_ray.run import PosteriorSummary
+from w2s_ray.storage import RunDir
 
 
 def pyarrow_read(parts: Path, batch: int) -> int:
@@ -50,13 +53,15 @@ def main() -> None:
         "mutual_info": torch.rand(n),
     }
     d = Path(tempfile.mkdtemp())
+    run = RunDir(d)
+    summary = PosteriorSummary(*[0.0] * len(dataclasses.fields(PosteriorSummary)))  # not what is measured
     try:
         table = labels_table(np.arange(n), rng.normal(size=(n, 40)).astype(np.float32), post)
-        write_labels(d, table, test_table(np.arange(10), {k: v[:10] for k, v in post.items()}), {}, "bench", 100_000)
+        write_labels(run, d, table, test_table(np.arange(10), {k: v[:10] for k, v in post.items()}), summary, "bench", 100_000)
         mb = sum(f.stat().st_size for f in (d / "parts").glob("*.parquet")) / 1e6
         print(f"{n:,} rows, {len(table.schema)} columns, {mb:.0f} MB of Parquet in {len(list((d / 'parts').glob('*.parquet')))} files")
         def ray_read() -> int:
-            return sum(len(b["id"]) for b in iter_label_batches(d, a.batch))
+            return sum(len(b["id"]) for b in iter_label_batches(run, d, a.batch))
 
         ray_read()  # warm-up
         t_ray, ts_ray, m = common.timed(ray_read, a.reps)

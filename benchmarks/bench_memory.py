@@ -16,21 +16,22 @@ import tempfile
 
 import common  # noqa: F401
 
+from w2s_ray.config import load_config
+from w2s_ray.data import stage_data
+from w2s_ray.pipeline import run_pipeline
+from w2s_ray.run import RunContext
+from w2s_ray.studies.variance import variance_table
+from w2s_ray.teachers import stage_teachers
+
 
 def posterior_pass(args: tuple[str, int], queue) -> None:
-    from w2s_ray import artifacts
-    from w2s_ray.config import load_config
-    from w2s_ray.pipeline import RunState, stage_data
-    from w2s_ray.study import variance_table
-
     root, k = args
     cfg = load_config(None, {"output.root": root, "teachers.k": k})
-    st = RunState(cfg)
-    data = stage_data(st)
-    tdir = artifacts.stage_dir(cfg.run_dir, "teachers", st.keys.teachers)
-    packs = artifacts.read_manifest(tdir, verify=False)["packs"]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    variance_table(cfg, tdir, packs, data.splits["test"].y, data.n_classes)
+    with RunContext.open(cfg) as ctx:  # both stages are cached: no Ray starts here
+        data = stage_data(ctx)
+        teachers = stage_teachers(ctx, data)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        variance_table(cfg, teachers, data.splits["test"].y, data.n_classes)
     queue.put((k, before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
@@ -38,9 +39,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-root", default=tempfile.mkdtemp(prefix="w2s-mem-"))
     a = ap.parse_args()
-    from w2s_ray.config import load_config
-    from w2s_ray.pipeline import run_pipeline
-
     common.start_ray()
     run_pipeline(load_config(None, {"output.root": a.run_root, "teachers.k": 1024}), until="teachers")
     ctx = mp.get_context("spawn")

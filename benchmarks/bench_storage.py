@@ -18,6 +18,7 @@ import common
 
 from w2s_ray.config import load_config
 from w2s_ray.pipeline import run_pipeline
+from w2s_ray.storage import RunDir
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
             run_pipeline(cfg)
             times[label].append(time.perf_counter() - t0)
             if label in fetch:
-                shutil.rmtree(cfg.run_dir)  # a new machine: every stage comes from the store
+                shutil.rmtree(RunDir.open(root, cfg.output.name, cfg.output.cache).path)  # a new machine: every stage comes from the store
                 t0 = time.perf_counter()
                 run_pipeline(cfg)
                 fetch[label].append(time.perf_counter() - t0)

@@ -19,7 +19,8 @@ import torch
 from w2s_ray.config import load_config
 from w2s_ray.data import load_mnist1d, make_splits
 from w2s_ray.packs import steps_per_teacher, teacher_indices, teacher_seed, train_one
-from w2s_ray.teachers import POOL, train_pack_local, train_teachers
+from w2s_ray.run import DataStage, RunContext
+from w2s_ray.teachers import train_pack_local, train_teachers
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
 
-    cfg = load_config(None, {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.compile": a.compile})
+    cfg = load_config(None, {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile})
     x, y = load_mnist1d(cfg.data)
     splits = make_splits(x, y, cfg.data)
     data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
@@ -45,19 +46,22 @@ def main() -> None:
 
     n_cpus = int(ray.cluster_resources()["CPU"])
 
+    ctx = RunContext.open(cfg)
+    data_stage = DataStage(Path("."), splits, 10, x.shape[1])
+
     def ray_path(cold: bool):
         d = Path(tempfile.mkdtemp())
         try:
             if cold:
-                POOL.release()  # a one-off `w2s-ray teachers` run: actors start inside the timing
-            return train_teachers(cfg, splits, 10, d)
+                ctx.pool.release()  # a one-off `w2s-ray teachers` run: actors start inside the timing
+            return train_teachers(ctx, data_stage, d)
         finally:
             shutil.rmtree(d)
 
-    ray_path(False)  # warm the worker pool
-    t_ray, ts_ray, _ = common.timed(lambda: ray_path(False), a.reps)
-    t_cold, ts_cold, _ = common.timed(lambda: ray_path(True), a.reps)
-    POOL.release()
+    with ctx:
+        ray_path(False)  # warm the worker pool
+        t_ray, ts_ray, _ = common.timed(lambda: ray_path(False), a.reps)
+        t_cold, ts_cold, _ = common.timed(lambda: ray_path(True), a.reps)
 
     torch.set_num_threads(n_cpus)
     train_pack_local(data, tc.model_copy(update={"epochs": 1}), 10, list(range(4)), a.device)  # warm-up

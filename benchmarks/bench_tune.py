@@ -15,10 +15,11 @@ import common  # noqa: F401
 import torch
 
 from w2s_ray.config import load_config
-from w2s_ray.pipeline import run_pipeline
+from w2s_ray.pipeline import run_pipeline, run_tune
+from w2s_ray.run import RunContext
 from w2s_ray.space import apply_params, load_space
-from w2s_ray.student import train_student
-from w2s_ray.tune import run_tune, trial_data
+from w2s_ray.training import train_student
+from w2s_ray.tune import trial_data
 
 
 def main() -> None:
@@ -38,7 +39,8 @@ def main() -> None:
     t_tune = time.perf_counter() - t0
     n = summary["n_trials"]
 
-    data, refs = trial_data(st)
+    with RunContext.open(cfg) as ctx:
+        data, refs = trial_data(ctx, st)
     names = list(space.params)
     points = [dict(zip(names, vals)) for vals in itertools.product(*(space.params[k].values for k in names))]
     torch.set_num_threads(1)

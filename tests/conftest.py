@@ -11,13 +11,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from w2s_ray.config import parse_config  # noqa: E402
+from w2s_ray.storage import RunDir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
-    from w2s_ray.raytools import configure_ray_data
+    from w2s_ray.raytools import configure_ray_data  # imports Ray: only for tests that start it
 
     configure_ray_data()
     if not ray.is_initialized():
@@ -38,3 +39,8 @@ def small_config(tmp_path: Path, **sections):
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return parse_config(base, "test")
+
+
+def run_dir(cfg) -> RunDir:
+    """The run directory a config's stages work in (the local copy, for a store)."""
+    return RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache)

@@ -1,10 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from w2s_ray.config import ExperimentConfig, config_hash, load_config, parse_config, to_yaml
+from w2s_ray.config import StageKeys as Keys
 from w2s_ray.errors import ConfigError
 
 
@@ -16,8 +18,10 @@ from w2s_ray.errors import ConfigError
         ({"teachers": {"k": "many"}}, "teachers.k"),
         ({"student": {"rce_weight": 1.5}}, "student.rce_weight"),
         ({"student": {"rce_weight": -0.1}}, "student.rce_weight"),
-        ({"teachers": {"num_gpus_per_actor": 1.5}}, "teachers.num_gpus_per_actor"),
-        ({"student": {"num_gpus": 2}}, "student.num_gpus"),
+        ({"teachers": {"resources": {"num_gpus_per_actor": 1.5}}}, "teachers.resources.num_gpus_per_actor"),
+        ({"student": {"resources": {"num_gpus": 2}}}, "student.resources.num_gpus"),
+        ({"teachers": {"num_actors": 2}}, "teachers.num_actors: unknown key (moved to teachers.resources.num_actors)"),
+        ({"student": {"num_cpus": 2}}, "student.num_cpus: unknown key (moved to student.resources.num_cpus)"),
         ({"data": {"n_weak": 10000, "n_transfer": 5000}}, "data.n_weak + data.n_transfer + data.n_test"),
         ({"data": {"source": "digits"}}, "1797"),
         ({"data": {"source": "parquet"}}, "data.path"),
@@ -69,8 +73,6 @@ def test_cli_reports_a_wrong_key_without_traceback(tmp_path):
 
 
 def test_stage_keys_depend_on_what_each_stage_reads():
-    from w2s_ray.pipeline import Keys
-
     base = load_config(None)
     k = Keys(base)
     student_only = Keys(load_config(None, {"student.rce_weight": 0.5}))
@@ -82,3 +84,49 @@ def test_stage_keys_depend_on_what_each_stage_reads():
     assert more.teachers == k.teachers and more.labels != k.labels  # the ensemble is extended, not retrained
     window = Keys(load_config(None, {"teachers.view": {"kind": "window"}}))
     assert window.teachers != k.teachers and window.ceiling == k.ceiling
+
+
+def test_resources_and_the_run_plan_are_in_no_cache_key():
+    k = Keys(load_config(None))
+    elsewhere = Keys(load_config(None, {
+        "teachers.resources": {"num_actors": 3, "max_pack_size": 7, "num_cpus_per_actor": 2, "num_gpus_per_actor": 0.25, "compile": True, "max_retries": 0},
+        "student.resources": {"num_cpus": 4, "num_gpus": 0.5},
+        "student.targets": ["single"], "student.ceiling": False,
+    }))
+    assert (elsewhere.data, elsewhere.teachers, elsewhere.labels, elsewhere.ceiling) == (k.data, k.teachers, k.labels, k.ceiling)
+    assert elsewhere.student("dual_mean") == k.student("dual_mean")
+
+
+def test_override_into_a_value_that_is_not_a_section(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("teachers: {k: 8}\n")
+    with pytest.raises(ConfigError, match="teachers.k.x: k is not a section"):
+        load_config(f, {"teachers.k.x": 1})
+
+
+def test_every_name_the_schema_allows_has_a_registry_entry():
+    from typing import get_args
+
+    from w2s_ray import config, data, labels, losses, packs
+
+    assert set(get_args(config.LossName)) == set(losses.LOSSES)
+    assert set(get_args(config.TargetName)) == set(labels.TARGETS)
+    assert set(get_args(config.ResampleName)) == set(packs.RESAMPLERS)
+    assert set(get_args(config.SourceName)) == set(data.SOURCES)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert to_yaml(load_config(None, {})) != to_yaml(cfg)  # each says something of its own
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_spaces_load(path):
+    from w2s_ray.space import load_space
+
+    space = load_space(path, load_config(None))
+    assert space.params and space.resources is not None

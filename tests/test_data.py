@@ -131,14 +131,13 @@ def test_cli_stops_on_bad_data_before_ray_starts(tmp_path):
 def test_editing_user_data_changes_the_cache_key(tmp_path):
     import os
 
-    from w2s_ray.config import parse_config
-    from w2s_ray.pipeline import Keys
+    from w2s_ray.config import StageKeys, parse_config
 
     x, y = good()
     path = write(tmp_path, x, y)
     cfg = parse_config({"data": {"source": "parquet", "path": path, "n_weak": 10, "n_transfer": 10, "n_test": 10}})
-    before = Keys(cfg).data
-    assert Keys(cfg).data == before
+    before = StageKeys(cfg).data
+    assert StageKeys(cfg).data == before
     write(tmp_path, x * 2, y)
     os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
-    assert Keys(cfg).data != before
+    assert StageKeys(cfg).data != before

@@ -1,13 +1,61 @@
+"""The package's shape: what imports what, and what never imports Ray or touches CUDA."""
+
+import ast
+import pathlib
 import subprocess
 import sys
+
+import w2s_ray
+
+PACKAGE = pathlib.Path(w2s_ray.__file__).parent
+MATH = ("losses", "posterior", "metrics", "packs", "training", "models", "theory", "config", "errors", "artifacts")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the package modules it imports (at any depth of the file, lazily or not)."""
+    mods = {p.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("w2s_ray"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                graph[m] |= {n for n in names if n in mods and n != m and n != "w2s_ray"}
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods and a.name != m}
+    return graph
+
+
+def test_no_import_cycles_and_only_the_cli_imports_the_pipeline():
+    graph = import_graph()
+    assert {m for m, deps in graph.items() if "w2s_ray.pipeline" in deps} == {"w2s_ray.cli"}
+
+    def reaches(start: str, node: str, seen: set) -> bool:
+        for nxt in graph[node]:
+            if nxt == start or (nxt not in seen and (seen.add(nxt) or reaches(start, nxt, seen))):
+                return True
+        return False
+
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_only_the_cli_imports_inside_a_function():
+    lazy = {}
+    for p in PACKAGE.rglob("*.py"):
+        for fn in ast.walk(ast.parse(p.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                if found:
+                    lazy.setdefault(p.name, []).append(fn.name)
+    assert lazy == {"cli.py": ["main"]}, lazy
 
 
 def test_math_modules_import_no_ray_and_nothing_touches_cuda_at_import():
     code = (
         "import sys, torch\n"
-        "import w2s_ray.losses, w2s_ray.posterior, w2s_ray.metrics, w2s_ray.packs, w2s_ray.student, w2s_ray.models\n"
+        f"import {', '.join('w2s_ray.' + m for m in MATH)}\n"
         "assert 'ray' not in sys.modules, 'a math module imported ray'\n"
-        "import w2s_ray.cli, w2s_ray.pipeline, w2s_ray.teachers, w2s_ray.labels, w2s_ray.students, w2s_ray.tune, w2s_ray.report\n"
+        "import w2s_ray.cli, w2s_ray.pipeline, w2s_ray.studies\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"
     )

@@ -1,7 +1,10 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from w2s_ray.config import ModelConfig
+from w2s_ray.config import ModelConfig, parse_config
 from w2s_ray.errors import ConfigError
 from w2s_ray.models import CNN1d, build_model, count_params
 
@@ -29,7 +32,15 @@ def test_user_model_by_import_path():
 
 
 @pytest.mark.parametrize("name, needle", [("resnet", "not one of"), ("no_such_module:X", "could not be imported"), ("custom_model:nn", "not a torch.nn.Module")])
-def test_bad_model_names(name, needle):
-    with pytest.raises(ConfigError, match=needle):
-        build_model(ModelConfig(name=name), 12, 3)
+@pytest.mark.parametrize("section", ["teachers", "student"])
+def test_bad_model_names_are_config_errors_naming_the_key(section, name, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        parse_config({section: {"model": {"name": name}}}, "x.yaml")
+    assert f"{section}.model.name" in str(err.value)
+
+
+def test_cli_refuses_an_unknown_model_before_ray_starts():
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", "teachers.model.name=resnet"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "teachers.model.name: 'resnet' is not one of" in out.stderr
+    assert "Traceback" not in out.stderr and "ray" not in out.stderr.lower().replace("w2s-ray", "")
 

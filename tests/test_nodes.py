@@ -33,8 +33,8 @@ def experiment(root, name: str, max_retries: int) -> dict:
     return {
         "data": {"source": "digits", "n_weak": 400, "n_transfer": 700, "n_test": 600},
         # ~1.5 s per pack of 2: the kill comes with most packs still to train
-        "teachers": {"k": K, "epochs": 400, "model": {"name": "mlp", "width": 32}, "num_actors": 2,
-                     "max_pack_size": 2, "max_retries": max_retries},
+        "teachers": {"k": K, "epochs": 400, "model": {"name": "mlp", "width": 32},
+                     "resources": {"num_actors": 2, "max_pack_size": 2, "max_retries": max_retries}},
         "posterior": {"n_boot": 20},
         "output": {"root": str(root), "name": name},
     }
@@ -85,6 +85,7 @@ def packs_on_disk(run) -> list[dict]:
     return rows
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("max_retries", [3, 0], ids=["ray-restarts-actor", "driver-requeues-pack"])
 def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, max_retries):
     address, env, worker_sid, second = two_nodes
@@ -119,14 +120,14 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, 
     # the same experiment, never interrupted, on the test session's Ray
     whole = run_pipeline(parse_config(experiment(tmp_path / "runs", "whole", max_retries)), until="labels")
     tdir_killed = next(run.glob("teachers/*"))
-    assert tdir_killed.name == whole.teachers_dir.name
+    assert tdir_killed.name == whole.teachers.dir.name
     for split in ("transfer", "test"):
         a = stack_logp(tdir_killed, split)
-        b = stack_logp(whole.teachers_dir, split)
+        b = stack_logp(whole.teachers.dir, split)
         assert a.shape == b.shape == (K, *a.shape[1:])
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     post_killed = json.loads(next(run.glob("labels/*/posterior.json")).read_text())
-    post_whole = json.loads((whole.labels_dir / "posterior.json").read_text())
+    post_whole = json.loads((whole.labels.dir / "posterior.json").read_text())
     assert post_killed.keys() == post_whole.keys()
     for key, value in post_whole.items():
         np.testing.assert_allclose(np.asarray(post_killed[key], dtype=float), np.asarray(value, dtype=float), rtol=1e-6, atol=1e-9, err_msg=key)

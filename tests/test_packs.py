@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from w2s_ray.config import ModelConfig
+from w2s_ray.config import ModelConfig, TeachersConfig
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed, train_one
+from w2s_ray.teachers import teacher_view
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,6 @@ def test_resampling_schemes():
 
 
 def test_teacher_window_view_zeroes_everything_outside_the_window():
-    from w2s_ray.config import TeachersConfig
-    from w2s_ray.teachers import teacher_view
-
     x = np.arange(12, dtype=np.float32).reshape(2, 6) + 1
     full = TeachersConfig()
     assert teacher_view(x, full) is x

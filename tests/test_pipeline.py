@@ -8,12 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import run_dir, small_config
 from w2s_ray import artifacts
-from w2s_ray.labels import read_labels
-from w2s_ray.pipeline import RunState, run_pipeline, stage_data, stage_labels
+from w2s_ray.labels import read_labels, stage_labels
+from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import dual_mean_log
+from w2s_ray.run import RunContext
 from w2s_ray.teachers import read_pack_logp
+
+pytestmark = pytest.mark.slow
+
+
+def labels_of(cfg, st):
+    return read_labels(run_dir(cfg), st.labels.dir)
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +32,30 @@ def finished(ray_session, tmp_path_factory):
 
 def test_outputs_exist_and_are_consistent(finished):
     cfg, st = finished
-    run = cfg.run_dir
+    run = run_dir(cfg).path
     for f in ("config.yaml", "results.json", "results.parquet", "summary.png"):
         assert (run / f).is_file(), f
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     results = json.loads((run / "results.json").read_text())
     names = [r["model"] for r in results["rows"]]
     assert "ensemble: dual mean" in names and "student on dual_mean" in names and "ceiling: student on gold labels" in names
-    teachers = pd.read_parquet(st.teachers_dir / "teachers.parquet")
+    teachers = pd.read_parquet(st.teachers.dir / "teachers.parquet")
     assert sorted(teachers["teacher_id"]) == list(range(cfg.teachers.k))
     assert teachers["seed"].nunique() == cfg.teachers.k
     assert teachers["acc_test"].mean() > 0.15 and (teachers["acc_test"] <= 1).all()  # chance is 0.1
-    for d in (st.data.dir, st.teachers_dir, st.labels_dir):
+    assert [r["role"] for r in results["rows"]] == ["teachers", "teacher", "ensemble", "ensemble", "student", "student", "student", "ceiling"]
+    for d in (st.data.dir, st.teachers.dir, st.labels.dir):
         assert artifacts.read_manifest(d) is not None, d
 
 
 def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
     cfg, st = finished
-    manifest = artifacts.read_manifest(st.labels_dir)
+    manifest = artifacts.read_manifest(st.labels.dir)
     assert manifest["rows"] == cfg.data.n_transfer and manifest["k"] == cfg.teachers.k
     assert "y" not in manifest["schema"]
-    df = pd.read_parquet(st.labels_dir / "parts")  # readable with plain pandas
+    df = pd.read_parquet(st.labels.dir / "parts")  # readable with plain pandas
     assert len(df) == cfg.data.n_transfer
-    labels = read_labels(st.labels_dir)
+    labels = labels_of(cfg, st)
     assert torch.equal(labels["id"], torch.from_numpy(st.data.splits["transfer"].ids))
     assert torch.allclose(labels["t_dual"].sum(-1), torch.ones(len(df)), atol=1e-4)
     assert (labels["variance"] >= 0).all()
@@ -55,55 +63,54 @@ def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
 
 def test_labels_equal_a_batch_recomputation_from_the_teacher_predictions(finished):
     cfg, st = finished
-    tm = artifacts.read_manifest(st.teachers_dir)
-    logps = [read_pack_logp(st.teachers_dir, "transfer", p)[1] for p in tm["packs"]]
+    tm = artifacts.read_manifest(st.teachers.dir)
+    logps = [read_pack_logp(st.teachers.dir, "transfer", p)[1] for p in tm["packs"]]
     logp = torch.from_numpy(np.concatenate(logps))
     assert logp.shape[0] == cfg.teachers.k
-    labels = read_labels(st.labels_dir)
+    labels = labels_of(cfg, st)
     assert torch.allclose(labels["logt_dual"], dual_mean_log(logp.double()).float(), atol=1e-5)
 
 
 def test_rerun_uses_the_cache_and_a_student_change_keeps_teachers(finished, capfd):
     cfg, st = finished
-    mtime = (st.teachers_dir / "teachers.parquet").stat().st_mtime_ns
+    mtime = (st.teachers.dir / "teachers.parquet").stat().st_mtime_ns
     run_pipeline(cfg, until="labels")
     err = capfd.readouterr().err
     assert "teachers: cached" in err and "labels: cached" in err
     changed = cfg.model_copy(update={"student": cfg.student.model_copy(update={"rce_weight": 0.5, "targets": ["dual_mean"], "ceiling": False})})
     st2 = run_pipeline(changed)
-    assert st2.teachers_dir == st.teachers_dir and st2.labels_dir == st.labels_dir
-    assert (st.teachers_dir / "teachers.parquet").stat().st_mtime_ns == mtime
+    assert st2.teachers.dir == st.teachers.dir and st2.labels.dir == st.labels.dir
+    assert (st.teachers.dir / "teachers.parquet").stat().st_mtime_ns == mtime
     assert "student[dual_mean]: training" in capfd.readouterr().err
 
 
 def test_interrupted_teacher_stage_resumes_only_missing_packs(ray_session, tmp_path, capfd):
-    cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "num_actors": 2, "max_pack_size": 2, "model": {"name": "mlp", "width": 8}})
+    cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "resources": {"num_actors": 2, "max_pack_size": 2}, "model": {"name": "mlp", "width": 8}})
     st = run_pipeline(cfg, until="labels")
-    full = read_labels(st.labels_dir)
+    full = labels_of(cfg, st)
     # simulate a crash after two of three packs: drop the last pack and the stage manifest
-    (st.teachers_dir / "manifest.json").unlink()
-    last = sorted((st.teachers_dir / "packs").glob("pack-*.parquet"))[-1]
+    (st.teachers.dir / "manifest.json").unlink()
+    last = sorted((st.teachers.dir / "packs").glob("pack-*.parquet"))[-1]
     kept = set(pq.read_table(last)["teacher_id"].to_pylist())
     last.unlink()
-    st.labels_dir.joinpath("manifest.json").unlink()
+    st.labels.dir.joinpath("manifest.json").unlink()
     capfd.readouterr()
     st2 = run_pipeline(cfg, until="labels")
     err = capfd.readouterr().err
     assert f"{cfg.teachers.k - len(kept)}/{cfg.teachers.k}" in err  # progress started from the packs on disk
-    resumed = read_labels(st2.labels_dir)
+    resumed = labels_of(cfg, st2)
     for key in ("t_dual", "t_arith", "variance"):
         assert torch.allclose(full[key], resumed[key], atol=1e-6), key
 
 
 def test_labels_rewrite_overwrites(ray_session, finished):
     cfg, st = finished
-    n_files = len(list((st.labels_dir / "parts").glob("*.parquet")))
-    (st.labels_dir / "manifest.json").unlink()
-    state = RunState(cfg)
-    stage_data(state)
-    stage_labels(state)
-    assert len(list((st.labels_dir / "parts").glob("*.parquet"))) == n_files
-    assert len(pd.read_parquet(st.labels_dir / "parts")) == cfg.data.n_transfer
+    n_files = len(list((st.labels.dir / "parts").glob("*.parquet")))
+    (st.labels.dir / "manifest.json").unlink()
+    with RunContext.open(cfg) as ctx:  # the labels stage alone, on the cached data and teachers
+        stage_labels(ctx, st.data, st.teachers)
+    assert len(list((st.labels.dir / "parts").glob("*.parquet"))) == n_files
+    assert len(pd.read_parquet(st.labels.dir / "parts")) == cfg.data.n_transfer
 
 
 def test_parquet_source_end_to_end(ray_session, tmp_path):
@@ -121,7 +128,7 @@ def test_parquet_source_end_to_end(ray_session, tmp_path):
     )
     st = run_pipeline(cfg)
     assert st.data.n_classes == 3 and st.data.in_dim == d
-    assert st.students["dual_mean"]["test_acc"] > 0.5
+    assert st.students.students["dual_mean"].test_acc > 0.5
 
 
 def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path, capfd):
@@ -131,15 +138,13 @@ def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path,
     capfd.readouterr()
     st_ext = run_pipeline(bigger, until="labels")
     assert "extending the 4 on disk" in capfd.readouterr().err
-    assert st_ext.teachers_dir == st_small.teachers_dir  # the same ensemble, grown
+    assert st_ext.teachers.dir == st_small.teachers.dir  # the same ensemble, grown
     fresh = bigger.model_copy(update={"output": bigger.output.model_copy(update={"root": str(tmp_path / "b")})})
     st_fresh = run_pipeline(fresh, until="labels")
-    ext, new = read_labels(st_ext.labels_dir), read_labels(st_fresh.labels_dir)
+    ext, new = labels_of(bigger, st_ext), labels_of(fresh, st_fresh)
     for key in ("t_dual", "t_arith", "variance", "mutual_info"):
         assert torch.allclose(ext[key], new[key], atol=1e-6), key
-    ci_ext = json.loads((st_ext.labels_dir / "posterior.json").read_text())["ci_dual"]
-    ci_new = json.loads((st_fresh.labels_dir / "posterior.json").read_text())["ci_dual"]
-    assert ci_ext == pytest.approx(ci_new)
+    assert st_ext.labels.posterior.ci_dual == pytest.approx(st_fresh.labels.posterior.ci_dual)
     # going back to K=4 reuses the 8 on disk and gives the first labels again
     again = run_pipeline(small, until="labels")
-    assert torch.allclose(read_labels(again.labels_dir)["t_dual"], read_labels(st_small.labels_dir)["t_dual"])
+    assert torch.allclose(labels_of(small, again)["t_dual"], labels_of(small, st_small)["t_dual"])

@@ -5,20 +5,20 @@ are written and read by Ray Data in the store, and Tune keeps its state there.""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import small_config
+from conftest import run_dir, small_config
 from w2s_ray import artifacts, storage
-from w2s_ray.config import parse_config
 from w2s_ray.errors import ConfigError
-from w2s_ray.pipeline import run_pipeline
+from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.space import load_space
-from w2s_ray.tune import run_tune
+from w2s_ray.storage import RunDir
 
 STAGES = ("data", "teachers", "labels", "student", "ceiling")
 
@@ -48,13 +48,14 @@ def check_store_matches(cfg, fs, base):
     return files
 
 
+@pytest.mark.slow
 def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
     store_root = tmp_path / "store"
     cfg = small_config(tmp_path, output={"root": f"file://{store_root}", "cache": str(tmp_path / "cache"), "name": "s"})
-    assert cfg.run_dir == tmp_path / "cache" / "file" / str(store_root).strip("/") / "s"
+    assert run_dir(cfg).path == tmp_path / "cache" / "file" / str(store_root).strip("/") / "s"
     first = run_pipeline(cfg)
     fs, base = pafs.LocalFileSystem(), str(store_root / "s")
-    files = check_store_matches(cfg, fs, base)
+    check_store_matches(cfg, fs, base)
     results = json.loads((store_root / "s" / "results.json").read_text())["rows"]
 
     # a fresh machine: nothing local; every stage comes from the store, nothing is retrained
@@ -62,12 +63,12 @@ def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
     capfd.readouterr()
     again = run_pipeline(cfg)
     log = capfd.readouterr().err
-    for stage in ("data", "teachers", "labels", "student[dual_mean]", "student[gold]"):
+    for stage in ("data", "teachers", "labels", "student[dual_mean]", "ceiling"):
         assert f"{stage}: cached" in log, (stage, log[-2000:])
-    assert json.loads((again.run_dir / "results.json").read_text())["rows"] == results
+    assert json.loads((run_dir(cfg) / "results.json").read_text())["rows"] == results
 
     # the store holds half a teacher stage (an interrupted run elsewhere): only the rest is trained
-    tdir = store_root / "s" / "teachers" / first.teachers_dir.name
+    tdir = store_root / "s" / "teachers" / first.teachers.dir.name
     teachers = pd.read_parquet(tdir / "teachers.parquet").set_index("teacher_id")
     packs = sorted((tdir / "packs").glob("pack-*.parquet"))
     kept = packs[:1]
@@ -79,14 +80,16 @@ def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
     resumed = run_pipeline(cfg, until="teachers")
     assert "teachers: training" in capfd.readouterr().err
     assert {f: f.stat().st_mtime_ns for f in kept} == stamp, "a pack the store held was trained again"
-    assert artifacts.read_manifest(tdir) is not None and artifacts.read_manifest(resumed.teachers_dir) is not None
+    assert artifacts.read_manifest(tdir) is not None and artifacts.read_manifest(resumed.teachers.dir) is not None
     again = pd.read_parquet(tdir / "teachers.parquet").set_index("teacher_id")
     pd.testing.assert_series_equal(again["acc_test"], teachers["acc_test"])
 
 
 def test_unopenable_root_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"output\.root"):
-        parse_config({"output": {"root": "nosuchscheme://bucket/runs"}})
+        RunDir.open("nosuchscheme://bucket/runs", "x")
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", "output.root=nosuchscheme://bucket/runs"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "output.root" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,7 @@ def s3_root():
     server.stop()
 
 
+@pytest.mark.slow
 def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
     root, fs = s3_root
     cfg = small_config(tmp_path, output={"root": root, "cache": str(tmp_path / "cache"), "name": "s3"})
@@ -125,8 +129,8 @@ def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
     assert sum("/checkpoint_" in f for f in tune_files) >= 2, "trial checkpoints are not in the bucket"
 
     # `--resume` on a machine with nothing local: Tune restores the search from the bucket
-    trials = set(pd.read_parquet(cfg.run_dir / "tune" / "s3tune" / "trials.parquet")["trial_id"])
+    trials = set(pd.read_parquet(run_dir(cfg) / "tune" / "s3tune" / "trials.parquet")["trial_id"])
     shutil.rmtree(tmp_path / "cache")
     resumed = run_tune(cfg, load_space(space_file, cfg), "s3tune", resume=True)
     assert resumed["n_trials"] == 2
-    assert set(pd.read_parquet(cfg.run_dir / "tune" / "s3tune" / "trials.parquet")["trial_id"]) == trials, "the search was not restored"
+    assert set(pd.read_parquet(run_dir(cfg) / "tune" / "s3tune" / "trials.parquet")["trial_id"]) == trials, "the search was not restored"

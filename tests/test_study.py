@@ -1,9 +1,14 @@
+"""The studies: the squared-loss math, then each study section on a real local Ray."""
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from conftest import small_config
-from w2s_ray.study import fit_rate, powers_of_two, run_theory_study, run_variance_study
+from w2s_ray.pipeline import run_stages, run_study
+from w2s_ray.run import RunContext
+from w2s_ray.studies import STUDIES, theory, variance
 from w2s_ray.theory import TheoryConfig, ridge_fit, run_theory, squared_distance
 
 
@@ -37,17 +42,25 @@ def test_wide_students_approach_the_posterior_mean_not_single_teachers():
 
 
 def test_rate_fit_recovers_a_known_power_law():
-    import numpy as np
-
     ks = np.array([2, 4, 8, 16, 32])
-    slope, intercept = fit_rate(ks, 3.0 / ks)
+    slope, intercept = variance.fit_rate(ks, 3.0 / ks)
     assert slope == pytest.approx(-1.0) and np.exp(intercept) == pytest.approx(3.0)
-    assert powers_of_two(64) == [2, 4, 8, 16, 32, 64] and powers_of_two(48) == [2, 4, 8, 16, 32, 48]
+    assert variance.powers_of_two(64) == [2, 4, 8, 16, 32, 64] and variance.powers_of_two(48) == [2, 4, 8, 16, 32, 48]
 
 
-def test_study_reports_are_written(ray_session, tmp_path):
-    cfg = small_config(tmp_path, teachers={"k": 16, "epochs": 3, "model": {"name": "mlp", "width": 8}})
-    out = run_variance_study(cfg)
+def test_the_cli_knows_every_study():
+    from w2s_ray.cli import STUDY_KINDS
+
+    assert set(STUDY_KINDS) == set(STUDIES)
+
+
+def study_config(tmp_path):
+    return small_config(tmp_path, teachers={"k": 16, "epochs": 3, "model": {"name": "mlp", "width": 8}})
+
+
+@pytest.mark.slow
+def test_variance_study_report(ray_session, tmp_path):
+    out = run_study("variance", study_config(tmp_path))
     table = pd.read_parquet(out / "scaling.parquet")
     assert table["K"].tolist() == [2, 4, 8, 16]
     assert table["kl_full_to_K"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
@@ -59,15 +72,39 @@ def test_study_reports_are_written(ray_session, tmp_path):
     sources = pd.read_parquet(out / "sources.parquet")
     assert sources["resample"].tolist() == ["seed", "bootstrap", "disjoint"]
     assert (sources["teacher_variance"] > 0).all()
-    theory = run_theory_study(cfg)
-    assert (theory / "theory.png").stat().st_size > 0 and len(pd.read_parquet(theory / "theory.parquet")) == len(TheoryConfig().widths)
-    runs = pd.read_parquet(theory / "runs.parquet")
-    assert len(runs) == 3 * 3 * 2 + 4 and set(runs["target"]) == {"single", "arith_mean", "dual_mean"}
+
+
+@pytest.fixture(scope="module")
+def ensemble(ray_session, tmp_path_factory):
+    cfg = study_config(tmp_path_factory.mktemp("theory"))
+    with RunContext.open(cfg) as ctx:
+        yield ctx, run_stages(ctx, "labels")
+
+
+@pytest.mark.slow
+def test_theory_students_section(ensemble, tmp_path):
+    ctx, stages = ensemble
+    lines = theory.students_section(ctx, stages, tmp_path)
+    assert "Gain vs misfit" in "\n".join(lines) and (tmp_path / "runs.png").stat().st_size > 0
+    runs = pd.read_parquet(tmp_path / "runs.parquet")
+    assert len(runs) == 3 * 3 * 2 + theory.SEEDS and set(runs["target"]) == {"single", "arith_mean", "dual_mean"}
+    assert (runs["kind"] == "seeds").sum() == theory.SEEDS
+    assert {"test_acc", "test_gold_ce", "misfit", "entropy_test", "agree_ensemble_test"} <= set(runs.columns)  # the student stage's columns
     assert (runs["kl_to_teachers"] > runs["kl_to_dual_mean"]).all()  # plus the teacher variance
-    bv = pd.read_parquet(theory / "bias_variance.parquet")
+    bv = pd.read_parquet(tmp_path / "bias_variance.parquet")
     assert len(bv) == 3 and bv["risk"].to_numpy() == pytest.approx((bv["bias"] + bv["variance"]).to_numpy(), rel=1e-5)
-    assert (theory / "runs.png").stat().st_size > 0 and "Gain vs misfit" in (theory / "report.md").read_text()
-    regimes = pd.read_parquet(theory / "regimes.parquet")
-    assert len(regimes) == 4 and regimes["pgr_dual_mean_vs_teacher"].notna().all()
+
+
+@pytest.mark.slow
+def test_theory_study_report_with_regimes(ray_session, tmp_path, monkeypatch):
+    # the students section has its own test; here the report is composed with two regimes
+    monkeypatch.setattr(theory, "REGIMES", {k: theory.REGIMES[k] for k in ("default", "teacher window 20, no shifts")})
+    monkeypatch.setattr(theory, "students_section", lambda ctx, stages, out: ["", "## students (tested on its own)"])
+    out = run_study("theory", study_config(tmp_path))
+    assert (out / "theory.png").stat().st_size > 0 and len(pd.read_parquet(out / "theory.parquet")) == len(TheoryConfig().widths)
+    report = (out / "report.md").read_text()
+    assert "squared-loss example" in report and "students (tested on its own)" in report and "Where the student generalizes" in report
+    regimes = pd.read_parquet(out / "regimes.parquet")
+    assert len(regimes) == 2 and regimes["pgr_dual_mean_vs_teacher"].notna().all()
     # the window regime's teachers see less than the default's
-    assert regimes["mean_teacher_acc"].iloc[2] != regimes["mean_teacher_acc"].iloc[0]
+    assert regimes["mean_teacher_acc"].iloc[1] != regimes["mean_teacher_acc"].iloc[0]

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import small_config
+from conftest import run_dir, small_config
 from w2s_ray.config import load_config, to_yaml
 from w2s_ray.errors import ConfigError
+from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.space import load_space
-from w2s_ray.tune import run_tune
+from w2s_ray.tune import TrialFault
 
 SPACE = {
     "search": "optuna",
@@ -40,17 +41,26 @@ def write_space(path: Path, **changes) -> Path:
     return path
 
 
+def stage_files(run) -> dict[str, int]:
+    """Every file of the teacher and labels stages, with its mtime."""
+    return {str(f.relative_to(run)): f.stat().st_mtime_ns for stage in ("teachers", "labels") for f in (run / stage).rglob("*") if f.is_file()}
+
+
 @pytest.fixture(scope="module")
 def tuned(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     cfg = small_config(tmp)
+    run_pipeline(cfg, until="student")  # the run the search starts from
+    run = run_dir(cfg).path
+    before = stage_files(run)
     space_file = write_space(tmp / "space.yaml")
     summary = run_tune(cfg, load_space(space_file, cfg), "s4")
-    return cfg, summary, cfg.run_dir / "tune" / "s4"
+    return cfg, summary, run / "tune" / "s4", before
 
 
+@pytest.mark.slow
 def test_search_outputs_are_consistent(tuned):
-    cfg, summary, d = tuned
+    cfg, summary, d, _ = tuned
     table = pd.read_parquet(d / "trials.parquet")
     assert len(table) == 4 == summary["n_trials"]
     assert len(pd.read_csv(d / "trials.csv")) == 4
@@ -68,23 +78,25 @@ def test_search_outputs_are_consistent(tuned):
     assert summary["gap_test_acc"] >= 0
 
 
-def test_trials_reuse_cached_teachers(tuned, capfd):
-    cfg, _, _ = tuned
-    teachers = list((cfg.run_dir / "teachers").iterdir())
-    assert len(teachers) == 1  # one ensemble for the whole search
+@pytest.mark.slow
+def test_the_search_trains_no_teacher_and_builds_no_labels(tuned):
+    cfg, _, d, before = tuned
+    # a retrained teacher stage rewrites its packs (or adds a directory): every file is as it was
+    assert stage_files(d.parent.parent) == before
 
 
+@pytest.mark.slow
 def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(ray_session, tmp_path):
     cfg = small_config(tmp_path)
     marker = tmp_path / "failed-once"
-    space_file = write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, inject_failure={"epoch": 3, "marker": str(marker)})
-    summary = run_tune(cfg, load_space(space_file, cfg), "retry")
+    space_file = write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"})
+    summary = run_tune(cfg, load_space(space_file, cfg), "retry", fault=TrialFault(epoch=3, marker=str(marker)))
     assert marker.exists()
     assert summary["n_errors"] == 0
-    table = pd.read_parquet(cfg.run_dir / "tune" / "retry" / "trials.parquet")
+    table = pd.read_parquet(run_dir(cfg) / "tune" / "retry" / "trials.parquet")
     assert (table["epoch"] == cfg.student.epochs).all()
     # the retried trial resumed at epoch 3 from the epoch-2 checkpoint: no epoch was reported twice
-    for result in (cfg.run_dir / "tune" / "retry").glob("*/result.json"):
+    for result in (run_dir(cfg) / "tune" / "retry").glob("*/result.json"):
         epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
         assert epochs == list(range(1, cfg.student.epochs + 1)), (result, epochs)
 
@@ -99,6 +111,7 @@ def test_bad_space_files_are_rejected_with_the_key(tmp_path):
         ({"params": {"teachers.k": {"type": "int", "low": 2, "high": 8}}}, "only student.* keys"),
         ({"params": {}}, "params"),
         ({"serach": "grid"}, "serach: unknown key"),
+        ({"inject_failure": {"epoch": 1, "marker": "m"}}, "inject_failure: unknown key"),  # a test hook, not a user key
     ]
     for change, needle in cases:
         f = write_space(tmp_path / "bad.yaml", **change)
@@ -107,6 +120,15 @@ def test_bad_space_files_are_rejected_with_the_key(tmp_path):
         assert needle in str(err.value) and "bad.yaml" in str(err.value), (change, str(err.value))
 
 
+def test_trial_resources_default_to_the_students(tmp_path):
+    cfg = load_config(None, {"student.resources": {"num_cpus": 2, "num_gpus": 0.25}})
+    space = {k: v for k, v in SPACE.items() if k != "resources"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    assert load_space(tmp_path / "s.yaml", cfg).resources.model_dump() == {"cpu": 2.0, "gpu": 0.25}
+    assert load_space(write_space(tmp_path / "t.yaml"), cfg).resources.model_dump() == {"cpu": 1.0, "gpu": 0.0}
+
+
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     cfg = small_config(tmp_path, student={"epochs": 60, "patience": 100})
     conf = tmp_path / "c.yaml"
@@ -115,7 +137,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
                         params={"student.model.width": {"type": "grid", "values": [4, 8, 16, 32, 48, 64]}})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
-    search = cfg.run_dir / "tune" / "space"
+    search = run_dir(cfg) / "tune" / "space"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     finished: dict[str, float] = {}
     deadline = time.time() + 240

@@ -1,13 +1,13 @@
-"""Run-directory layout, atomic writes and stage manifests.
+"""Local files: atomic writes and stage manifests. No store, no Ray.
 
 A stage directory `<run>/<stage>/<hash>/` is complete only when its `manifest.json` exists and
 every file it lists has the recorded size and sha256. The manifest is written last, by rename,
 so a run killed mid-stage leaves a directory that the next run recognises as incomplete and
 rebuilds, never a half file that it trusts.
 
-When the run directory lives in a store (`output.root` a URI, see `storage`), every finished
-file is uploaded as it is renamed into place, and a stage not complete locally is first
-downloaded from the store.
+These functions touch only the local path they are given. Stages write through
+`storage.RunDir`, which calls them and then uploads the finished file when the run lives in a
+store.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from w2s_ray import storage
 
 MANIFEST = "manifest.json"
 
@@ -49,7 +47,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-        storage.push(path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -83,16 +80,8 @@ def write_parquet(path: str | Path, table: pa.Table) -> Path:
     return Path(path)
 
 
-def stage_dir(run_dir: str | Path, stage: str, key: str) -> Path:
-    """A stage's directory; when it is not complete locally, what the store holds of it is fetched."""
-    d = Path(run_dir) / stage / key
-    if not (d / MANIFEST).is_file():
-        storage.pull(d)
-    return d
-
-
-def write_manifest(directory: Path, key: str, files: list[str] | None = None, **extra: Any) -> dict:
-    """Record each file's size and checksum; the manifest's presence marks the stage complete."""
+def build_manifest(directory: Path, key: str, files: list[str] | None = None, **extra: Any) -> dict:
+    """Each file's size and checksum; written last, the manifest's presence marks the stage complete."""
     directory = Path(directory)
     if files is None:
         files = sorted(
@@ -103,9 +92,7 @@ def write_manifest(directory: Path, key: str, files: list[str] | None = None, **
     entries = {
         f: {"bytes": (directory / f).stat().st_size, "sha256": sha256_file(directory / f)} for f in files
     }
-    manifest = {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": entries, **extra}
-    write_json(directory / MANIFEST, manifest)
-    return manifest
+    return {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": entries, **extra}
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict | None:
@@ -128,23 +115,15 @@ def read_manifest(directory: Path, verify: bool = True) -> dict | None:
 
 
 def reset_dir(directory: Path) -> Path:
-    """Start a stage afresh: an incomplete directory from an interrupted run is discarded."""
+    """An empty directory: what an interrupted run left there is discarded."""
     if directory.exists():
         shutil.rmtree(directory)
-    storage.delete(directory)
     directory.mkdir(parents=True)
     return directory
 
 
-def remove(path: Path) -> None:
-    """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
-    Path(path).unlink(missing_ok=True)
-    storage.delete(path)
-
-
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move a fully written directory into place, replacing (never merging with) what was there.
-    Local only: a writer that fills a directory itself writes to the store itself (Ray Data)."""
+    """Move a fully written directory into place, replacing (never merging with) what was there."""
     dst = Path(dst)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

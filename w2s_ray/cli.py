@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
+from w2s_ray.config import STAGES, load_config, to_yaml
 from w2s_ray.errors import W2SError
+from w2s_ray.space import load_space
 
-STAGE_COMMANDS = ("data", "teachers", "labels", "student", "report")
+STUDY_KINDS = ("variance", "theory")  # the keys of studies.STUDIES (a test checks they agree)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline (default experiment without CONFIG)")
     run.add_argument("config", nargs="?")
-    for name in STAGE_COMMANDS:
+    for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage (earlier stages are reused from cache or run)")
         s.add_argument("config")
     tune = sub.add_parser("tune", help="Ray Tune search over the student, reusing the cached teachers and labels")
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
     study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling) or theory (squared-loss example)")
-    study.add_argument("kind", choices=["variance", "theory"])
+    study.add_argument("kind", choices=STUDY_KINDS)
     study.add_argument("config", nargs="?")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?")
@@ -55,30 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from w2s_ray.config import load_config, to_yaml
-
         cfg = load_config(args.config, parse_overrides(args.overrides))
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
-        if args.command == "tune":
-            from pathlib import Path
+        space = load_space(args.space, cfg) if args.command == "tune" else None
+        # imported once the input is valid: a bad config or space answers in seconds, without
+        # waiting for Ray, Tune and the dataset packages to import
+        from w2s_ray import pipeline
 
-            from w2s_ray.space import load_space
-
-            space = load_space(args.space, cfg)  # validated before Ray starts
-            from w2s_ray.tune import run_tune
-
-            run_tune(cfg, space, args.name or Path(args.space).stem, resume=args.resume)
-            return 0
-        if args.command == "study":
-            from w2s_ray.study import run_theory_study, run_variance_study
-
-            (run_variance_study if args.kind == "variance" else run_theory_study)(cfg)
-            return 0
-        from w2s_ray.pipeline import run_pipeline
-
-        run_pipeline(cfg, until="report" if args.command == "run" else args.command)
+        if space is not None:
+            pipeline.run_tune(cfg, space, args.name or Path(args.space).stem, resume=args.resume)
+        elif args.command == "study":
+            pipeline.run_study(args.kind, cfg)
+        else:
+            pipeline.run_pipeline(cfg, until="report" if args.command == "run" else args.command)
         return 0
     except W2SError as err:
         print(f"w2s-ray: error: {err}", file=sys.stderr)

@@ -2,24 +2,34 @@
 
 Every field has a default, so `w2s-ray run` with no file is the default experiment, and the
 resolved config (every default written out) is saved beside the run's outputs. Unknown keys,
-wrong types and out-of-range values are rejected here, before Ray starts, by `load_config`,
-which raises `ConfigError` with the dotted key in the message.
+wrong types, out-of-range values and model names that do not resolve (built-in or import path)
+are rejected here, before Ray starts, by `load_config`, which raises `ConfigError` with the
+dotted key in the message.
+
+The config is pure data: opening the output store, reading data and starting Ray happen in
+`run.RunContext`. What determines results sits beside what only says where and how fast it runs:
+each stage's `resources` part (actors, pack size, CPUs, GPU fractions, compile, retries) and the
+run plan (`student.targets`, `student.ceiling`) are left out of every cache key wholesale
+(`StageKeys`), so a scheduling change never recomputes a stage.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from w2s_ray import storage
+from w2s_ray import models
 from w2s_ray.errors import ConfigError
 
+STAGES = ("data", "teachers", "labels", "student", "report")  # in the order data flows
 DIGITS_SIZE = 1797  # scikit-learn's digits has exactly this many samples
 
 
@@ -40,9 +50,21 @@ class ModelConfig(Strict):
     depth: int = Field(1, ge=1, description="hidden layers (mlp) or conv layers (cnn1d)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _resolves(cls, name: str) -> str:
+        try:
+            models.resolve(name)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+
+SourceName = Literal["mnist1d", "digits", "parquet"]
+
 
 class DataConfig(Strict):
-    source: Literal["mnist1d", "digits", "parquet"] = "mnist1d"
+    source: SourceName = "mnist1d"
     path: str | None = Field(None, description="Parquet file or directory (local or pyarrow URI)")
     feature_columns: list[str] | None = Field(
         None, description="numeric feature columns; default: the list column named by `features`"
@@ -80,6 +102,28 @@ class ViewConfig(Strict):
     length: int = Field(20, ge=1)
 
 
+class TeacherResources(Strict):
+    """Where and how fast teachers train; never part of a cache key (a pack's teachers are the
+    same whatever actor, device or pack size trains them)."""
+
+    num_actors: int | None = Field(None, ge=1, description="default: as many as the CPUs/GPUs allow")
+    max_pack_size: int = Field(256, ge=1, description="bounds the memory of one pack result")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=1)
+    compile: bool = Field(False, description="torch.compile the pack's forward and loss")
+    max_retries: int = Field(3, ge=0, description="a pack whose actor dies is retried this often")
+
+
+class StudentResources(Strict):
+    """Per student task, and the default per Tune trial; never part of a cache key."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, le=1)
+
+
+ResampleName = Literal["bootstrap", "seed", "disjoint"]
+
+
 class TeachersConfig(Strict):
     k: int = Field(64, ge=2, description="number of teachers")
     view: ViewConfig = Field(default_factory=ViewConfig)
@@ -88,14 +132,9 @@ class TeachersConfig(Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    resample: Literal["bootstrap", "seed", "disjoint"] = "bootstrap"
+    resample: ResampleName = "bootstrap"
     seed: int = 0
-    num_actors: int | None = Field(None, ge=1, description="default: as many as the CPUs/GPUs allow")
-    max_pack_size: int = Field(256, ge=1, description="bounds the memory of one pack result")
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    num_gpus_per_actor: float = Field(0.0, ge=0, le=1)
-    compile: bool = Field(False, description="torch.compile the pack's forward and loss")
-    max_retries: int = Field(3, ge=0, description="a pack whose actor dies is retried this often")
+    resources: TeacherResources = Field(default_factory=TeacherResources)
 
 
 class PosteriorConfig(Strict):
@@ -114,6 +153,13 @@ LossName = Literal["mixture", "symmetric", "adaptive", "aux_conf", "kl", "rkl"]
 
 
 class StudentConfig(Strict):
+    # what to run rather than how one student trains: left out of the student keys
+    PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources"})
+    # what concerns teacher targets only: left out of the gold ceiling's key
+    TEACHER_SIDE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "log_floor"}
+    )
+
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="cnn1d", width=32, depth=3))
     targets: list[TargetName] = Field(
         default_factory=lambda: ["dual_mean", "arith_mean", "single"],
@@ -141,8 +187,7 @@ class StudentConfig(Strict):
     )
     seed: int = 0
     ceiling: bool = Field(True, description="also train the strong ceiling on gold transfer labels")
-    num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0, le=1)
+    resources: StudentResources = Field(default_factory=StudentResources)
 
 
 class RayConfig(Strict):
@@ -156,16 +201,6 @@ class OutputConfig(Strict):
     name: str = "default"
     cache: str | None = Field(None, description="local working copy of a run whose root is a URI; default ~/.cache/w2s-ray")
     tensorboard: bool = True
-
-    @field_validator("root")
-    @classmethod
-    def _root_opens(cls, root: str) -> str:
-        if storage.is_uri(root):
-            try:
-                storage.open_filesystem(root)
-            except Exception as err:  # pyarrow raises several kinds
-                raise ValueError(f"cannot open {root!r} as a pyarrow filesystem URI: {err}") from None
-        return root
 
 
 class ExperimentConfig(Strict):
@@ -189,10 +224,12 @@ class ExperimentConfig(Strict):
             )
         return self
 
-    @property
-    def run_dir(self) -> Path:
-        """Where the stages work: the run directory itself, or the local copy of one in a store."""
-        return storage.run_dir(self.output.root, self.output.name, self.output.cache)
+
+# keys that moved into a `resources` part: an old config gets told where
+MOVED = {
+    **{f"teachers.{k}": f"teachers.resources.{k}" for k in TeacherResources.model_fields},
+    **{f"student.{k}": f"student.resources.{k}" for k in StudentResources.model_fields},
+}
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -201,7 +238,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = f"unknown key (moved to {MOVED[key]})" if key in MOVED else "unknown key"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"  {key}: {msg}")
@@ -219,6 +256,22 @@ def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> Experim
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str, must_exist: bool = False) -> None:
+    """Set `a.b.c` in nested dicts. With `must_exist`, every part must already be a key (a
+    search space names existing keys; `kwargs` of a model are free-form)."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if must_exist and not isinstance(node.get(p), dict):
+            raise ConfigError(f"{source}: {dotted!r} is not a key of the experiment config")
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {dotted}: {p} is not a section")
+    if must_exist and leaf not in node and not (parents and parents[-1] == "kwargs"):
+        raise ConfigError(f"{source}: {dotted!r} is not a key of the experiment config")
+    node[leaf] = value
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read YAML (or the defaults when `path` is None), apply dotted overrides, validate."""
     data: dict[str, Any] = {}
@@ -233,13 +286,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {p} is not a section")
-        node[leaf] = value
+        set_dotted(data, dotted, value, "override")
+    return parse_config(data, source)
+
+
+def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str) -> ExperimentConfig:
+    """A copy of `cfg` with dotted keys set (each must exist), validated like any config."""
+    data = copy.deepcopy(cfg.model_dump(mode="json"))
+    for dotted, value in values.items():
+        set_dotted(data, dotted, value, source, must_exist=True)
     return parse_config(data, source)
 
 
@@ -255,3 +310,50 @@ def config_hash(*parts: Any) -> str:
 
     blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def source_fingerprint(path: str | None) -> list | None:
+    """Size and mtime of local user data, so that an edited file is not served from the cache."""
+    if not path or "://" in path or not Path(path).exists():
+        return None
+    p = Path(path)
+    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    return [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+@dataclass(frozen=True)
+class StageKeys:
+    """Per-stage cache keys: each covers exactly the config parts its stage reads, never a
+    `resources` part nor the run plan."""
+
+    cfg: ExperimentConfig
+
+    @property
+    def data(self) -> str:
+        d = self.cfg.data
+        return config_hash("data", d, source_fingerprint(d.path) if d.source == "parquet" else None)
+
+    @property
+    def teachers(self) -> str:
+        """Teacher t is a pure function of (data, teacher config, t), so K is left out of the key:
+        a larger K extends the same directory with the missing teachers. Disjoint subsets
+        depend on K, so there K is part of the key."""
+        t = self.cfg.teachers.model_dump(mode="json", exclude={"resources"})
+        if t["resample"] != "disjoint":
+            t.pop("k")
+        return config_hash("teachers", self.data, t)
+
+    @property
+    def labels(self) -> str:
+        return config_hash("labels", self.teachers, self.cfg.teachers.k, self.cfg.posterior)
+
+    def student(self, target: str) -> str:
+        s = self.cfg.student.model_dump(mode="json", exclude=StudentConfig.PLAN_FIELDS)
+        return config_hash("student", self.labels, s, target)
+
+    @property
+    def ceiling(self) -> str:
+        """Everything about the student except what concerns teacher targets: new training
+        options change the ceiling's key by default."""
+        s = self.cfg.student.model_dump(mode="json", exclude=StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS)
+        return config_hash("ceiling", self.data, s)

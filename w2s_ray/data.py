@@ -4,33 +4,33 @@
 - transfer: the student sees only the teachers' labels on these inputs
 - test:     gold labels, for evaluation only
 
-No Ray here: MNIST-1D generation is split into seeded chunks (`mnist1d_chunk`) and the caller
-decides how to map them (the pipeline runs them as parallel Ray tasks). Splits are stored as
-Parquet with columns `id` (row in the source), `x` (fixed-size list of float32) and `y`.
+Sources are a registry (`SOURCES`, keyed like the config's `data.source`). Their loaders use no
+Ray: MNIST-1D generation is split into seeded chunks (`mnist1d_chunk`) and `stage_data` maps
+them as parallel Ray tasks, starting Ray only then; user Parquet is read and validated in the
+driver, so bad data stops before Ray starts. Splits are stored as Parquet with columns `id`
+(row in the source), `x` (fixed-size list of float32) and `y`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import mnist1d.data
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from w2s_ray import storage
+import sklearn.datasets
+
+from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig
 from w2s_ray.errors import DataError
+from w2s_ray.raytools import parallel_map
+from w2s_ray.run import DataStage, RunContext, Split
 
 SPLITS = ("weak", "transfer", "test")
-
-
-@dataclass
-class Split:
-    ids: np.ndarray
-    x: np.ndarray  # float32 [n, d]
-    y: np.ndarray  # int64 [n]
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -38,13 +38,11 @@ class Split:
 
 def mnist1d_chunk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`n` MNIST-1D samples from the package's own `make_dataset` (never its download path)."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
+    args = mnist1d.data.get_dataset_args()
     args.num_samples = n
     args.train_split = 1.0
     args.seed = int(seed)
-    d = make_dataset(args)
+    d = mnist1d.data.make_dataset(args)
     return d["x"].astype(np.float32), d["y"].astype(np.int64)
 
 
@@ -62,15 +60,11 @@ def load_mnist1d(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, n
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
+    d = sklearn.datasets.load_digits()
     return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
 def _open_parquet(path: str) -> pa.Table:
-    import pyarrow.fs as pafs
-
     try:
         fs, p = storage.open_filesystem(path) if storage.is_uri(path) else (pafs.LocalFileSystem(), str(Path(path).resolve()))
         info = fs.get_file_info(p)
@@ -170,12 +164,16 @@ def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -
     return y
 
 
+# name (the config's `data.source`) → load(cfg, map_fn) -> (x float32 [n, d], y int64 [n])
+SOURCES: dict[str, Callable[[DataConfig, Callable], tuple[np.ndarray, np.ndarray]]] = {
+    "mnist1d": load_mnist1d,
+    "digits": lambda cfg, map_fn: load_digits(),
+    "parquet": lambda cfg, map_fn: load_parquet(cfg),
+}
+
+
 def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
-    if cfg.source == "mnist1d":
-        return load_mnist1d(cfg, map_fn)
-    if cfg.source == "digits":
-        return load_digits()
-    return load_parquet(cfg)
+    return SOURCES[cfg.source](cfg, map_fn)
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -212,3 +210,31 @@ def read_split(path: str | Path) -> Split:
 
 def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
     return cfg.n_classes or int(y.max()) + 1
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def stage_data(ctx: RunContext) -> DataStage:
+    """The three splits, built once per data key; Ray starts only if the source maps work over it."""
+    cfg = ctx.cfg.data
+    d = ctx.run.open_stage("data", ctx.keys.data)
+    manifest = artifacts.read_manifest(d)
+    if manifest is None:
+        ctx.log(f"data: building {cfg.source} splits → {d}")
+
+        def ray_map(fn: Callable, items) -> list:
+            ctx.ray()
+            return parallel_map(fn, list(items))
+
+        x, y = load_source(cfg, ray_map)
+        splits = make_splits(x, y, cfg, cfg.path or cfg.source)
+        ctx.run.reset(d)
+        for name, s in splits.items():
+            ctx.run.write_parquet(d / f"{name}.parquet", split_table(s))
+        sizes = {k: len(s.y) for k, s in splits.items()}
+        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes_of(cfg, y), in_dim=int(x.shape[1]), sizes=sizes)
+    else:
+        ctx.log(f"data: cached {d}")
+    splits = {name: read_split(d / f"{name}.parquet") for name in SPLITS}
+    return DataStage(d, splits, manifest["n_classes"], manifest["in_dim"])

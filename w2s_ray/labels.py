@@ -1,7 +1,8 @@
-"""Pseudo-labels: the posterior over teachers, written and read back through Ray Data.
+"""The labels stage: the posterior over teachers, and pseudo-labels written and read through Ray Data.
 
-`build_posterior` streams the teacher stage's pack files through `PosteriorAccumulator`s (memory
-does not grow with K). `write_labels` writes the transfer split with its targets through
+`build_posterior` streams the teacher stage's pack files (`teachers.iter_pack_logp`) through
+`PosteriorAccumulator`s (memory does not grow with K) and `posterior_summary` condenses it into
+the typed `posterior.json`. `write_labels` writes the transfer split with its targets through
 `ray.data ... write_parquet` into a fresh directory that replaces the old one (never appends),
 plus the test-split posterior the report needs and a manifest. `read_labels` reads them back
 with `ray.data.read_parquet` and batches them into torch tensors.
@@ -15,17 +16,22 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 import torch
 
-from w2s_ray import artifacts, storage
+from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig
+from w2s_ray.metrics import accuracy
 from w2s_ray.posterior import PosteriorAccumulator
-from w2s_ray.teachers import read_pack_logp
+from w2s_ray.raytools import alive_nodes
+from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, TeacherStage
+from w2s_ray.storage import RunDir
+from w2s_ray.teachers import iter_pack_logp
 
 STAT_COLUMNS = ("variance", "pred_entropy", "mutual_info")
 
@@ -39,29 +45,45 @@ def _list_to_numpy(col: Any) -> np.ndarray:
     return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
 
 
-def build_posterior(cfg: ExperimentConfig, teacher_stage: Path, packs: list[int], sizes: dict[str, int], n_classes: int, y_test: np.ndarray) -> dict[str, Any]:
+def build_posterior(cfg: ExperimentConfig, data: DataStage, teachers: TeacherStage) -> dict[str, Any]:
     """Per-split posterior statistics, the designated single teacher's predictions, and CIs."""
-    pc = cfg.posterior
-    acc = {
-        "transfer": PosteriorAccumulator(sizes["transfer"], n_classes),
-        "test": PosteriorAccumulator(sizes["test"], n_classes, n_boot=pc.n_boot, boot_seed=cfg.teachers.seed),
+    pcfg = cfg.posterior
+    n_classes = data.n_classes
+    accums = {
+        "transfer": PosteriorAccumulator(len(data.splits["transfer"].y), n_classes),
+        "test": PosteriorAccumulator(len(data.splits["test"].y), n_classes, n_boot=pcfg.n_boot, boot_seed=cfg.teachers.seed),
     }
-    single: dict[str, np.ndarray] = {}
-    for p in packs:
-        for split, a in acc.items():
-            ids, logp = read_pack_logp(teacher_stage, split, p, cfg.teachers.k)
-            if len(ids) == 0:
-                continue
-            a.add(torch.tensor(logp), ids.tolist())
-            hit = np.nonzero(ids == pc.single_teacher)[0]
+    out: dict[str, Any] = {}
+    for split, accum in accums.items():
+        single = None
+        for ids, logp in iter_pack_logp(teachers, split):
+            accum.add(logp, ids.tolist())
+            hit = np.nonzero(ids == pcfg.single_teacher)[0]
             if len(hit):
-                single[split] = logp[hit[0]]
-    out = {split: a.finalize() for split, a in acc.items()}
-    for split in acc:
-        out[split]["single_log"] = torch.tensor(single[split])
-    out["ci"] = acc["test"].bootstrap_accuracy(torch.from_numpy(y_test), pc.ci)
-    out["k"] = acc["test"].k
+                single = logp[hit[0]]
+        out[split] = accum.finalize()
+        out[split]["single_log"] = single
+    out["ci"] = accums["test"].bootstrap_accuracy(torch.from_numpy(data.splits["test"].y), pcfg.ci)
+    out["k"] = accums["test"].k
     return out
+
+
+def posterior_summary(post: dict[str, Any], y_test: np.ndarray) -> PosteriorSummary:
+    y = torch.from_numpy(y_test)
+    te, tr = post["test"], post["transfer"]
+    return PosteriorSummary(
+        k=post["k"],
+        test_acc_dual=accuracy(te["dual_log"], y),
+        test_acc_arith=accuracy(te["arith"], y),
+        test_acc_single=accuracy(te["single_log"], y),
+        ci_dual=post["ci"].get("dual"),
+        ci_arith=post["ci"].get("arith"),
+        variance_test=float(te["variance"].mean()),
+        variance_transfer=float(tr["variance"].mean()),
+        mutual_info_test=float(te["mutual_info"].mean()),
+        pred_entropy_test=float(te["pred_entropy"].mean()),
+        expected_entropy_test=float(te["expected_entropy"].mean()),
+    )
 
 
 def labels_table(ids: np.ndarray, x: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
@@ -88,31 +110,29 @@ def test_table(ids: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
     )
 
 
-def write_labels(stage: Path, table: pa.Table, test: pa.Table, summary: dict, key: str, rows_per_file: int) -> dict:
+def write_labels(run: RunDir, stage: Path, table: pa.Table, test: pa.Table, summary: PosteriorSummary, key: str, rows_per_file: int) -> dict:
     """Write through Ray Data into a temporary directory, then swap it in whole. For a run in a
     store, Ray Data writes straight into the store (its write tasks may run on any node) and
     the parts are then fetched into the local copy for the manifest."""
-    import ray.data
-
     n_blocks = max(1, math.ceil(table.num_rows / rows_per_file))
     ds = ray.data.from_arrow(table).repartition(n_blocks)
     write = {"min_rows_per_file": min(rows_per_file, table.num_rows)}
     parts_tmp = stage / ".parts.tmp"
     if parts_tmp.exists():
         shutil.rmtree(parts_tmp)
-    store = storage.remote(stage / "parts")
-    if store is None:
+    remote = run.remote(stage / "parts")
+    if remote is None:
         ds.write_parquet(str(parts_tmp), **write)
     else:
-        fs, path = store
+        fs, path = remote
         fs.delete_dir_contents(path, missing_dir_ok=True)  # the manifest, written last, marks the parts complete
         ds.write_parquet(path, filesystem=fs, **write)
-        storage.pull_into(stage / "parts", parts_tmp)
+        run.fetch(stage / "parts", into=parts_tmp)
     artifacts.replace_dir(parts_tmp, stage / "parts")
-    artifacts.write_parquet(stage / "test_posterior.parquet", test)
-    artifacts.write_json(stage / "posterior.json", summary)
+    run.write_parquet(stage / "test_posterior.parquet", test)
+    run.write_json(stage / "posterior.json", summary.to_json())
     schema = {f.name: str(f.type) for f in table.schema}
-    return artifacts.write_manifest(stage, key, rows=table.num_rows, k=summary.get("k"), schema=schema)
+    return run.write_manifest(stage, key, rows=table.num_rows, k=summary.k, schema=schema)
 
 
 def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
@@ -133,20 +153,18 @@ def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
     return out
 
 
-def iter_label_batches(stage: Path, batch_size: int = 65536):
+def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
     """Stream the pseudo-labels through `ray.data.read_parquet` as dicts of tensors."""
-    import ray.data
-
-    store = storage.remote(stage / "parts")  # in a store, read tasks on any node can reach the parts
-    ds = ray.data.read_parquet(store[1], filesystem=store[0]) if store else ray.data.read_parquet(str(stage / "parts"))
+    remote = run.remote(stage / "parts")  # in a store, read tasks on any node can reach the parts
+    ds = ray.data.read_parquet(remote[1], filesystem=remote[0]) if remote else ray.data.read_parquet(str(stage / "parts"))
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4):
         yield batch_to_torch(batch)
 
 
-def read_labels(stage: Path, batch_size: int = 65536) -> dict[str, torch.Tensor]:
+def read_labels(run: RunDir, stage: Path, batch_size: int = 65536) -> dict[str, torch.Tensor]:
     """All pseudo-label rows as tensors (streamed through Ray Data), ordered by id."""
     chunks: dict[str, list[torch.Tensor]] = {}
-    for batch in iter_label_batches(stage, batch_size):
+    for batch in iter_label_batches(run, stage, batch_size):
         for name, t in batch.items():
             chunks.setdefault(name, []).append(t)
     out = {name: torch.cat(ts) for name, ts in chunks.items()}
@@ -167,16 +185,55 @@ def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def _floored_log(t: torch.Tensor, log_floor: float) -> torch.Tensor:
+    return t.clamp_min(math.exp(log_floor)).log()
+
+
+def _hard(labels: dict[str, torch.Tensor], log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    hard = torch.nn.functional.one_hot(labels["t_dual"].argmax(-1), labels["t_dual"].shape[1]).float()
+    return hard, _floored_log(hard, log_floor)
+
+
+# name (the config's `student.targets`) → (probabilities, log-probabilities) from the labels table
+TARGETS: dict[str, Callable[[dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]] = {
+    "dual_mean": lambda labels, log_floor: (labels["t_dual"], labels["logt_dual"]),
+    "arith_mean": lambda labels, log_floor: (labels["t_arith"], _floored_log(labels["t_arith"], log_floor)),
+    "single": lambda labels, log_floor: (labels["t_single"], labels["logt_single"]),
+    "hard": _hard,  # the dual mean's argmax, one-hot
+}
+
+
 def target_of(labels: dict[str, torch.Tensor], target: str, log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, log-probabilities) of the student's chosen target."""
-    if target == "dual_mean":
-        return labels["t_dual"], labels["logt_dual"]
-    if target == "single":
-        return labels["t_single"], labels["logt_single"]
-    if target == "arith_mean":
-        t = labels["t_arith"]
-        return t, t.clamp_min(math.exp(log_floor)).log()
-    if target == "hard":
-        hard = torch.nn.functional.one_hot(labels["t_dual"].argmax(-1), labels["t_dual"].shape[1]).float()
-        return hard, hard.clamp_min(math.exp(log_floor)).log()
-    raise ValueError(f"unknown target {target!r}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets: {sorted(TARGETS)}")
+    return TARGETS[target](labels, log_floor)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def warn_if_unshared(ctx: RunContext) -> None:
+    """Ray Data writes and reads the pseudo-labels on any node: a local run directory must be
+    one every node mounts at the same path. We cannot see whether it is; say what is needed."""
+    nodes = alive_nodes()
+    if nodes > 1 and ctx.run.store is None:
+        ctx.log(f"warning: the cluster has {nodes} nodes and output.root={ctx.cfg.output.root!r} is a local path; "
+                "it must be a filesystem every node mounts at the same path (NFS), or use a URI such as s3://bucket/prefix")
+
+
+def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> LabelStage:
+    """The posterior over the K teachers and the pseudo-label table (no gold label in it)."""
+    d = ctx.run.open_stage("labels", ctx.keys.labels)
+    if artifacts.read_manifest(d) is None:
+        ctx.ray()
+        warn_if_unshared(ctx)
+        ctx.log(f"labels: posterior over teachers, pseudo-labels via Ray Data → {d}")
+        ctx.run.reset(d)
+        post = build_posterior(ctx.cfg, data, teachers)
+        summary = posterior_summary(post, data.splits["test"].y)
+        tr, te = data.splits["transfer"], data.splits["test"]
+        write_labels(ctx.run, d, labels_table(tr.ids, tr.x, post["transfer"]), test_table(te.ids, post["test"]), summary, ctx.keys.labels, ctx.cfg.labels.rows_per_file)
+    else:
+        ctx.log(f"labels: cached {d}")
+    return LabelStage(d, PosteriorSummary.read(d / "posterior.json"))

@@ -12,6 +12,9 @@ vector; callers take the mean.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 
@@ -80,30 +83,31 @@ def kl_reverse(logits, log_t, log_floor: float) -> torch.Tensor:
     return (log_s.exp() * (log_s - log_t.clamp_min(log_floor))).sum(-1)
 
 
-def student_loss(
-    name: str,
-    logits: torch.Tensor,
-    t: torch.Tensor,
-    log_t: torch.Tensor,
-    *,
-    lam: float = 0.0,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    threshold: float = 0.5,
-    aux_alpha: float = 0.0,
-    log_floor: float = -18.420680743952367,
-) -> torch.Tensor:
-    """Dispatch on the config's `student.loss`; returns the per-example loss."""
-    if name == "mixture":
-        return mixture(logits, t, log_t, lam, log_floor)
-    if name == "symmetric":
-        return symmetric(logits, t, log_t, alpha, beta, log_floor)
-    if name == "adaptive":
-        return confidence_adaptive(logits, t, log_t, threshold, log_floor)
-    if name == "aux_conf":
-        return aux_confidence(logits, t, aux_alpha)
-    if name == "kl":
-        return kl_forward(logits, t, log_t)
-    if name == "rkl":
-        return kl_reverse(logits, log_t, log_floor)
-    raise ValueError(f"unknown loss {name!r}")
+@dataclass(frozen=True)
+class LossOptions:
+    """The knobs of every loss; each loss reads the ones it needs."""
+
+    lam: float = 0.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    threshold: float = 0.5
+    aux_alpha: float = 0.0
+    log_floor: float = -18.420680743952367  # log(1e-8)
+
+
+# name (the config's `student.loss`) → per-example loss(logits, t, log_t, options)
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOptions], torch.Tensor]] = {
+    "mixture": lambda z, t, log_t, o: mixture(z, t, log_t, o.lam, o.log_floor),
+    "symmetric": lambda z, t, log_t, o: symmetric(z, t, log_t, o.alpha, o.beta, o.log_floor),
+    "adaptive": lambda z, t, log_t, o: confidence_adaptive(z, t, log_t, o.threshold, o.log_floor),
+    "aux_conf": lambda z, t, log_t, o: aux_confidence(z, t, o.aux_alpha),
+    "kl": lambda z, t, log_t, o: kl_forward(z, t, log_t),
+    "rkl": lambda z, t, log_t, o: kl_reverse(z, log_t, o.log_floor),
+}
+
+
+def student_loss(name: str, logits: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, **options: float) -> torch.Tensor:
+    """The per-example loss named by the config's `student.loss`; `options` are `LossOptions` fields."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; losses: {sorted(LOSSES)}")
+    return LOSSES[name](logits, t, log_t, LossOptions(**options))

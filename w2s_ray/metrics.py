@@ -1,12 +1,15 @@
-"""Evaluation metrics: plain torch, no Ray. Inputs are log-probabilities `[N, C]`."""
+"""Evaluation metrics: plain torch, no Ray. Inputs are log-probabilities `[N, C]`.
+
+`gold_ce` lives in `posterior` (the bias–variance split needs it) and is re-exported here."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from w2s_ray.posterior import entropy_from_probs, kl
+from w2s_ray.posterior import entropy_from_probs, gold_ce, kl
 
 
 def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -27,12 +30,39 @@ def mean_entropy(log_probs: torch.Tensor) -> float:
     return float(entropy_from_probs(log_probs.exp()).mean())
 
 
-def gold_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Cross-entropy risk on gold labels (= KL to the one-hot label)."""
-    return float(-log_probs.gather(-1, labels.view(-1, 1)).mean())
-
-
 def pgr(student: float, weak: float, ceiling: float) -> float:
     """Performance gap recovered: (student − weak) / (ceiling − weak); NaN when the gap is 0."""
     gap = ceiling - weak
     return (student - weak) / gap if abs(gap) > 1e-12 else math.nan
+
+
+@dataclass(frozen=True)
+class StudentEval:
+    """How a student does: the one set of columns the student stage, Tune trials and studies share."""
+
+    test_acc: float
+    test_gold_ce: float
+    misfit: float  # mean KL(student ‖ its target) on the transfer split
+    entropy_test: float
+    agree_ensemble_test: float
+    agree_single_test: float
+
+
+def evaluate_student(
+    log_test: torch.Tensor,
+    y_test: torch.Tensor,
+    log_transfer: torch.Tensor,
+    target_log_transfer: torch.Tensor,
+    ensemble_log_test: torch.Tensor,
+    single_log_test: torch.Tensor,
+) -> StudentEval:
+    """A student's log-probs on test (gold `y_test`) and on transfer (against the target it
+    learned from), and its agreement with the dual posterior mean and the single teacher."""
+    return StudentEval(
+        test_acc=accuracy(log_test, y_test),
+        test_gold_ce=gold_ce(log_test, y_test),
+        misfit=misfit(log_transfer, target_log_transfer),
+        entropy_test=mean_entropy(log_test),
+        agree_ensemble_test=agreement(log_test, ensemble_log_test),
+        agree_single_test=agreement(log_test, single_log_test),
+    )

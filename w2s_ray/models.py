@@ -2,7 +2,10 @@
 
 Every model maps float features `[batch, in_dim]` to logits `[batch, n_classes]`, so teachers,
 students and user models are interchangeable. A user model is named by import path
-`package.module:Class` in the config and imported only then.
+`package.module:Class` in the config and imported only then: `config.ModelConfig` resolves every
+name while a config is validated, so a bad one stops before Ray starts. This module does not
+import the config (the config imports it); `build_model` takes any object with `name`, `width`,
+`depth` and `kwargs`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import importlib
 import torch
 from torch import nn
 
-from w2s_ray.config import ModelConfig
 from w2s_ray.errors import ConfigError
 
 
@@ -72,19 +74,20 @@ def resolve(name: str) -> type[nn.Module]:
         return REGISTRY[name]
     if ":" not in name:
         raise ConfigError(
-            f"model.name={name!r} is not one of {sorted(REGISTRY)} nor an import path 'package.module:Class'"
+            f"{name!r} is not one of {sorted(REGISTRY)} nor an import path 'package.module:Class'"
         )
     mod_name, cls_name = name.split(":", 1)
     try:
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"model.name={name!r} could not be imported: {err}") from None
+        raise ConfigError(f"{name!r} could not be imported: {err}") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ConfigError(f"model.name={name!r} is not a torch.nn.Module subclass")
+        raise ConfigError(f"{name!r} is not a torch.nn.Module subclass")
     return cls
 
 
-def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
+def build_model(cfg, in_dim: int, n_classes: int) -> nn.Module:
+    """`cfg`: a `config.ModelConfig` (name, width, depth, kwargs)."""
     return resolve(cfg.name)(in_dim, n_classes, width=cfg.width, depth=cfg.depth, **cfg.kwargs)
 
 

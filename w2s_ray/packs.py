@@ -29,17 +29,33 @@ def teacher_seed(base_seed: int, teacher_id: int) -> int:
     return int(base_seed) * 1_000_003 + int(teacher_id)
 
 
+def _bootstrap(n: int, k_total: int, teacher_id: int, seed: int, base_seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=n)
+
+
+def _same_rows(n: int, k_total: int, teacher_id: int, seed: int, base_seed: int) -> np.ndarray:
+    return np.arange(n)
+
+
+def _disjoint(n: int, k_total: int, teacher_id: int, seed: int, base_seed: int) -> np.ndarray:
+    per = n // k_total
+    perm = np.random.default_rng(base_seed).permutation(n)
+    return np.sort(perm[teacher_id * per : (teacher_id + 1) * per])
+
+
+# name (the config's `teachers.resample`) → rows(n, k_total, teacher_id, seed, base_seed)
+RESAMPLERS: dict[str, Callable[[int, int, int, int, int], np.ndarray]] = {
+    "bootstrap": _bootstrap,  # a bootstrap resample drawn from the teacher's seed
+    "seed": _same_rows,  # every teacher on the same rows: only init and batch order differ
+    "disjoint": _disjoint,  # K disjoint subsets of one permutation (depends on K)
+}
+
+
 def teacher_indices(resample: str, n: int, k_total: int, teacher_id: int, seed: int, base_seed: int) -> np.ndarray:
     """Which weak-gold rows teacher `teacher_id` trains on (always the same length across teachers)."""
-    if resample == "bootstrap":
-        return np.random.default_rng(seed).integers(0, n, size=n)
-    if resample == "seed":
-        return np.arange(n)
-    if resample == "disjoint":
-        per = n // k_total
-        perm = np.random.default_rng(base_seed).permutation(n)
-        return np.sort(perm[teacher_id * per : (teacher_id + 1) * per])
-    raise ValueError(f"unknown resample {resample!r}")
+    if resample not in RESAMPLERS:
+        raise ValueError(f"unknown resample {resample!r}; schemes: {sorted(RESAMPLERS)}")
+    return RESAMPLERS[resample](n, k_total, teacher_id, seed, base_seed)
 
 
 def batch_order(seed: int, indices: np.ndarray, epochs: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -130,10 +146,15 @@ class TeacherPack:
         return [{k: v[i].detach().cpu().clone() for k, v in self.params.items()} for i in range(self.k)]
 
 
-def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """Fused Adam (one kernel for all parameters) where the device supports it; the pack and
-    the one-teacher reference use the same optimizer so that their parameters agree exactly."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def make_adam(params, lr: float, weight_decay: float, device: str | torch.device) -> torch.optim.Optimizer:
+    """Adam with one fused kernel for all parameters on devices that have it (CPU and CUDA),
+    the plain loop elsewhere. The pack and the one-teacher reference call this with the same
+    device, so that their parameters agree exactly."""
+    fused = torch.device(device).type in FUSED_ADAM_DEVICES
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def train_one(

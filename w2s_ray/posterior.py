@@ -46,6 +46,22 @@ def entropy_from_probs(p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * p.clamp_min(1e-45).log(), torch.zeros_like(p)).sum(-1)
 
 
+def gold_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy risk on gold labels (= KL to the one-hot label)."""
+    return float(-log_probs.gather(-1, labels.view(-1, 1)).mean())
+
+
+def bias_variance(logs: list[torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+    """Expected gold KL risk of a set of predictors = KL(y ‖ dual mean) + mean KL(dual mean ‖ each),
+    exactly (the Bregman bias–variance decomposition for KL)."""
+    stack = torch.stack(logs)
+    return {
+        "risk": float(np.mean([gold_ce(s, y) for s in logs])),
+        "bias": gold_ce(dual_mean_log(stack), y),
+        "variance": float(bregman_variance(stack).mean()),
+    }
+
+
 class PosteriorAccumulator:
     """Running sums over teachers for one split; `add` a pack at a time, `finalize` at the end."""
 

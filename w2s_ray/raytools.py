@@ -1,8 +1,9 @@
-"""Starting or joining Ray, and the small parallel map the data stage uses.
+"""Ray plumbing shared by the stages: starting or joining Ray, waiting on tasks, an actor pool.
 
 `init_ray` joins `ray.address` / RAY_ADDRESS when given (a cluster, or `ray job submit`),
-otherwise starts an embedded local Ray. It is called only after the config and any user data
-have been validated, so bad input never costs a Ray start.
+otherwise starts an embedded local Ray. `run.RunContext.ray()` calls it only when a stage has
+work to do, after the config and any user data have been validated, so bad input never costs a
+Ray start and a fully cached run starts no Ray at all.
 """
 
 from __future__ import annotations
@@ -10,33 +11,36 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 
-from w2s_ray.config import RayConfig
+# must be set before `ray.data` is imported: it fixes the reader's default (see configure_ray_data)
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+import torch  # noqa: E402
+
+from w2s_ray.config import RayConfig  # noqa: E402
+
+T = TypeVar("T")
 
 
 def configure_ray_data() -> None:
     """Ray 2.60's V2 Parquet reader starts many footer-reader actors: 25 s for 3,000 rows on 2 cores.
 
-    The V1 reader does the same read in 0.2 s. The env var must be set before `ray.data` is
-    imported (it fixes the default), the context flag covers an already-imported `ray.data`.
+    The V1 reader does the same read in 0.2 s. The env var (set at import unless you set it)
+    fixes the default; the context flag covers a `ray.data` imported before this module.
     """
-    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def init_ray(cfg: RayConfig | None = None) -> None:
+def init_ray(cfg: RayConfig) -> None:
     configure_ray_data()
-    import ray
-
     if ray.is_initialized():
         return
-    cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
@@ -50,27 +54,65 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 
 def alive_nodes() -> int:
-    import ray
-
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def cluster_resources() -> dict[str, float]:
-    import ray
+def gpu_device() -> str:
+    """The device a Ray worker should use: a GPU when Ray gave it one, else the CPU."""
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
-    return ray.cluster_resources()
+
+def as_completed(running: dict[Any, T]) -> Iterator[tuple[T, Any]]:
+    """Yield `(tag, ref)` for each task of `running` (ref → tag) as it finishes; the caller
+    `ray.get`s the ref (and may catch its error). Tasks added to `running` while iterating are
+    waited on too, so a caller can resubmit or keep a fixed number of tasks in flight."""
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        yield running.pop(ref), ref
 
 
 def parallel_map(fn: Callable, items: Iterable, num_cpus: float = 1.0) -> list:
     """`map` as Ray tasks, results in input order."""
-    import ray
-
     task = ray.remote(num_cpus=num_cpus)(_call)
     return ray.get([task.remote(fn, item) for item in items])
 
 
 def _call(fn: Callable, item: Any) -> Any:
     return fn(item)
+
+
+class ActorPool:
+    """Long-lived actors of one kind, started on demand and reused between calls.
+
+    Starting an actor costs about a second (a worker process importing torch), so a study that
+    trains many ensembles reuses them. Actors hold their CPUs/GPUs while alive: the owner
+    (`run.RunContext`) releases them when a stage no longer needs them, and on exit.
+    """
+
+    def __init__(self) -> None:
+        self.key: Hashable | None = None
+        self.actors: list = []
+
+    def get(self, key: Hashable, n: int, start: Callable[[], Any]) -> list:
+        """`n` actors started by `start()`; a different `key` (resources) starts fresh ones."""
+        if key != self.key:
+            self.release()
+            self.key = key
+        self.actors += [start() for _ in range(n - len(self.actors))]
+        return self.actors[:n]
+
+    def replace(self, dead, start: Callable[[], Any]):
+        """A fresh actor in place of one Ray gave up on (restarts used up, or its node gone)."""
+        ray.kill(dead)
+        new = start()
+        self.actors[self.actors.index(dead)] = new
+        return new
+
+    def release(self) -> None:
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors, self.key = [], None
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
@@ -80,4 +122,3 @@ def progress(label: str, done: int, total: int, extra: str = "") -> None:
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
-

@@ -9,14 +9,13 @@ every range for emptiness, before Ray starts.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from w2s_ray.config import ExperimentConfig, Strict, _format_errors
+from w2s_ray.config import ExperimentConfig, Strict, _format_errors, with_values
 from w2s_ray.errors import ConfigError
 
 TARGET_PARAM = "student.target"
@@ -57,15 +56,11 @@ class Scheduler(Strict):
 
 
 class Resources(Strict):
+    """A trial's resources; `load_space` fills them from `student.resources` when the space
+    file leaves them out."""
+
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0, description="fractions share a GPU between trials")
-
-
-class InjectFailure(Strict):
-    """For testing fault tolerance: the first trial to reach `epoch` raises once (marker file)."""
-
-    epoch: int = Field(1, ge=1)
-    marker: str
 
 
 class SearchSpace(Strict):
@@ -74,14 +69,13 @@ class SearchSpace(Strict):
     max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
     seed: int = 0
     scheduler: Scheduler = Field(default_factory=Scheduler)
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources | None = Field(None, description="per trial; default: the config's student.resources")
     max_failures: int = Field(2, ge=0)
     baseline: dict[str, Any] = Field(
         default_factory=lambda: {"student.rce_weight": 0.0},
         description="optuna: evaluated first (the forward-CE baseline)",
     )
     params: dict[str, Param] = Field(min_length=1)
-    inject_failure: InjectFailure | None = None
 
     @model_validator(mode="after")
     def _grid_is_discrete(self) -> "SearchSpace":
@@ -96,24 +90,10 @@ class SearchSpace(Strict):
 
 def apply_params(base: ExperimentConfig, point: dict[str, Any], source: str = "search space") -> ExperimentConfig:
     """The experiment config with a search point's values set (validated like any config)."""
-    data = copy.deepcopy(base.model_dump(mode="json"))
-    for dotted, value in point.items():
-        if dotted == TARGET_PARAM:
-            data["student"]["targets"] = [value]
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"{source}: parameter {dotted!r} is not a key of the experiment config")
-            node = node[p]
-        if leaf not in node and not (parents and parents[-1] == "kwargs"):
-            raise ConfigError(f"{source}: parameter {dotted!r} is not a key of the experiment config")
-        node[leaf] = value
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+    values = dict(point)
+    if TARGET_PARAM in values:
+        values["student.targets"] = [values.pop(TARGET_PARAM)]
+    return with_values(base, values, source)
 
 
 def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
@@ -137,6 +117,8 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
             apply_params(base, {name: value}, f"{path}: parameter {name!r} = {value!r}")
     for name, value in space.baseline.items():
         apply_params(base, {name: value}, f"{path}: baseline {name!r}")
+    if space.resources is None:
+        space.resources = Resources(cpu=base.student.resources.num_cpus, gpu=base.student.resources.num_gpus)
     return space
 
 

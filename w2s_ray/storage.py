@@ -2,29 +2,38 @@
 
 `output.root` is the one key. A plain path is used as it is (on a cluster: a filesystem every
 node mounts at the same path). For a URI the run lives in the store, and the driver works in a
-local copy of it (under `output.cache`):
+local copy of it (under `output.cache`).
 
-- every file an artifact writer finishes is uploaded at once, object stores by one atomic PUT,
-  filesystems under a temporary name then moved; a stage's manifest is written last, so a
-  stage counts as complete in the store only once all its files are there;
-- a stage missing locally is downloaded from the store before it is checked, so a run resumes
-  on another machine (a teacher stage pack by pack) and a finished one is never recomputed;
-- pseudo-labels are written and read by Ray Data directly in the store, and Tune keeps its
-  experiment state and checkpoints there, so workers on every node see the same files.
+`RunDir` is the run directory and the one place that talks to its store, with explicit verbs:
 
-Everything else keeps working on local paths; the stores are found by the local path a
-writer was given.
+- `write_*` / `atomic`: write a file locally under a temporary name, rename it, then `publish`
+  it (object stores: one atomic PUT; filesystems: a temporary name, then a move);
+- `write_manifest` last, so a stage counts as complete in the store only once all its files are;
+- `open_stage`: a stage's directory, with what the store holds of it `fetch`ed first when it is
+  not complete locally, so a run resumes on another machine (a teacher stage pack by pack) and a
+  finished stage is never recomputed;
+- `remote`: the store path of a local one, for Ray Data and Tune, which read and write the store
+  directly so that workers on every node see the same files.
+
+A `RunDir` is opened once per run by `run.RunContext` and passed down; there is no registry of
+stores. Opening a root pyarrow cannot open is a `ConfigError` naming `output.root`.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from w2s_ray import artifacts
+from w2s_ray.errors import ConfigError
 
 DEFAULT_CACHE = "~/.cache/w2s-ray"
 OBJECT_STORES = {"s3", "gcs", "abfs"}  # a PUT is atomic; there are no directories to move
@@ -42,128 +51,162 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 @dataclass(frozen=True)
 class Store:
-    """A run directory in a filesystem, and the local copy the driver works in."""
+    """The remote counterpart of a run directory."""
 
     fs: pafs.FileSystem
     base: str
-    local: Path
-
-    def path_of(self, local: Path) -> str:
-        rel = Path(os.path.abspath(local)).relative_to(self.local).as_posix()
-        return self.base if rel == "." else f"{self.base}/{rel}"
 
     @property
     def atomic_put(self) -> bool:
         return self.fs.type_name in OBJECT_STORES
 
 
-_STORES: dict[Path, Store] = {}
+@dataclass(frozen=True)
+class RunDir:
+    """A run's local working directory and, for a URI root, the store it mirrors."""
 
+    path: Path
+    store: Store | None = None
 
-def run_dir(root: str, name: str, cache: str | None = None) -> Path:
-    """The local directory a run's stages work in; for a URI root, its store is registered
-    (once: opening an object store may cost a network round trip)."""
-    if not is_uri(root):
-        return Path(root) / name
-    parts = urlsplit(root)  # the host, never the credentials a URI may carry
-    local = Path(os.path.abspath(Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name))
-    if local not in _STORES:
-        fs, base = open_filesystem(root)
-        _STORES[local] = Store(fs, f"{base}/{name}", local)
-    return local
+    @classmethod
+    def open(cls, root: str, name: str, cache: str | None = None) -> "RunDir":
+        if not is_uri(root):
+            return cls(Path(root) / name)
+        parts = urlsplit(root)  # the host, never the credentials a URI may carry
+        local = Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name
+        try:
+            fs, base = open_filesystem(root)
+        except Exception as err:  # pyarrow raises several kinds
+            raise ConfigError(f"output.root: cannot open {root!r} as a pyarrow filesystem URI: {err}") from None
+        return cls(Path(os.path.abspath(local)), Store(fs, f"{base}/{name}"))
 
+    def __truediv__(self, part: str) -> Path:
+        return self.path / part
 
-def store_of(path: Path) -> Store | None:
-    """The store whose local copy holds `path`, if any."""
-    if not _STORES:
-        return None
-    p = Path(os.path.abspath(path))
-    for local, store in _STORES.items():
-        if p == local or local in p.parents:
-            return store
-    return None
+    # --- paths ----------------------------------------------------------------------------
 
+    def stage(self, stage: str, key: str) -> Path:
+        return self.path / stage / key
 
-def remote(path: Path) -> tuple[pafs.FileSystem, str] | None:
-    """(filesystem, path) of `path` in its store, for Ray Data and Tune; None for a local run."""
-    store = store_of(path)
-    return (store.fs, store.path_of(path)) if store else None
+    def open_stage(self, stage: str, key: str) -> Path:
+        """A stage's directory; when it is not complete locally, what the store holds is fetched."""
+        d = self.stage(stage, key)
+        if not (d / artifacts.MANIFEST).is_file():
+            self.fetch(d)
+        return d
 
+    def remote_path(self, local: Path) -> str:
+        rel = Path(os.path.abspath(local)).relative_to(self.path).as_posix()
+        return self.store.base if rel == "." else f"{self.store.base}/{rel}"
 
-# --- keeping the store in step with the local copy ----------------------------------------
+    def remote(self, local: Path) -> tuple[pafs.FileSystem, str] | None:
+        """(filesystem, path) of `local` in the store, for Ray Data and Tune; None for a local run."""
+        return (self.store.fs, self.remote_path(local)) if self.store else None
 
+    # --- writing: locally, atomically, then published ------------------------------------
 
-def push(path: Path) -> None:
-    """Upload one finished local file."""
-    store = store_of(path)
-    if store is None:
-        return
-    dst = store.path_of(path)
-    parent = dst.rsplit("/", 1)[0]
-    store.fs.create_dir(parent, recursive=True)
-    tmp = dst if store.atomic_put else f"{parent}/.{Path(dst).name}.{uuid.uuid4().hex[:8]}.tmp"
-    pafs.copy_files(str(path), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=store.fs)
-    if tmp != dst:
-        store.fs.move(tmp, dst)
+    @contextmanager
+    def atomic(self, path: Path) -> Iterator[Path]:
+        """A temporary sibling of `path`, renamed onto it and published if the block succeeds."""
+        with artifacts.atomic_path(path) as tmp:
+            yield tmp
+        self.publish(Path(path))
 
+    def write_text(self, path: Path, text: str) -> Path:
+        artifacts.write_text(path, text)
+        self.publish(path)
+        return path
 
-def push_tree(directory: Path) -> None:
-    """Upload a directory written by a tool that writes its own files (TensorBoard)."""
-    if store_of(directory) is None:
-        return
-    for f in sorted(Path(directory).rglob("*")):
-        if f.is_file():
-            push(f)
+    def write_json(self, path: Path, obj: Any) -> Path:
+        artifacts.write_json(path, obj)
+        self.publish(path)
+        return path
 
+    def write_parquet(self, path: Path, table: pa.Table) -> Path:
+        artifacts.write_parquet(path, table)
+        self.publish(path)
+        return path
 
-def delete(path: Path) -> None:
-    """Delete the file or directory at `path` in the store, if there is one."""
-    store = store_of(path)
-    if store is None:
-        return
-    dst = store.path_of(path)
-    kind = store.fs.get_file_info(dst).type
-    if kind == pafs.FileType.Directory:
-        store.fs.delete_dir(dst)
-    elif kind == pafs.FileType.File:
-        store.fs.delete_file(dst)
+    def write_manifest(self, directory: Path, key: str, **extra: Any) -> dict:
+        """Last write of a stage: its files' sizes and checksums; marks it complete."""
+        manifest = artifacts.build_manifest(directory, key, **extra)
+        self.write_json(directory / artifacts.MANIFEST, manifest)
+        return manifest
 
+    def reset(self, directory: Path) -> Path:
+        """Start a stage afresh, here and in the store."""
+        self.delete(directory)
+        return artifacts.reset_dir(directory)
 
-def pull(directory: Path) -> bool:
-    """Download a directory from the store into the local copy (files there win over local
-    ones, local-only files stay); False when the store has nothing there."""
-    return pull_into(directory, directory)
+    def remove(self, path: Path) -> None:
+        """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
+        Path(path).unlink(missing_ok=True)
+        self.delete(path)
 
+    # --- the store ------------------------------------------------------------------------
 
-def pull_into(directory: Path, local: Path) -> bool:
-    """Download `directory`'s counterpart in the store into the local directory `local`."""
-    store = store_of(directory)
-    if store is None:
-        return False
-    src = store.path_of(directory)
-    if store.fs.get_file_info(src).type != pafs.FileType.Directory:
-        return False
-    infos = store.fs.get_file_info(pafs.FileSelector(src, recursive=True))
-    files = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
-    for info in files:
-        dst = Path(local) / info.path[len(src) + 1 :]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-        pafs.copy_files(info.path, str(tmp), source_filesystem=store.fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dst)
-    return bool(files)
+    def publish(self, path: Path) -> None:
+        """Upload one finished local file (nothing to do for a local run)."""
+        if self.store is None:
+            return
+        fs, dst = self.store.fs, self.remote_path(path)
+        parent = dst.rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        tmp = dst if self.store.atomic_put else f"{parent}/.{Path(dst).name}.{uuid.uuid4().hex[:8]}.tmp"
+        pafs.copy_files(str(path), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if tmp != dst:
+            fs.move(tmp, dst)
 
+    def publish_tree(self, directory: Path) -> None:
+        """Upload a directory written by a tool that writes its own files (TensorBoard)."""
+        if self.store is None:
+            return
+        for f in sorted(Path(directory).rglob("*")):
+            if f.is_file():
+                self.publish(f)
 
-def move_tree(src: Path, dst: Path) -> None:
-    """Rename a directory in the store too (object stores: copy, then delete)."""
-    store = store_of(src)
-    if store is None:
-        return
-    a, b = store.path_of(src), store.path_of(dst)
-    if store.fs.get_file_info(a).type != pafs.FileType.Directory:
-        return
-    if store.atomic_put:
-        pafs.copy_files(a, b, source_filesystem=store.fs, destination_filesystem=store.fs)
-        store.fs.delete_dir(a)
-    else:
-        store.fs.move(a, b)
+    def delete(self, path: Path) -> None:
+        """Delete the file or directory at `path` in the store, if there is one."""
+        if self.store is None:
+            return
+        fs, dst = self.store.fs, self.remote_path(path)
+        kind = fs.get_file_info(dst).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(dst)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(dst)
+
+    def fetch(self, directory: Path, into: Path | None = None) -> bool:
+        """Download `directory` from the store into the local copy (or into `into`); files from
+        the store win over local ones, local-only files stay. False when the store has nothing."""
+        if self.store is None:
+            return False
+        fs, src = self.store.fs, self.remote_path(directory)
+        if fs.get_file_info(src).type != pafs.FileType.Directory:
+            return False
+        infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+        files = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+        for info in files:
+            dst = Path(into or directory) / info.path[len(src) + 1 :]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+            pafs.copy_files(info.path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            os.replace(tmp, dst)
+        return bool(files)
+
+    def move_aside(self, directory: Path, new: Path) -> bool:
+        """Rename a directory here and in the store (object stores: copy, then delete)."""
+        moved = False
+        if self.store is not None:
+            fs, a, b = self.store.fs, self.remote_path(directory), self.remote_path(new)
+            if fs.get_file_info(a).type == pafs.FileType.Directory:
+                if self.store.atomic_put:
+                    pafs.copy_files(a, b, source_filesystem=fs, destination_filesystem=fs)
+                    fs.delete_dir(a)
+                else:
+                    fs.move(a, b)
+                moved = True
+        if directory.exists():
+            os.replace(directory, new)
+            moved = True
+        return moved

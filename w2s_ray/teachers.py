@@ -1,4 +1,4 @@
-"""The teacher ensemble on Ray: actors train packs of teachers; the driver collects them.
+"""The teacher stage on Ray: actors train packs of teachers; the driver collects them.
 
 The driver ships the weak, transfer and test inputs to the object store once, starts a few
 `PackTrainer` actors, hands each a pack of teacher ids at a time and collects packs with
@@ -20,15 +20,21 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
+from ray import exceptions as ray_errors
 
 from w2s_ray import artifacts
-from w2s_ray.config import ExperimentConfig, TeachersConfig
-from w2s_ray.raytools import progress
+from w2s_ray.config import TeacherResources, TeachersConfig
+from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
+from w2s_ray.raytools import as_completed, gpu_device, progress
+from w2s_ray.run import DataStage, RunContext, TeacherStage
+from w2s_ray.storage import RunDir
 
 PRED_SPLITS = ("transfer", "test")
 
@@ -41,14 +47,14 @@ def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]
     return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
-def default_num_actors(cfg: TeachersConfig, resources: dict[str, float]) -> int:
+def default_num_actors(res: TeacherResources, cluster: dict[str, float]) -> int:
     """As many actors as the cluster's resources hold at once (never more: an actor that cannot be
     placed would sit on its pre-assigned pack forever while the placed ones idle)."""
-    fit = int(resources.get("CPU", 1) // cfg.num_cpus_per_actor)
-    if cfg.num_gpus_per_actor > 0:
-        fit = min(fit, int(resources.get("GPU", 0) / cfg.num_gpus_per_actor))
+    fit = int(cluster.get("CPU", 1) // res.num_cpus_per_actor)
+    if res.num_gpus_per_actor > 0:
+        fit = min(fit, int(cluster.get("GPU", 0) / res.num_gpus_per_actor))
     fit = max(1, fit)
-    return min(cfg.num_actors, fit) if cfg.num_actors else fit
+    return min(res.num_actors, fit) if res.num_actors else fit
 
 
 def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
@@ -63,10 +69,6 @@ def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
 
 def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
     """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
-    import torch
-
-    from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
-
     t0 = time.perf_counter()
     # arrays from the object store are read-only; torch.tensor copies them into writable memory
     x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
@@ -74,7 +76,7 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     n = len(y_weak)
     seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
     index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(teacher_ids, seeds)]
-    pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.compile)
+    pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.resources.compile)
     steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
     out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
     for split in PRED_SPLITS:
@@ -86,82 +88,36 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     return out
 
 
-def _pack_trainer_class():
-    import ray
+@ray.remote
+class PackTrainer:
+    """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
+    actor (after a node loss) retries its pack with nothing to recover."""
 
-    @ray.remote
-    class PackTrainer:
-        """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
-        actor (after a node loss) retries its pack with nothing to recover."""
+    def __init__(self, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = gpu_device()
+        self.node = ray.get_runtime_context().get_node_id()
 
-        def __init__(self, threads: int):
-            import torch
-
-            torch.set_num_threads(max(1, threads))
-            gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-            self.device = "cuda" if gpu else "cpu"
-            self.node = ray.get_runtime_context().get_node_id()
-
-        def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
-            cfg = TeachersConfig.model_validate(cfg_json)
-            out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
-            # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
-            out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-            return out
-
-    return PackTrainer
+    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
+        cfg = TeachersConfig.model_validate(cfg_json)
+        out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
+        # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
+        return out
 
 
-class ActorPool:
-    """The pack-training actors of this driver, kept between calls of `train_teachers`.
-
-    Starting an actor costs about a second (a worker process importing torch); studies that
-    train many ensembles reuse the pool. Actors hold their CPUs/GPUs while alive, so the
-    pipeline releases the pool before students need those resources.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.actors: list = []
-
-    def _start(self, cfg: TeachersConfig):
-        trainer = _pack_trainer_class().options(
-            num_cpus=cfg.num_cpus_per_actor,
-            num_gpus=cfg.num_gpus_per_actor,
-            max_restarts=cfg.max_retries,
-            max_task_retries=cfg.max_retries,
-            scheduling_strategy="SPREAD",
-        )
-        return trainer.remote(max(1, int(cfg.num_cpus_per_actor)))
-
-    def get(self, cfg: TeachersConfig, n: int) -> list:
-        key = (cfg.num_cpus_per_actor, cfg.num_gpus_per_actor, cfg.max_retries)
-        if key != self.key:
-            self.release()
-            self.key = key
-        self.actors += [self._start(cfg) for _ in range(n - len(self.actors))]
-        return self.actors[:n]
-
-    def replace(self, cfg: TeachersConfig, dead):
-        """A fresh actor in place of one Ray gave up on (restarts used up, or its node gone)."""
-        import ray
-
-        ray.kill(dead)
-        new = self._start(cfg)
-        self.actors[self.actors.index(dead)] = new
-        return new
-
-    def release(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            for actor in self.actors:
-                ray.kill(actor)
-        self.actors, self.key = [], None
-
-
-POOL = ActorPool()
+def actor_starter(res: TeacherResources):
+    """(pool key, start()) for `raytools.ActorPool`: actors with these resources, SPREAD over nodes."""
+    options = PackTrainer.options(
+        num_cpus=res.num_cpus_per_actor,
+        num_gpus=res.num_gpus_per_actor,
+        max_restarts=res.max_retries,
+        max_task_retries=res.max_retries,
+        scheduling_strategy="SPREAD",
+    )
+    key = (res.num_cpus_per_actor, res.num_gpus_per_actor, res.max_retries)
+    return key, lambda: options.remote(max(1, int(res.num_cpus_per_actor)))
 
 
 # --- on-disk layout ------------------------------------------------------------------------
@@ -171,7 +127,7 @@ def pack_path(stage: Path, split: str, pack_index: int) -> Path:
     return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
 
 
-def write_pack(stage: Path, result: dict[str, Any]) -> None:
+def write_pack(run: RunDir, stage: Path, result: dict[str, Any]) -> None:
     """Predictions first (one file per split), then the pack's metadata row: its marker of completion."""
     ids = np.asarray(result["teacher_ids"], dtype=np.int32)
     for split in PRED_SPLITS:
@@ -185,7 +141,7 @@ def write_pack(stage: Path, result: dict[str, Any]) -> None:
                 "logp": pa.FixedSizeListArray.from_arrays(flat, c),
             }
         )
-        artifacts.write_parquet(pack_path(stage, split, result["pack"]), table)
+        run.write_parquet(pack_path(stage, split, result["pack"]), table)
     meta = pa.table(
         {
             "teacher_id": ids,
@@ -198,21 +154,13 @@ def write_pack(stage: Path, result: dict[str, Any]) -> None:
             "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
         }
     )
-    artifacts.write_parquet(stage / "packs" / f"pack-{result['pack']:05d}.parquet", meta)
+    run.write_parquet(stage / "packs" / f"pack-{result['pack']:05d}.parquet", meta)
 
 
 def finished_packs(stage: Path) -> pa.Table | None:
     files = sorted((stage / "packs").glob("pack-*.parquet"))
     # promote: packs written before a column was added (provenance) still concatenate
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
-
-
-def read_teacher_table(stage: Path, k: int) -> pa.Table:
-    """Teachers 0..k-1 of a stage that may hold more (an extended ensemble)."""
-    import pyarrow.compute as pc
-
-    t = pq.read_table(stage / "teachers.parquet")
-    return t.filter(pc.less(t["teacher_id"], k))
 
 
 def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,45 +176,71 @@ def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = Non
     return teacher_ids, logp.reshape(len(teacher_ids), -1, c)
 
 
+def iter_pack_logp(teachers: TeacherStage, split: str, k: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(teacher ids, `[k, N, C]` log-probs) pack after pack, teachers below `k` (default: the
+    stage's K): the one way every posterior pass (labels, studies) reads an ensemble."""
+    for p in teachers.packs:
+        ids, logp = read_pack_logp(teachers.dir, split, p, teachers.k if k is None else k)
+        if len(ids):
+            yield ids, torch.tensor(logp)  # a copy: Arrow buffers are read-only
+
+
 # --- the stage -----------------------------------------------------------------------------
 
-
-def _lost_errors() -> tuple[type[Exception], ...]:
-    """Failures of the system (a dead actor, worker or node; a lost result), not of training."""
-    from ray import exceptions as e
-
-    return (e.RayActorError, e.ObjectLostError, e.WorkerCrashedError, e.NodeDiedError)
+LOST_ERRORS = (ray_errors.RayActorError, ray_errors.ObjectLostError, ray_errors.WorkerCrashedError, ray_errors.NodeDiedError)
+"""Failures of the system (a dead actor, worker or node; a lost result), not of training."""
 
 
 def log_lost(pack: int, err: Exception) -> None:
     sys.stderr.write(f"\nteachers: pack {pack} lost ({type(err).__name__}); queued again\n")
 
 
-def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: Path) -> pa.Table:
+def stage_teachers(ctx: RunContext, data: DataStage) -> TeacherStage:
+    """The first K teachers: cached, extended with the missing ones, or resumed pack by pack."""
+    tcfg = ctx.cfg.teachers
+    d = ctx.run.open_stage("teachers", ctx.keys.teachers)
+    manifest = artifacts.read_manifest(d)
+    if manifest is None or manifest["k"] < tcfg.k:
+        ctx.ray()
+        have = f" (extending the {manifest['k']} on disk)" if manifest else ""
+        ctx.log(f"teachers: training K={tcfg.k} {tcfg.model.name} teachers{have} → {d}")
+        d.mkdir(parents=True, exist_ok=True)
+        ctx.run.remove(d / artifacts.MANIFEST)
+        try:
+            table = train_teachers(ctx, data, d)
+        finally:
+            ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs
+        ctx.run.write_parquet(d / "teachers.parquet", table)
+        acc = table["acc_test"].to_numpy()
+        packs = sorted(set(table["pack"].to_pylist()))
+        manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
+    else:
+        ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
+    return TeacherStage(d, tcfg.k, manifest["packs"])
+
+
+def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
-    import ray
-
-    from w2s_ray.raytools import cluster_resources
-
-    tcfg = cfg.teachers
-    lost_errors = _lost_errors()
+    tcfg = ctx.cfg.teachers
+    res = tcfg.resources
     done = finished_packs(stage)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
-    n_actors = default_num_actors(tcfg, cluster_resources())
-    packs = plan_packs(todo, n_actors, tcfg.max_pack_size)
+    n_actors = default_num_actors(res, ray.cluster_resources())
+    packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
-        data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
-        data_ref = ray.put(data)
+        splits = data.splits
+        data_ref = ray.put({f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits})
         cfg_json = tcfg.model_dump(mode="json")
-        actors = POOL.get(tcfg, min(n_actors, len(packs)))
+        key, start = actor_starter(res)
+        actors = ctx.pool.get(key, min(n_actors, len(packs)), start)
         queue = list(enumerate(packs, start=next_pack))
-        running: dict[Any, Any] = {}
+        running: dict[Any, tuple] = {}
 
         def submit(actor) -> None:
             p, ids = queue.pop(0)
-            running[actor.train.remote(data_ref, cfg_json, n_classes, p, ids)] = (actor, p, ids)
+            running[actor.train.remote(data_ref, cfg_json, data.n_classes, p, ids)] = (actor, p, ids)
 
         for actor in actors:
             if queue:
@@ -274,25 +248,21 @@ def train_teachers(cfg: ExperimentConfig, splits: dict, n_classes: int, stage: P
         n_done, t0 = len(done_ids), time.perf_counter()
         requeued: dict[int, int] = {}
         progress("teachers", n_done, tcfg.k)
-        while running:
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor, p, ids = running.pop(ref)
+        for (actor, p, ids), ref in as_completed(running):
             try:
                 result = ray.get(ref)
-            except lost_errors as err:
+            except LOST_ERRORS as err:
                 # Ray's own restarts and retries did not save this pack: queue it again
                 requeued[p] = requeued.get(p, 0) + 1
-                if requeued[p] > tcfg.max_retries + 1:
+                if requeued[p] > res.max_retries + 1:
                     raise
                 log_lost(p, err)
                 queue.insert(0, (p, ids))
-                actor = POOL.replace(tcfg, actor) if isinstance(err, ray.exceptions.RayActorError) else actor
-                submit(actor)
+                submit(ctx.pool.replace(actor, start) if isinstance(err, ray_errors.RayActorError) else actor)
                 continue
-            write_pack(stage, result)
+            write_pack(ctx.run, stage, result)
             n_done += len(result["teacher_ids"])
             progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")
             if queue:
                 submit(actor)
-    table = finished_packs(stage)
-    return table.sort_by("teacher_id")
+    return finished_packs(stage).sort_by("teacher_id")

@@ -13,37 +13,53 @@ are recorded for every trial, and `selection: oracle` selects on `test_acc` inst
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pandas as pd
+import ray
 import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from w2s_ray import artifacts, storage
+from w2s_ray import metrics
 from w2s_ray.config import ExperimentConfig, to_yaml
 from w2s_ray.errors import W2SError
+from w2s_ray.labels import target_of
+from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
+from w2s_ray.run import RunContext, Stages
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
+from w2s_ray.students import StudentInputs
+from w2s_ray.training import holdout_split, load_student, predict_log, train_student
 
 REALISTIC = ("val_teacher_ce", "min")
 ORACLE = ("test_acc", "max")
+METRICS = ["val_teacher_ce", "val_agreement", *(f.name for f in dataclasses.fields(metrics.StudentEval)), "pgr_vs_teacher", "pgr_vs_ensemble", "best_epoch", "epoch"]
+
+
+@dataclass(frozen=True)
+class TrialFault:
+    """For tests of fault tolerance only (not in the space schema): the first trial to reach
+    `epoch` raises once; `marker` is the file that says it has."""
+
+    epoch: int
+    marker: str
 
 
 # --- the trial (runs in a Ray worker) ------------------------------------------------------
 
 
-def student_trial(config: dict, data: dict, base: dict, refs: dict, inject: dict | None = None) -> None:
-    from ray import tune
-
-    from w2s_ray import metrics as M
-    from w2s_ray.config import ExperimentConfig
-    from w2s_ray.labels import target_of
-    from w2s_ray.student import holdout_split, load_student, predict_log, train_student
-
+def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None) -> None:
     cfg = apply_params(ExperimentConfig.model_validate(base), config)
     s = cfg.student
     torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
@@ -67,22 +83,18 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, inject: dict
             model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
             log_test = predict_log(model, data["x_test"])
             log_tr = predict_log(model, x)
-            acc = M.accuracy(log_test, data["y_test"])
+            evaluation = metrics.evaluate_student(log_test, data["y_test"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
             current.update(
                 val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
-                val_agreement=M.agreement(log_tr[hold], labels["logt_dual"][hold]),
-                test_acc=acc,
-                test_gold_ce=M.gold_ce(log_test, data["y_test"]),
-                pgr_vs_teacher=M.pgr(acc, refs["weak_acc"], refs["ceiling_acc"]),
-                pgr_vs_ensemble=M.pgr(acc, refs["ensemble_acc"], refs["ceiling_acc"]),
-                misfit=M.misfit(log_tr, log_t),
-                entropy_test=M.mean_entropy(log_test),
-                agree_ensemble_test=M.agreement(log_test, data["test_dual_log"]),
+                val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
+                **dataclasses.asdict(evaluation),
+                pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
+                pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
                 best_epoch=rec["epoch"],
             )
-        if inject and rec["epoch"] == inject["epoch"] and not os.path.exists(inject["marker"]):
-            Path(inject["marker"]).write_text("failed once\n")
-            raise RuntimeError("injected failure (inject_failure in the search space)")
+        if fault and rec["epoch"] == fault.epoch and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text("failed once\n")
+            raise RuntimeError("injected failure (TrialFault)")
         with tempfile.TemporaryDirectory() as d:
             torch.save({**state, "metrics": current}, Path(d) / "state.pt")
             tune.report({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current}, checkpoint=tune.Checkpoint.from_directory(d))
@@ -94,8 +106,6 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, inject: dict
 
 
 def tune_param(p) -> Any:
-    from ray import tune
-
     if p.type == "uniform":
         return tune.uniform(p.low, p.high)
     if p.type == "loguniform":
@@ -116,23 +126,17 @@ def max_concurrent(space: SearchSpace, resources: dict[str, float]) -> int:
     return max(1, min(space.max_concurrent or n, n))
 
 
-def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir: Path, trainable, resume: bool):
-    import ray
-    from ray import tune
-
+def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path, trainable, resume: bool):
+    cfg = ctx.cfg
     metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
     # Tune keeps its experiment state and checkpoints in the run's store when it has one
-    fs, experiment = storage.remote(search_dir) or (None, str(search_dir.resolve()))
+    fs, experiment = ctx.run.remote(search_dir) or (None, str(search_dir.resolve()))
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     param_space = {k: tune_param(p) for k, p in space.params.items()}
     limit = max_concurrent(space, ray.cluster_resources())
     search_alg = None
     if space.search == "optuna":
-        import optuna
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         search_dir.mkdir(parents=True, exist_ok=True)
         study_db = optuna.storages.RDBStorage(f"sqlite:///{(search_dir / 'optuna.db').resolve()}")
         baseline = baseline_point(space, cfg) if space.baseline else None
@@ -146,13 +150,9 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
         )
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=limit)
     elif space.search == "random":
-        from ray.tune.search import BasicVariantGenerator
-
         search_alg = BasicVariantGenerator(random_state=space.seed, max_concurrent=limit)
     scheduler = None
     if space.scheduler.type == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.student.epochs, grace_period=min(space.scheduler.grace_period, cfg.student.epochs), reduction_factor=space.scheduler.reduction_factor)
     return tune.Tuner(
         trainable,
@@ -172,64 +172,52 @@ def build_tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir
 # --- the search ----------------------------------------------------------------------------
 
 
-def trial_data(st) -> tuple[dict, dict]:
+def trial_data(ctx: RunContext, stages: Stages) -> tuple[dict, dict]:
     """What every trial needs, read once: pseudo-labels through Ray Data, test split, references."""
-    from w2s_ray.students import StudentInputs
-    from w2s_ray.teachers import read_teacher_table
-
-    inputs = StudentInputs.load(st, st.data, st.labels_dir)
+    inputs = StudentInputs.load(ctx, stages.data, stages.labels)
     keep = ("x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single")
     data = {
         "labels": {k: inputs.labels[k] for k in keep},
         "x_test": inputs.test["x"],
         "y_test": inputs.test["y"],
         "test_dual_log": inputs.test["dual_log"],
+        "test_single_log": inputs.test["single_log"],
         "y_transfer": inputs.y_gold,
     }
-    teachers = read_teacher_table(st.teachers_dir, st.cfg.teachers.k)["acc_test"].to_numpy()
-    posterior = artifacts.read_json(st.labels_dir / "posterior.json")
     refs = {
-        "n_classes": st.data.n_classes,
-        "weak_acc": float(teachers.mean()),
-        "ensemble_acc": posterior["test_acc_dual"],
-        "ceiling_acc": st.students["gold"]["test_acc"],
+        "n_classes": stages.data.n_classes,
+        "weak_acc": float(stages.teachers.accuracies().mean()),
+        "ensemble_acc": stages.labels.posterior.test_acc_dual,
+        "ceiling_acc": stages.students.ceiling.test_acc,
     }
     return data, refs
 
 
-def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool = False) -> dict[str, Any]:
-    from ray import tune
-
-    from w2s_ray.pipeline import log, run_pipeline
-
-    base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True})})
-    st = run_pipeline(base, until="student")  # teachers, labels, ceiling: cached after the first run
-    search_dir = cfg.run_dir / "tune" / name
+def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None) -> dict[str, Any]:
+    """A Tune search over the student on the run's cached stages (which must include the ceiling)."""
+    search_dir = ctx.run / "tune" / name
     if resume:
-        storage.pull(search_dir)  # the Optuna study of a search begun on another machine
+        ctx.run.fetch(search_dir)  # the Optuna study of a search begun on another machine
     else:
         old = search_dir.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        storage.move_tree(search_dir, old)
-        if search_dir.exists():
-            os.replace(search_dir, old)
-            log(f"tune: a previous search moved to {old}")
+        if ctx.run.move_aside(search_dir, old):
+            ctx.log(f"tune: a previous search moved to {old}")
     search_dir.parent.mkdir(parents=True, exist_ok=True)
     # short epochs make Tune snapshot its state often (to never point at a deleted checkpoint)
     # and warn about it on every snapshot; the snapshot is cheap on local disk
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    data, refs = trial_data(st)
+    data, refs = trial_data(ctx, stages)
     refs["cpus"] = space.resources.cpu
-    inject = space.inject_failure.model_dump() if space.inject_failure else None
     trainable = tune.with_resources(
-        tune.with_parameters(student_trial, data=data, base=base.model_dump(mode="json"), refs=refs, inject=inject),
+        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
     )
-    log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
+    ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
     t0 = time.perf_counter()
-    grid = build_tuner(base, space, name, search_dir, trainable, resume).fit()
+    grid = build_tuner(ctx, space, name, search_dir, trainable, resume).fit()
     if (search_dir / "optuna.db").is_file():
-        storage.push(search_dir / "optuna.db")
-    log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
+        ctx.run.publish(search_dir / "optuna.db")
+    ctx.log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
     expected = space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
     if grid.num_terminated + grid.num_errors < max(len(grid), expected):
         raise W2SError(
@@ -237,7 +225,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
             f"continue it with: w2s-ray tune ... --space ... --resume"
         )
     table = trials_table(grid, list(space.params))
-    return write_outputs(cfg, space, name, search_dir, table, refs)
+    return write_outputs(ctx, space, search_dir, table, refs)
 
 
 def trials_table(grid, param_names: list[str]) -> pd.DataFrame:
@@ -246,30 +234,26 @@ def trials_table(grid, param_names: list[str]) -> pd.DataFrame:
         m = r.metrics or {}
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "ERROR" if r.error else "TERMINATED"}
         row.update({k: r.config.get(k) for k in param_names})
-        for key in ("val_teacher_ce", "val_agreement", "test_acc", "test_gold_ce", "pgr_vs_teacher", "pgr_vs_ensemble", "misfit", "entropy_test", "agree_ensemble_test", "best_epoch", "epoch"):
-            row[key] = m.get(key, math.nan)
+        row.update({key: m.get(key, math.nan) for key in METRICS})
         row["wall_s"] = m.get("time_total_s", math.nan)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_outputs(cfg: ExperimentConfig, space: SearchSpace, name: str, search_dir: Path, table: pd.DataFrame, refs: dict) -> dict[str, Any]:
-    import pyarrow as pa
-
-    from w2s_ray.report import plot_capacity, plot_heatmaps
-
-    artifacts.write_parquet(search_dir / "trials.parquet", pa.Table.from_pandas(table, preserve_index=False))
-    with artifacts.atomic_path(search_dir / "trials.csv") as tmp:
+def write_outputs(ctx: RunContext, space: SearchSpace, search_dir: Path, table: pd.DataFrame, refs: dict) -> dict[str, Any]:
+    run = ctx.run
+    write_table(run, search_dir / "trials.parquet", table)
+    with run.atomic(search_dir / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
     ok = table.dropna(subset=["test_acc"])
-    metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
+    metric, mode = ORACLE if ctx.cfg.student.selection == "oracle" else REALISTIC
     pick = ok.loc[ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()]
     oracle = ok.loc[ok["test_acc"].idxmax()]
-    params = [c for c in space.params]
-    best_cfg = apply_params(cfg, {k: _plain(pick[k]) for k in params})
-    artifacts.write_text(search_dir / "best.yaml", to_yaml(best_cfg))
-    plot_heatmaps(table, search_dir / "heatmap.png")
-    plot_capacity(table, search_dir / "capacity.png")
+    params = list(space.params)
+    best_cfg = apply_params(ctx.cfg, {k: _plain(pick[k]) for k in params})
+    run.write_text(search_dir / "best.yaml", to_yaml(best_cfg))
+    plot_heatmaps(run, table, search_dir / "heatmap.png")
+    plot_capacity(run, table, search_dir / "capacity.png")
     summary = {
         "selection_metric": metric,
         "chosen": {k: _plain(v) for k, v in pick.items()},
@@ -279,7 +263,7 @@ def write_outputs(cfg: ExperimentConfig, space: SearchSpace, name: str, search_d
         "n_trials": int(len(table)),
         "n_errors": int((table["status"] == "ERROR").sum()),
     }
-    artifacts.write_json(search_dir / "summary.json", summary)
+    run.write_json(search_dir / "summary.json", summary)
     cols = params + ["val_teacher_ce", "test_acc", "pgr_vs_teacher", "pgr_vs_ensemble", "epoch", "wall_s"]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print(table.sort_values("test_acc", ascending=False)[cols].to_string(index=False))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from w2s_ray.config import ModelConfig, StudentConfig
-from w2s_ray.student import holdout_split, predict_log, load_student, train_student
+from w2s_ray.training import holdout_split, load_student, predict_log, random_roll, train_student
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,6 @@ def test_resume_from_an_epoch_checkpoint_gives_the_same_student(toy):
 
 
 def test_random_roll_shifts_each_row_circularly():
-    from w2s_ray.student import random_roll
-
     x = torch.arange(20.0).view(2, 10)
     gen = torch.Generator().manual_seed(0)
     rolled = random_roll(x, 3, gen)

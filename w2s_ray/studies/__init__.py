@@ -1,0 +1,13 @@
+"""Studies: experiments with a Markdown report, each a module with two functions.
+
+- `needs(cfg) -> list[StageRequest]`: the runs of the pipeline it reads (configs and how far);
+  `pipeline.run_study` runs them first, from the cache where it can.
+- `run(ctx, done, out) -> Path`: the experiment on those stage results (`done[name]`), writing
+  `out/report.md`, its figures, and the Parquet table behind every figure.
+
+`STUDIES` maps the CLI's `w2s-ray study KIND` to the module.
+"""
+
+from w2s_ray.studies import theory, variance
+
+STUDIES = {"variance": variance, "theory": theory}
