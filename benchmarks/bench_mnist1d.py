@@ -10,7 +10,7 @@ import argparse
 import common  # noqa: F401
 
 from w2s_ray.config import DataConfig
-from w2s_ray.data import load_mnist1d, mnist1d_chunk, mnist1d_plan
+from w2s_ray.mnist1d_gen import load_mnist1d, mnist1d_chunk, mnist1d_plan
 
 
 def main() -> None:

@@ -17,10 +17,12 @@ import common  # noqa: F401  (sets Ray env defaults)
 import torch
 
 from w2s_ray.config import load_config
-from w2s_ray.data import load_mnist1d, make_splits
+from w2s_ray.data import make_splits
+from w2s_ray.mnist1d_gen import load_mnist1d
 from w2s_ray.packs import steps_per_teacher, teacher_indices, teacher_seed, train_one
 from w2s_ray.run import DataStage, RunContext
-from w2s_ray.teachers import train_pack_local, train_teachers
+from w2s_ray.teachers import train_teachers
+from w2s_ray.workers import train_pack_local
 
 
 def main() -> None:

@@ -18,9 +18,6 @@ from w2s_ray.storage import RunDir  # noqa: E402
 def ray_session():
     import ray
 
-    from w2s_ray.raytools import configure_ray_data  # imports Ray: only for tests that start it
-
-    configure_ray_data()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, logging_level="WARNING")
     yield ray

@@ -107,10 +107,10 @@ def test_override_into_a_value_that_is_not_a_section(tmp_path):
 def test_every_name_the_schema_allows_has_a_registry_entry():
     from typing import get_args
 
-    from w2s_ray import config, data, labels, losses, packs
+    from w2s_ray import config, data, losses, packs, training
 
     assert set(get_args(config.LossName)) == set(losses.LOSSES)
-    assert set(get_args(config.TargetName)) == set(labels.TARGETS)
+    assert set(get_args(config.TargetName)) == set(training.TARGETS)
     assert set(get_args(config.ResampleName)) == set(packs.RESAMPLERS)
     assert set(get_args(config.SourceName)) == set(data.SOURCES)
 

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from w2s_ray.config import DataConfig
-from w2s_ray.data import load_parquet, make_splits, mnist1d_plan
+from w2s_ray.data import load_parquet, make_splits
+from w2s_ray.mnist1d_gen import mnist1d_plan
 from w2s_ray.errors import DataError
 
 

@@ -4,7 +4,7 @@ import torch
 
 from w2s_ray.config import ModelConfig, TeachersConfig
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed, train_one
-from w2s_ray.teachers import teacher_view
+from w2s_ray.workers import teacher_view
 
 
 @pytest.fixture(scope="module")

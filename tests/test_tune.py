@@ -18,7 +18,7 @@ from w2s_ray.config import load_config, to_yaml
 from w2s_ray.errors import ConfigError
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.space import load_space
-from w2s_ray.tune import TrialFault
+from w2s_ray.trial import TrialFault
 
 SPACE = {
     "search": "optuna",

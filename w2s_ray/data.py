@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import mnist1d.data
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +26,7 @@ import sklearn.datasets
 from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig
 from w2s_ray.errors import DataError
+from w2s_ray.mnist1d_gen import load_mnist1d
 from w2s_ray.raytools import parallel_map
 from w2s_ray.run import DataStage, RunContext, Split
 
@@ -34,29 +34,6 @@ SPLITS = ("weak", "transfer", "test")
 
 
 # --- sources -------------------------------------------------------------------------------
-
-
-def mnist1d_chunk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` MNIST-1D samples from the package's own `make_dataset` (never its download path)."""
-    args = mnist1d.data.get_dataset_args()
-    args.num_samples = n
-    args.train_split = 1.0
-    args.seed = int(seed)
-    d = mnist1d.data.make_dataset(args)
-    return d["x"].astype(np.float32), d["y"].astype(np.int64)
-
-
-def mnist1d_plan(cfg: DataConfig) -> list[tuple[int, int]]:
-    """(size, seed) per chunk; sizes are multiples of 10 because make_dataset balances classes."""
-    total = -(-cfg.num_samples // 10) * 10
-    chunk = max(10, cfg.chunk_size // 10 * 10)
-    sizes = [min(chunk, total - s) for s in range(0, total, chunk)]
-    return [(n, cfg.seed * 100_003 + i) for i, n in enumerate(sizes)]
-
-
-def load_mnist1d(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(map_fn(lambda a: mnist1d_chunk(*a), mnist1d_plan(cfg)))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,8 @@ from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students
 from w2s_ray.teachers import stage_teachers
-from w2s_ray.tune import TrialFault, run_search
+from w2s_ray.tune import run_search
+from w2s_ray.trial import TrialFault
 
 
 def run_stages(ctx: RunContext, until: str = "report") -> Stages:

@@ -1,5 +1,7 @@
 """Ray plumbing shared by the stages: starting or joining Ray, waiting on tasks, an actor pool.
 
+It imports Ray core only (not Ray Data or Tune), because Ray workers import it too.
+
 `init_ray` joins `ray.address` / RAY_ADDRESS when given (a cluster, or `ray job submit`),
 otherwise starts an embedded local Ray. `run.RunContext.ray()` calls it only when a stage has
 work to do, after the config and any user data have been validated, so bad input never costs a
@@ -8,37 +10,19 @@ Ray start and a fully cached run starts no Ray at all.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 
-# must be set before `ray.data` is imported: it fixes the reader's default (see configure_ray_data)
-os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+import ray
+import torch
 
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-import torch  # noqa: E402
-
-from w2s_ray.config import RayConfig  # noqa: E402
+from w2s_ray.config import RayConfig
 
 T = TypeVar("T")
 
 
-def configure_ray_data() -> None:
-    """Ray 2.60's V2 Parquet reader starts many footer-reader actors: 25 s for 3,000 rows on 2 cores.
-
-    The V1 reader does the same read in 0.2 s. The env var (set at import unless you set it)
-    fixes the default; the context flag covers a `ray.data` imported before this module.
-    """
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def init_ray(cfg: RayConfig) -> None:
-    configure_ray_data()
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -18,7 +18,8 @@ import: a worker asks for a device only when Ray gave it a GPU. The one function
 is in `cli`, which imports the pipeline only once the config (and search space) validated, so
 a bad input answers in seconds instead of waiting for Ray, Tune and the dataset packages; figures
 use matplotlib's object API, so no pyplot backend is switched in the caller. Modules form a
-stack with no cycles: `config` → math → `storage` → `raytools` → `run` → stages (`data`,
+stack with no cycles: `config` → math → `storage` → `raytools` → `run` → what Ray workers run
+(`workers`, `trial`: kept light, since every worker process imports them) → stages (`data`,
 `teachers`, `labels`, `students`) → `report`, `tune`, `studies` → `pipeline` → `cli`; only
 `cli` imports `pipeline`.
 """

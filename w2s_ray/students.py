@@ -1,8 +1,9 @@
 """The student stage on Ray: one task per target (and one for the gold ceiling), in parallel.
 
 The driver reads the pseudo-labels once through Ray Data, puts the tensors in the object store
-(`StudentInputs`), and each task trains a student with `training.train_student`, evaluates it
-with `metrics.evaluate_student` and returns a `StudentResult` with its weights; the driver writes
+(`StudentInputs`), and each task (`workers.student_task`) trains a student with
+`training.train_student`, evaluates it with `metrics.evaluate_student` and returns a
+`StudentResult` with its weights; the driver writes
 `weights.pt`, `metrics.json` and a manifest per student. Tasks start no Ray Data work of their
 own, so they cannot starve it of CPUs. Studies fan out their students through the same
 `StudentInputs.train_all`.
@@ -18,29 +19,11 @@ import torch
 
 from w2s_ray import artifacts
 from w2s_ray.config import StudentConfig
-from w2s_ray.labels import read_labels, read_test_posterior, target_of
-from w2s_ray.metrics import evaluate_student
-from w2s_ray.raytools import as_completed, gpu_device
+from w2s_ray.labels import read_labels, read_test_posterior
+from w2s_ray.raytools import as_completed
 from w2s_ray.run import DataStage, LabelStage, RunContext, StudentResult, StudentStage
-from w2s_ray.training import load_student, predict_log, train_student
-
-
-def student_task(cfg_json: dict, target: str | None, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, n_classes: int, y_gold: torch.Tensor | None, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
-    """Train and evaluate one student (`target` None: the gold-label ceiling); runs in a Ray task."""
-    torch.set_num_threads(max(1, threads))
-    cfg = StudentConfig.model_validate(cfg_json)
-    device = gpu_device()
-    ceiling = target is None
-    if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
-        cfg = cfg.model_copy(update={"rce_weight": 0.0})
-    res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device)
-    model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
-    log_test = predict_log(model, test["x"])
-    log_transfer = predict_log(model, x)
-    # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
-    evaluation = evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if ceiling else log_t, test["dual_log"], test["single_log"])
-    result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
-    return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
+from w2s_ray.training import target_of
+from w2s_ray.workers import student_task
 
 
 class StudentInputs:

@@ -30,14 +30,11 @@ import torch
 from ray import exceptions as ray_errors
 
 from w2s_ray import artifacts
-from w2s_ray.config import TeacherResources, TeachersConfig
-from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
-from w2s_ray.raytools import as_completed, gpu_device, progress
+from w2s_ray.config import TeacherResources
+from w2s_ray.raytools import as_completed, progress
 from w2s_ray.run import DataStage, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
-
-PRED_SPLITS = ("transfer", "test")
-
+from w2s_ray.workers import PRED_SPLITS, PackTrainer
 
 def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:
     """Split teacher ids into packs: one per actor when they fit, never above `max_pack`."""
@@ -55,56 +52,6 @@ def default_num_actors(res: TeacherResources, cluster: dict[str, float]) -> int:
         fit = min(fit, int(cluster.get("GPU", 0) / res.num_gpus_per_actor))
     fit = max(1, fit)
     return min(res.num_actors, fit) if res.num_actors else fit
-
-
-def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
-    """The teachers' view of the inputs (weak, transfer and test alike)."""
-    if cfg.view.kind == "full":
-        return x
-    out = np.zeros_like(x)
-    sl = slice(cfg.view.start, cfg.view.start + cfg.view.length)
-    out[:, sl] = x[:, sl]
-    return out
-
-
-def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
-    """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
-    t0 = time.perf_counter()
-    # arrays from the object store are read-only; torch.tensor copies them into writable memory
-    x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
-    y_weak = torch.tensor(data["y_weak"])
-    n = len(y_weak)
-    seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
-    index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(teacher_ids, seeds)]
-    pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.resources.compile)
-    steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
-    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
-    for split in PRED_SPLITS:
-        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()
-    y_test = data["y_test"]
-    out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
-    out["acc_weak"] = (pack.log_probs(x_weak).numpy().argmax(-1) == data["y_weak"][None]).mean(1).tolist()
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
-@ray.remote
-class PackTrainer:
-    """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
-    actor (after a node loss) retries its pack with nothing to recover."""
-
-    def __init__(self, threads: int):
-        torch.set_num_threads(max(1, threads))
-        self.device = gpu_device()
-        self.node = ray.get_runtime_context().get_node_id()
-
-    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
-        cfg = TeachersConfig.model_validate(cfg_json)
-        out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
-        # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        return out
 
 
 def actor_starter(res: TeacherResources):

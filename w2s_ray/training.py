@@ -11,6 +11,7 @@ gold accuracy on that slice.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -167,3 +168,31 @@ def load_student(cfg: StudentConfig, state: dict, in_dim: int, n_classes: int) -
     model = build_model(cfg.model, in_dim, n_classes)
     model.load_state_dict(state)
     return model
+
+
+# --- what the student learns from ------------------------------------------------------
+
+
+def _floored_log(t: torch.Tensor, log_floor: float) -> torch.Tensor:
+    return t.clamp_min(math.exp(log_floor)).log()
+
+
+def _hard(labels: dict[str, torch.Tensor], log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    hard = torch.nn.functional.one_hot(labels["t_dual"].argmax(-1), labels["t_dual"].shape[1]).float()
+    return hard, _floored_log(hard, log_floor)
+
+
+# name (the config's `student.targets`) → (probabilities, log-probabilities) from the labels table
+TARGETS: dict[str, Callable[[dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]] = {
+    "dual_mean": lambda labels, log_floor: (labels["t_dual"], labels["logt_dual"]),
+    "arith_mean": lambda labels, log_floor: (labels["t_arith"], _floored_log(labels["t_arith"], log_floor)),
+    "single": lambda labels, log_floor: (labels["t_single"], labels["logt_single"]),
+    "hard": _hard,  # the dual mean's argmax, one-hot
+}
+
+
+def target_of(labels: dict[str, torch.Tensor], target: str, log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, log-probabilities) of the student's chosen target."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets: {sorted(TARGETS)}")
+    return TARGETS[target](labels, log_floor)

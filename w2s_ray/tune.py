@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,80 +24,23 @@ import numpy as np
 import optuna
 import pandas as pd
 import ray
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from w2s_ray import metrics
-from w2s_ray.config import ExperimentConfig, to_yaml
+from w2s_ray.config import to_yaml
 from w2s_ray.errors import W2SError
-from w2s_ray.labels import target_of
 from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
 from w2s_ray.run import RunContext, Stages
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
 from w2s_ray.students import StudentInputs
-from w2s_ray.training import holdout_split, load_student, predict_log, train_student
+from w2s_ray.trial import TrialFault, student_trial
 
 REALISTIC = ("val_teacher_ce", "min")
 ORACLE = ("test_acc", "max")
 METRICS = ["val_teacher_ce", "val_agreement", *(f.name for f in dataclasses.fields(metrics.StudentEval)), "pgr_vs_teacher", "pgr_vs_ensemble", "best_epoch", "epoch"]
-
-
-@dataclass(frozen=True)
-class TrialFault:
-    """For tests of fault tolerance only (not in the space schema): the first trial to reach
-    `epoch` raises once; `marker` is the file that says it has."""
-
-    epoch: int
-    marker: str
-
-
-# --- the trial (runs in a Ray worker) ------------------------------------------------------
-
-
-def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None) -> None:
-    cfg = apply_params(ExperimentConfig.model_validate(base), config)
-    s = cfg.student
-    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
-    target = s.targets[0]
-    labels = data["labels"]
-    t, log_t = target_of(labels, target, s.log_floor)
-    x = labels["x"]
-    _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
-    y_gold = data["y_transfer"] if s.selection == "oracle" else None
-
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", weights_only=True)
-    current: dict[str, Any] = dict(resume.get("metrics", {})) if resume else {}
-
-    def on_epoch(rec: dict, checkpoint) -> None:
-        state = checkpoint()
-        if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
-            model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
-            log_test = predict_log(model, data["x_test"])
-            log_tr = predict_log(model, x)
-            evaluation = metrics.evaluate_student(log_test, data["y_test"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
-            current.update(
-                val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
-                val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
-                **dataclasses.asdict(evaluation),
-                pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
-                pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
-                best_epoch=rec["epoch"],
-            )
-        if fault and rec["epoch"] == fault.epoch and not os.path.exists(fault.marker):
-            Path(fault.marker).write_text("failed once\n")
-            raise RuntimeError("injected failure (TrialFault)")
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({**state, "metrics": current}, Path(d) / "state.pt")
-            tune.report({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current}, checkpoint=tune.Checkpoint.from_directory(d))
-
-    train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
 
 
 # --- search construction -------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The Tune trial: one student trained on one search point, reporting and checkpointing each epoch.
+
+It runs in Tune's trial workers, so it sits in a module of its own that imports Ray Tune, torch
+and the math modules only (not the driver's search, report and figure code in `tune`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from w2s_ray import metrics
+from w2s_ray.config import ExperimentConfig
+from w2s_ray.space import apply_params
+from w2s_ray.training import holdout_split, load_student, predict_log, target_of, train_student
+
+
+@dataclass(frozen=True)
+class TrialFault:
+    """For tests of fault tolerance only (not in the space schema): the first trial to reach
+    `epoch` raises once; `marker` is the file that says it has."""
+
+    epoch: int
+    marker: str
+
+
+# --- the trial (runs in a Ray worker) ------------------------------------------------------
+
+
+def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None) -> None:
+    cfg = apply_params(ExperimentConfig.model_validate(base), config)
+    s = cfg.student
+    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
+    target = s.targets[0]
+    labels = data["labels"]
+    t, log_t = target_of(labels, target, s.log_floor)
+    x = labels["x"]
+    _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
+    y_gold = data["y_transfer"] if s.selection == "oracle" else None
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=True)
+    current: dict[str, Any] = dict(resume.get("metrics", {})) if resume else {}
+
+    def on_epoch(rec: dict, checkpoint) -> None:
+        state = checkpoint()
+        if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
+            model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
+            log_test = predict_log(model, data["x_test"])
+            log_tr = predict_log(model, x)
+            evaluation = metrics.evaluate_student(log_test, data["y_test"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
+            current.update(
+                val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
+                val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
+                **asdict(evaluation),
+                pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
+                pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
+                best_epoch=rec["epoch"],
+            )
+        if fault and rec["epoch"] == fault.epoch and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text("failed once\n")
+            raise RuntimeError("injected failure (TrialFault)")
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**state, "metrics": current}, Path(d) / "state.pt")
+            tune.report({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
+
+

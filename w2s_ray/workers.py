@@ -1,0 +1,102 @@
+"""What runs inside Ray workers: the pack-training actor and the student task (the Tune trial
+is in `trial`, which needs Ray Tune).
+
+They live apart from the stage modules so that a worker imports only what it runs: Ray core,
+torch, pydantic and the math modules, not pandas, Ray Data, matplotlib, TensorBoard or the
+dataset packages the driver's stages use. Every worker process that unpickles one of these
+functions imports this module: measured on 2 cores, importing it costs 0.4 s beyond Ray
+and torch, where importing the stage modules that used to hold them cost 1.1–1.4 s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from w2s_ray import metrics
+from w2s_ray.config import StudentConfig, TeachersConfig
+from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
+from w2s_ray.raytools import gpu_device
+from w2s_ray.run import StudentResult
+from w2s_ray.training import load_student, predict_log, train_student
+
+PRED_SPLITS = ("transfer", "test")
+
+
+# --- teachers ------------------------------------------------------------------------------
+
+
+def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
+    """The teachers' view of the inputs (weak, transfer and test alike)."""
+    if cfg.view.kind == "full":
+        return x
+    out = np.zeros_like(x)
+    sl = slice(cfg.view.start, cfg.view.start + cfg.view.length)
+    out[:, sl] = x[:, sl]
+    return out
+
+
+def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
+    """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
+    t0 = time.perf_counter()
+    # arrays from the object store are read-only; torch.tensor copies them into writable memory
+    x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
+    y_weak = torch.tensor(data["y_weak"])
+    n = len(y_weak)
+    seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
+    index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(teacher_ids, seeds)]
+    pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.resources.compile)
+    steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
+    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
+    for split in PRED_SPLITS:
+        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()
+    y_test = data["y_test"]
+    out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
+    out["acc_weak"] = (pack.log_probs(x_weak).numpy().argmax(-1) == data["y_weak"][None]).mean(1).tolist()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+@ray.remote
+class PackTrainer:
+    """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
+    actor (after a node loss) retries its pack with nothing to recover."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = gpu_device()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
+        cfg = TeachersConfig.model_validate(cfg_json)
+        out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
+        # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
+        return out
+
+
+
+# --- students ------------------------------------------------------------------------------
+
+
+def student_task(cfg_json: dict, target: str | None, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, n_classes: int, y_gold: torch.Tensor | None, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
+    """Train and evaluate one student (`target` None: the gold-label ceiling); runs in a Ray task."""
+    torch.set_num_threads(max(1, threads))
+    cfg = StudentConfig.model_validate(cfg_json)
+    device = gpu_device()
+    ceiling = target is None
+    if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
+        cfg = cfg.model_copy(update={"rce_weight": 0.0})
+    res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device)
+    model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
+    log_test = predict_log(model, test["x"])
+    log_transfer = predict_log(model, x)
+    # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
+    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if ceiling else log_t, test["dual_log"], test["single_log"])
+    result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
+    return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
