@@ -11,3 +11,15 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.net(x) * self.scale
+
+
+class RaisesInInit(nn.Module):
+    def __init__(self, in_dim, n_classes, width=8, depth=1):
+        super().__init__()
+        raise ValueError("this model refuses to be built")
+
+
+class NoCapacityKnobs(nn.Module):
+    def __init__(self, in_dim, n_classes):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_classes)

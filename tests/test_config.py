@@ -130,3 +130,55 @@ def test_shipped_search_spaces_load(path):
 
     space = load_space(path, load_config(None))
     assert space.params and space.resources is not None
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "w2s_ray.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def one_clean_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    return out.stderr.strip()
+
+
+def test_malformed_yaml_in_an_override_is_one_line_naming_it():
+    err = one_clean_line(cli("config", "--set", "teachers.k=[1"))
+    assert err.startswith("w2s-ray: error: --set teachers.k=[1 is not valid YAML:") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"- a\n- b\n", "the top level must be a mapping of sections, got a list"),
+        (b"teachers:\n  k: 4\n  k: 8\n", "duplicate key 'k' (first at line 2) at line 3"),
+        (b"teachers: {k: 4, k: 8}\n", "duplicate key 'k'"),
+        (b"teachers:\n  k: \xe9\n", "is not UTF-8 text"),
+        (b"teachers: [unclosed\n", "is not valid YAML"),
+    ],
+    ids=["top-level-list", "duplicate-key", "duplicate-flow-key", "latin-1", "unclosed"],
+)
+def test_bad_config_files_name_the_file_and_the_problem(tmp_path, content, needle):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, {"teachers.epochs": 3})
+    assert needle in str(err.value) and str(f) in str(err.value), str(err.value)
+
+
+def test_a_top_level_list_with_overrides_is_a_clean_cli_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("- 1\n")
+    assert "top level must be a mapping" in one_clean_line(cli("config", str(f), "--set", "teachers.k=8"))
+
+
+def test_an_empty_config_file_says_the_defaults_are_used(tmp_path, capsys):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing yet\n")
+    assert load_config(f) == load_config(None)
+    assert f"config file {f} is empty; the defaults are used" in capsys.readouterr().err
+
+
+def test_tuning_the_default_student_keeps_its_family():
+    assert load_config(None, {"student.model.depth": 4}).student.model.model_dump() == {"name": "cnn1d", "width": 32, "depth": 4, "kwargs": {}}
+    assert load_config(None, {"student.model": {"name": "mlp"}}).student.model.depth == 1  # a named family: its own defaults

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from w2s_ray.config import ModelConfig, parse_config
+from w2s_ray.config import ModelConfig, check_shapes, parse_config
 from w2s_ray.errors import ConfigError
 from w2s_ray.models import CNN1d, build_model, count_params
 
@@ -44,3 +44,44 @@ def test_cli_refuses_an_unknown_model_before_ray_starts():
     assert out.returncode == 2 and "teachers.model.name: 'resnet' is not one of" in out.stderr
     assert "Traceback" not in out.stderr and "ray" not in out.stderr.lower().replace("w2s-ray", "")
 
+
+
+def shaped(**sections):
+    cfg = parse_config({"teachers": {"k": 8}, **sections}, "x.yaml")
+    return check_shapes(cfg, 40, 10)
+
+
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        ({"teachers": {"model": {"name": "mlp", "kwargs": {"bogus": 1}}}}, "teachers.model: 'mlp' (width 32, depth 1, kwargs {'bogus': 1}) cannot be built for 40 features and 10 classes: TypeError"),
+        ({"student": {"model": {"name": "custom_model:RaisesInInit"}}}, "student.model: 'custom_model:RaisesInInit' (width 32, depth 1, kwargs {}) cannot be built for 40 features and 10 classes: ValueError: this model refuses to be built"),
+        ({"student": {"model": {"name": "custom_model:NoCapacityKnobs"}}}, "student.model: 'custom_model:NoCapacityKnobs'"),
+        ({"student": {"model": {"name": "cnn1d", "width": 8, "depth": 10}}}, "student.model: 'cnn1d' (width 8, depth 10, kwargs {}) cannot be built for 40 features and 10 classes: ValueError: depth 10 leaves no positions of 40 input features"),
+        ({"student": {"model": {"name": "cnn1d", "width": 1_000_000, "depth": 3}}}, "student.model: 6,000,058,000,010 parameters; training needs about 96,000.9 GB"),
+        ({"teachers": {"k": 64, "model": {"name": "mlp", "width": 1_000_000}}}, "teachers.model: 51,000,010 parameters; training a pack of 64 needs"),
+        ({"teachers": {"view": {"kind": "window", "start": 30, "length": 20}}}, "teachers.view: the window [30, 50) does not fit in the data's 40 features"),
+    ],
+    ids=["unknown-kwarg", "init-raises", "no-width", "cnn-too-deep", "cnn-too-wide", "teacher-pack-too-big", "view-outside"],
+)
+def test_configs_that_cannot_run_on_the_data_are_refused(sections, needle):
+    with pytest.raises(ConfigError) as err:
+        shaped(**sections)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_class_count_too_large_for_memory_and_one_feature_cnn():
+    cfg = parse_config({"teachers": {"k": 8}}, "x.yaml")
+    with pytest.raises(ConfigError, match="teachers.model: 33,000,001,312 parameters; training a pack of 8 needs"):
+        check_shapes(cfg, 40, 10**9)
+    with pytest.raises(ConfigError, match="student.model: 'cnn1d' .* 1 features .* depth 3 leaves no positions of 1 input features"):
+        check_shapes(cfg, 1, 3)
+    params = check_shapes(cfg, 40, 10)  # the default experiment fits
+    assert params == {"teachers.model": 1642, "student.model": count_params(build_model(cfg.student.model, 40, 10))}
+
+
+def test_cli_refuses_a_model_the_data_cannot_feed_before_ray_starts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", "student.model.depth=10", "--set", f"output.root={tmp_path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "student.model: 'cnn1d'" in out.stderr and "depth 10 leaves no positions" in out.stderr
+    assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr

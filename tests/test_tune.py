@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import yaml
 
 from conftest import run_dir, small_config
 from w2s_ray.config import load_config, to_yaml
-from w2s_ray.errors import ConfigError
+from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline, run_tune
-from w2s_ray.space import load_space
+from w2s_ray.space import SearchSpace, load_space
 from w2s_ray.trial import TrialFault
+from w2s_ray.tune import check_placeable
 
 SPACE = {
     "search": "optuna",
@@ -175,3 +177,38 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
         assert epochs.count(1) == 1 and epochs[-1] == cfg.student.epochs, (result.parent.name, epochs)
         # at most the epochs in flight at the kill (reported, checkpoint not yet recorded) are redone
         assert len(epochs) - len(set(epochs)) <= 2, (result.parent.name, epochs)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"params": {"student.model.width": {"type": "grid", "values": [4, 8]}}}, "optuna samples its points and cannot take 'grid' parameters"),
+        ({"baseline": {"student.lr": 0.001}}, "baseline 'student.lr' is not one of the searched params"),
+    ],
+)
+def test_space_files_that_cannot_run_as_written(tmp_path, change, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_space(write_space(tmp_path / "bad.yaml", **change), load_config(None))
+
+
+def test_trials_the_cluster_cannot_place_are_refused():
+    cfg = load_config(None)
+    for resources, needle in (({"cpu": 1, "gpu": 0.5}, "GPU 0.5 per trial (the cluster has 0)"), ({"cpu": 8}, "CPU 8 per trial (the cluster has 2)")):
+        space = SearchSpace.model_validate({**SPACE, "resources": resources})
+        with pytest.raises(W2SError, match=re.escape(needle)):
+            check_placeable(space, {"CPU": 2.0})
+    check_placeable(SearchSpace.model_validate(SPACE), {"CPU": 2.0})  # one CPU per trial fits
+
+
+def test_a_search_name_cannot_leave_the_tune_directory(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "tune", "--space", str(write_space(tmp_path / "s.yaml")), "--name", "../../x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--name '../../x'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_search_where_every_trial_fails_ends_in_one_line(ray_session, tmp_path):
+    cfg = small_config(tmp_path)
+    space = load_space(write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, max_failures=0), cfg)
+    with pytest.raises(W2SError, match=r"every trial failed; the first \(.+\): RuntimeError: injected failure \(TrialFault\) \(its log: .+\)"):
+        run_tune(cfg, space, "allfail", fault=TrialFault(epoch=1))

@@ -10,16 +10,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from w2s_ray.config import STAGES, load_config, to_yaml
+from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml
 from w2s_ray.errors import W2SError
 from w2s_ray.space import load_space
 
-STUDY_KINDS = ("variance", "theory")  # the keys of studies.STUDIES (a test checks they agree)
+STUDY_KINDS = ("variance", "theory")
+SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -28,7 +28,7 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise W2SError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value, f"--set {item}")
     return out
 
 
@@ -63,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         space = load_space(args.space, cfg) if args.command == "tune" else None
+        if space is not None:
+            name = args.name or Path(args.space).stem
+            if not SEARCH_NAME.fullmatch(name):
+                raise W2SError(f"--name {name!r}: a search name is letters, digits, '.', '_' and '-' (it names a directory under tune/)")
         # imported once the input is valid: a bad config or space answers in seconds, without
         # waiting for Ray, Tune and the dataset packages to import
         from w2s_ray import pipeline
 
         if space is not None:
-            pipeline.run_tune(cfg, space, args.name or Path(args.space).stem, resume=args.resume)
+            pipeline.run_tune(cfg, space, name, resume=args.resume)
         elif args.command == "study":
             pipeline.run_study(args.kind, cfg)
         else:

@@ -19,6 +19,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -67,7 +69,7 @@ class DataConfig(Strict):
     source: SourceName = "mnist1d"
     path: str | None = Field(None, description="Parquet file or directory (local or pyarrow URI)")
     feature_columns: list[str] | None = Field(
-        None, description="numeric feature columns; default: the list column named by `features`"
+        None, min_length=1, description="numeric feature columns; default: the list column named by `features`"
     )
     features: str = "x"
     label_column: str = "y"
@@ -152,6 +154,9 @@ TargetName = Literal["single", "arith_mean", "dual_mean", "hard"]
 LossName = Literal["mixture", "symmetric", "adaptive", "aux_conf", "kl", "rkl"]
 
 
+DEFAULT_STUDENT_MODEL = {"name": "cnn1d", "width": 32, "depth": 3}
+
+
 class StudentConfig(Strict):
     # what to run rather than how one student trains: left out of the student keys
     PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources"})
@@ -160,7 +165,7 @@ class StudentConfig(Strict):
         {"loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "log_floor"}
     )
 
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="cnn1d", width=32, depth=3))
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(**DEFAULT_STUDENT_MODEL))
     targets: list[TargetName] = Field(
         default_factory=lambda: ["dual_mean", "arith_mean", "single"],
         min_length=1,
@@ -188,6 +193,15 @@ class StudentConfig(Strict):
     seed: int = 0
     ceiling: bool = Field(True, description="also train the strong ceiling on gold transfer labels")
     resources: StudentResources = Field(default_factory=StudentResources)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _same_family_keeps_its_defaults(cls, model: Any) -> Any:
+        """`student.model.depth: 4` tunes the default student (a cnn1d); naming a family starts
+        from that family's own defaults."""
+        if isinstance(model, dict) and "name" not in model:
+            return {**DEFAULT_STUDENT_MODEL, **model}
+        return model
 
 
 class RayConfig(Strict):
@@ -232,6 +246,41 @@ MOVED = {
 }
 
 
+TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients, and Adam's two moments
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_shapes(cfg: ExperimentConfig, in_dim: int, n_classes: int) -> dict[str, int]:
+    """What the config can only be checked against once the data's shape is known: the teacher
+    view, and every model built (on the meta device) with its training memory estimated.
+    Returns the parameter count per model key. Run before Ray starts."""
+    view = cfg.teachers.view
+    if view.kind == "window" and view.start + view.length > in_dim:
+        raise ConfigError(
+            f"teachers.view: the window [{view.start}, {view.start + view.length}) does not fit in the data's "
+            f"{in_dim} features"
+        )
+    pack = min(cfg.teachers.k, cfg.teachers.resources.max_pack_size)
+    params, limit = {}, memory_bytes()
+    for key, model, copies in (("teachers.model", cfg.teachers.model, pack), ("student.model", cfg.student.model, 1)):
+        try:
+            params[key] = models.check_model(model, in_dim, n_classes)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        need = params[key] * TRAINING_BYTES_PER_PARAM * copies
+        if need > limit and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            what = f"a pack of {copies} needs" if copies > 1 else "needs"
+            raise ConfigError(
+                f"{key}: {params[key]:,} parameters; training {what} about {need / 1e9:,.1f} GB "
+                f"(weights, gradients, Adam state), more than this machine's {limit / 1e9:.0f} GB"
+            )
+    return params
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
@@ -272,19 +321,64 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str, must_
     node[leaf] = value
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (YAML would keep the last)."""
+
+
+def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans several lines)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text to Python, duplicate keys refused; errors name `source` and the place, in one line."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file (`what`: "config file", "search space") as Python; None when it is empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start} cannot be decoded)") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read YAML (or the defaults when `path` is None), apply dotted overrides, validate."""
-    data: dict[str, Any] = {}
+    data: Any = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        data = read_yaml(path, "config file")
+        if data is None:
+            print(f"w2s-ray: warning: config file {path} is empty; the defaults are used", file=sys.stderr)
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections, got a {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value, "override")
     return parse_config(data, source)

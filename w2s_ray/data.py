@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import sklearn.datasets
 
 from w2s_ray import artifacts, storage
-from w2s_ray.config import DataConfig
+from w2s_ray.config import DataConfig, check_shapes
 from w2s_ray.errors import DataError
-from w2s_ray.mnist1d_gen import load_mnist1d
+from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.raytools import parallel_map
 from w2s_ray.run import DataStage, RunContext, Split
 
@@ -82,6 +82,8 @@ def _features(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
         if col.null_count:
             raise DataError(f"{path}: column {cfg.features!r} has {col.null_count} null rows")
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if len(set(lengths.tolist())) == 1 and lengths[0] == 0:
+            raise DataError(f"{path}: column {cfg.features!r} holds empty lists: no features")
         if len(set(lengths.tolist())) != 1:
             raise DataError(
                 f"{path}: column {cfg.features!r} is ragged: rows have {sorted(set(lengths.tolist()))[:5]} features"
@@ -191,6 +193,18 @@ def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
 
 # --- the stage -----------------------------------------------------------------------------
 
+# (features, classes) of the built-in sources, known without generating them
+BUILTIN_SHAPES = {"mnist1d": (MNIST1D_FEATURES, 10), "digits": (64, 10)}
+
+
+def check_models(ctx: RunContext, in_dim: int, n_classes: int) -> None:
+    """The config against the data's shape (teacher view, both models built on the meta device,
+    their training memory), then the models and their sizes in the log."""
+    params = check_shapes(ctx.cfg, in_dim, n_classes)
+    t, s = ctx.cfg.teachers.model, ctx.cfg.student.model
+    ctx.log(f"models: teachers {t.name} (width {t.width}, depth {t.depth}) {params['teachers.model']:,} parameters; "
+            f"student {s.name} (width {s.width}, depth {s.depth}) {params['student.model']:,} parameters")
+
 
 def stage_data(ctx: RunContext) -> DataStage:
     """The three splits, built once per data key; Ray starts only if the source maps work over it."""
@@ -198,6 +212,9 @@ def stage_data(ctx: RunContext) -> DataStage:
     d = ctx.run.open_stage("data", ctx.keys.data)
     manifest = artifacts.read_manifest(d)
     if manifest is None:
+        shape = BUILTIN_SHAPES.get(cfg.source)
+        if shape:  # known without generating: the models are checked before Ray starts
+            check_models(ctx, shape[0], cfg.n_classes or shape[1])
         ctx.log(f"data: building {cfg.source} splits → {d}")
 
         def ray_map(fn: Callable, items) -> list:
@@ -205,13 +222,17 @@ def stage_data(ctx: RunContext) -> DataStage:
             return parallel_map(fn, list(items))
 
         x, y = load_source(cfg, ray_map)
+        n_classes = n_classes_of(cfg, y)
+        if not shape:  # user data is read in this process: still before Ray starts
+            check_models(ctx, int(x.shape[1]), n_classes)
         splits = make_splits(x, y, cfg, cfg.path or cfg.source)
         ctx.run.reset(d)
         for name, s in splits.items():
             ctx.run.write_parquet(d / f"{name}.parquet", split_table(s))
         sizes = {k: len(s.y) for k, s in splits.items()}
-        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes_of(cfg, y), in_dim=int(x.shape[1]), sizes=sizes)
+        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes)
     else:
         ctx.log(f"data: cached {d}")
+        check_models(ctx, manifest["in_dim"], manifest["n_classes"])
     splits = {name: read_split(d / f"{name}.parquet") for name in SPLITS}
     return DataStage(d, splits, manifest["n_classes"], manifest["in_dim"])

@@ -14,6 +14,7 @@ import numpy as np
 
 from w2s_ray.config import DataConfig
 
+MNIST1D_FEATURES = mnist1d.data.get_dataset_args().final_seq_length  # 40 positions per signal
 
 def mnist1d_chunk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`n` MNIST-1D samples from the package's own `make_dataset` (never its download path)."""

@@ -44,6 +44,12 @@ class CNN1d(nn.Module):
         length, ch = in_dim, 1
         for i in range(depth):
             k = 5 if i == 0 else 3
+            if length < 2 or (length + 2 - k) // 2 + 1 < 1:
+                # a strided layer over one position (or none) only sees padding around it
+                raise ValueError(
+                    f"depth {depth} leaves no positions of {in_dim} input features for conv layer {i + 1} "
+                    f"(each layer halves them; at most {max_cnn_depth(in_dim)} layers fit)"
+                )
             convs += [nn.Conv1d(ch, width, k, stride=2, padding=1), nn.ReLU()]
             length = (length + 2 - k) // 2 + 1
             ch = width
@@ -53,6 +59,15 @@ class CNN1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.convs(x.unsqueeze(-2))
         return self.head(h.flatten(-2))
+
+
+def max_cnn_depth(in_dim: int) -> int:
+    """How many strided layers `CNN1d` can stack on `in_dim` positions before one sees only padding."""
+    depth, length = 0, in_dim
+    while length >= 2 and (length + 2 - (5 if depth == 0 else 3)) // 2 + 1 >= 1:
+        length = (length + 2 - (5 if depth == 0 else 3)) // 2 + 1
+        depth += 1
+    return depth
 
 
 class Logistic(nn.Module):
@@ -93,3 +108,24 @@ def build_model(cfg, in_dim: int, n_classes: int) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_model(cfg, in_dim: int, n_classes: int) -> int:
+    """Build the model on the meta device (no memory, no CUDA) and run a batch through it;
+    return its parameter count. Any failure is a `ConfigError` saying what went wrong, so a
+    model that cannot be built stops before Ray starts instead of inside an actor."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, in_dim, n_classes)
+            out = model(torch.empty(2, in_dim))
+    except ConfigError:
+        raise
+    except Exception as err:  # a user model may raise anything from __init__ or forward
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{cfg.name!r} (width {cfg.width}, depth {cfg.depth}, kwargs {cfg.kwargs}) cannot be built for "
+            f"{in_dim} features and {n_classes} classes: {type(err).__name__}: {msg}"
+        ) from None
+    if tuple(out.shape) != (2, n_classes):
+        raise ConfigError(f"{cfg.name!r} maps a batch of 2 to shape {tuple(out.shape)}, not (2, {n_classes}) logits")
+    return count_params(model)

@@ -28,24 +28,26 @@ from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students
 from w2s_ray.teachers import stage_teachers
-from w2s_ray.tune import run_search
+from w2s_ray.tune import check_cluster, run_search
 from w2s_ray.trial import TrialFault
 
 
-def run_stages(ctx: RunContext, until: str = "report") -> Stages:
-    """Every stage up to and including `until`, each reused from the cache when complete."""
+def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = None) -> Stages:
+    """Every stage up to and including `until`, each reused from the cache when complete;
+    `done` continues a chain that stopped earlier."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {STAGES}")
     last = STAGES.index(until)
-    s = Stages()
-    s.data = stage_data(ctx)
-    if last >= STAGES.index("teachers"):
+    s = done or Stages()
+    if s.data is None:
+        s.data = stage_data(ctx)
+    if last >= STAGES.index("teachers") and s.teachers is None:
         s.teachers = stage_teachers(ctx, s.data)
-    if last >= STAGES.index("labels"):
+    if last >= STAGES.index("labels") and s.labels is None:
         s.labels = stage_labels(ctx, s.data, s.teachers)
-    if last >= STAGES.index("student"):
+    if last >= STAGES.index("student") and s.students is None:
         s.students = stage_students(ctx, s.data, s.labels)
-    if last >= STAGES.index("report"):
+    if last >= STAGES.index("report") and s.results is None:
         s.results = stage_report(ctx, s.teachers, s.labels, s.students)
     return s
 
@@ -71,7 +73,9 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     once if missing, never per trial), then the search. `fault` is for tests only."""
     base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True})})
     with open_run(base) as ctx:
-        stages = run_stages(ctx, until="student")
+        data = run_stages(ctx, until="data")  # checks the models against the data, before Ray
+        check_cluster(ctx, space)
+        stages = run_stages(ctx, until="student", done=data)
         return run_search(ctx, stages, space, name, resume=resume, fault=fault)
 
 

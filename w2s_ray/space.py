@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from w2s_ray.config import ExperimentConfig, Strict, _format_errors, with_values
+from w2s_ray.config import ExperimentConfig, Strict, _format_errors, read_yaml, with_values
 from w2s_ray.errors import ConfigError
 
 TARGET_PARAM = "student.target"
@@ -85,6 +84,10 @@ class SearchSpace(Strict):
             bad = [k for k, p in self.params.items() if p.type not in ("grid", "choice")]
             if bad:
                 raise ValueError(f"search: grid needs 'grid' or 'choice' parameters; not: {bad}")
+        if self.search == "optuna":
+            bad = [k for k, p in self.params.items() if p.type == "grid"]
+            if bad:
+                raise ValueError(f"search: optuna samples its points and cannot take 'grid' parameters ({bad}); use type: choice, or search: grid")
         return self
 
 
@@ -98,13 +101,11 @@ def apply_params(base: ExperimentConfig, point: dict[str, Any], source: str = "s
 
 def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}")
+    raw = read_yaml(path, "search space")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space {path}: the top level must be a mapping, got {type(raw).__name__}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
         space = SearchSpace.model_validate(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
     except ValidationError as err:
         raise ConfigError(_format_errors(err, str(path))) from None
     for name, param in space.params.items():
@@ -115,6 +116,9 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
             )
         for value in param.candidates():
             apply_params(base, {name: value}, f"{path}: parameter {name!r} = {value!r}")
+    for name in raw.get("baseline") or {}:
+        if name not in space.params:
+            raise ConfigError(f"{path}: baseline {name!r} is not one of the searched params {sorted(space.params)}")
     for name, value in space.baseline.items():
         apply_params(base, {name: value}, f"{path}: baseline {name!r}")
     if space.resources is None:

@@ -24,10 +24,11 @@ from w2s_ray.training import holdout_split, load_student, predict_log, target_of
 @dataclass(frozen=True)
 class TrialFault:
     """For tests of fault tolerance only (not in the space schema): the first trial to reach
-    `epoch` raises once; `marker` is the file that says it has."""
+    `epoch` raises once, `marker` being the file that says it has; without a marker every trial
+    raises there, every time."""
 
     epoch: int
-    marker: str
+    marker: str | None = None
 
 
 # --- the trial (runs in a Ray worker) ------------------------------------------------------
@@ -66,8 +67,9 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
                 pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
                 best_epoch=rec["epoch"],
             )
-        if fault and rec["epoch"] == fault.epoch and not os.path.exists(fault.marker):
-            Path(fault.marker).write_text("failed once\n")
+        if fault and rec["epoch"] == fault.epoch and not (fault.marker and os.path.exists(fault.marker)):
+            if fault.marker:
+                Path(fault.marker).write_text("failed once\n")
             raise RuntimeError("injected failure (TrialFault)")
         with tempfile.TemporaryDirectory() as d:
             torch.save({**state, "metrics": current}, Path(d) / "state.pt")

@@ -60,6 +60,21 @@ def tune_param(p) -> Any:
     return tune.grid_search(list(p.values))
 
 
+def check_cluster(ctx: RunContext, space: SearchSpace) -> None:
+    """Start or join the configured Ray (`ray.address`, `ray.num_cpus`: also when every stage is
+    cached) and refuse trials the cluster cannot place, which would otherwise wait forever."""
+    ctx.ray()
+    check_placeable(space, ray.cluster_resources())
+
+
+def check_placeable(space: SearchSpace, cluster: dict[str, float]) -> None:
+    need = {"CPU": space.resources.cpu, "GPU": space.resources.gpu}
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0)}
+    if short:
+        asked = ", ".join(f"{k} {v:g} per trial (the cluster has {have:g})" for k, (v, have) in short.items())
+        raise W2SError(f"search space resources: {asked}; no trial could start (on an autoscaling cluster, start the nodes first)")
+
+
 def max_concurrent(space: SearchSpace, resources: dict[str, float]) -> int:
     n = int(resources.get("CPU", 1) // space.resources.cpu)
     if space.resources.gpu > 0:
@@ -173,7 +188,8 @@ def trials_table(grid, param_names: list[str]) -> pd.DataFrame:
     rows = []
     for r in grid:
         m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "ERROR" if r.error else "TERMINATED"}
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "ERROR" if r.error else "TERMINATED",
+               "error": str(r.error).strip().splitlines()[-1] if r.error else None, "path": r.path}
         row.update({k: r.config.get(k) for k in param_names})
         row.update({key: m.get(key, math.nan) for key in METRICS})
         row["wall_s"] = m.get("time_total_s", math.nan)
@@ -187,6 +203,9 @@ def write_outputs(ctx: RunContext, space: SearchSpace, search_dir: Path, table: 
     with run.atomic(search_dir / "trials.csv") as tmp:
         table.to_csv(tmp, index=False)
     ok = table.dropna(subset=["test_acc"])
+    if ok.empty:
+        first = table.iloc[0]
+        raise W2SError(f"every trial failed; the first ({first['trial_id']}): {first['error']} (its log: {first['path']})")
     metric, mode = ORACLE if ctx.cfg.student.selection == "oracle" else REALISTIC
     pick = ok.loc[ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()]
     oracle = ok.loc[ok["test_acc"].idxmax()]
