@@ -142,3 +142,39 @@ def test_editing_user_data_changes_the_cache_key(tmp_path):
     write(tmp_path, x * 2, y)
     os.utime(path, ns=(1, 1))  # a different mtime even on coarse clocks
     assert StageKeys(cfg).data != before
+
+
+def test_a_parquet_directory_with_two_schemas_is_refused(tmp_path):
+    x, y = good()
+    d = tmp_path / "parts"
+    d.mkdir()
+    write(d, x, y, name="a.parquet")
+    pq.write_table(pa.table({"x": pa.array(list(x.astype(np.float64))), "label": y}), d / "b.parquet")
+    with pytest.raises(DataError, match=r"b.parquet and a.parquet have different schemas \(columns \['label', 'x', 'y'\]\)"):
+        load_parquet(DataConfig(source="parquet", path=str(d), n_weak=10, n_transfer=10, n_test=10))
+
+
+def test_standardization_uses_the_weak_split_only_and_is_recorded():
+    from w2s_ray.data import standardize
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(1000, 50, (300, 1)), rng.normal(0, 0.01, (300, 1)), np.ones((300, 1))], 1).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    splits = make_splits(x, y, DataConfig(source="digits", n_weak=100, n_transfer=100, n_test=100))
+    weak_before = splits["weak"].x.copy()
+    stats = standardize(splits)
+    assert np.allclose(stats["mean"], weak_before.mean(0), rtol=1e-5) and stats["sd"][2] == 1.0  # a constant feature keeps sd 1
+    assert np.allclose(splits["weak"].x[:, :2].mean(0), 0, atol=1e-4) and np.allclose(splits["weak"].x[:, :2].std(0), 1, atol=1e-3)
+    assert not np.allclose(splits["test"].x[:, 0].mean(), 0, atol=1e-6)  # other splits use the weak split's statistics
+
+
+def test_user_tables_default_to_standardized_features_and_an_mlp_student():
+    from w2s_ray.config import parse_config
+
+    table = parse_config({"data": {"source": "parquet", "path": "t.parquet", "feature_columns": ["a", "b"]}})
+    assert table.data.standardize and table.student.model.name == "mlp" and table.student.model.width >= 8 * table.teachers.model.width
+    sequence = parse_config({"data": {"source": "parquet", "path": "t.parquet"}})  # a list column: a sequence
+    assert sequence.data.standardize and sequence.student.model.name == "cnn1d"
+    assert not parse_config({}).data.standardize  # built-in sources are already on a fixed scale
+    named = parse_config({"data": {"source": "parquet", "path": "t.parquet", "feature_columns": ["a"]}, "student": {"model": {"name": "logistic"}}})
+    assert named.student.model.name == "logistic"

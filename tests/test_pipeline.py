@@ -148,3 +148,4 @@ def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path,
     # going back to K=4 reuses the 8 on disk and gives the first labels again
     again = run_pipeline(small, until="labels")
     assert torch.allclose(labels_of(small, again)["t_dual"], labels_of(small, st_small)["t_dual"])
+

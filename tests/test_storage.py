@@ -134,3 +134,12 @@ def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
     resumed = run_tune(cfg, load_space(space_file, cfg), "s3tune", resume=True)
     assert resumed["n_trials"] == 2
     assert set(pd.read_parquet(run_dir(cfg) / "tune" / "s3tune" / "trials.parquet")["trial_id"]) == trials, "the search was not restored"
+
+
+def test_an_output_root_that_is_a_file_is_a_config_error(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a directory\n")
+    with pytest.raises(ConfigError, match=r"output\.root: .* is a file, not a directory"):
+        RunDir.open(str(blocker), "x")
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", f"output.root={blocker}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "output.root" in out.stderr and "Traceback" not in out.stderr

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except W2SError as err:
         print(f"w2s-ray: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("w2s-ray: interrupted; finished stages and packs are kept, and a rerun resumes from them", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -47,11 +47,31 @@ def _open_parquet(path: str) -> pa.Table:
         info = fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data file not found: {path}")
+        if info.type == pafs.FileType.Directory:
+            _check_one_schema(fs, p, path)
         return pq.read_table(p, filesystem=fs)
     except DataError:
         raise
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise DataError(f"cannot read Parquet data {path}: {err}") from None
+
+
+def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> None:
+    """A directory of Parquet files is one table only if every file has the same columns and types."""
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    if not files:
+        raise DataError(f"{path}: the directory holds no .parquet file")
+    first = pq.read_schema(files[0], filesystem=fs)
+    for f in files[1:]:
+        schema = pq.read_schema(f, filesystem=fs)
+        if not schema.remove_metadata().equals(first.remove_metadata()):
+            a, b = dict(zip(first.names, map(str, first.types))), dict(zip(schema.names, map(str, schema.types)))
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise DataError(
+                f"{path}: {Path(f).name} and {Path(files[0]).name} have different schemas (columns {diff}); "
+                "one data set must have one schema"
+            )
 
 
 def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -173,6 +193,18 @@ def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "da
     return out
 
 
+def standardize(splits: dict[str, Split]) -> dict[str, list[float]]:
+    """Scale every split's features in place by the weak-gold split's per-feature mean and sd
+    (the only split whose statistics a weak teacher may see); a constant feature keeps sd 1.
+    Returns the statistics, which the data manifest records."""
+    weak = splits["weak"].x.astype(np.float64)
+    mean, sd = weak.mean(0), weak.std(0)
+    sd[sd < 1e-12] = 1.0
+    for s in splits.values():
+        s.x[:] = ((s.x - mean) / sd).astype(np.float32)
+    return {"mean": mean.tolist(), "sd": sd.tolist()}
+
+
 def split_table(s: Split) -> pa.Table:
     d = s.x.shape[1]
     flat = pa.array(s.x.reshape(-1), type=pa.float32())
@@ -226,11 +258,12 @@ def stage_data(ctx: RunContext) -> DataStage:
         if not shape:  # user data is read in this process: still before Ray starts
             check_models(ctx, int(x.shape[1]), n_classes)
         splits = make_splits(x, y, cfg, cfg.path or cfg.source)
+        scaling = standardize(splits) if cfg.standardize else None
         ctx.run.reset(d)
         for name, s in splits.items():
             ctx.run.write_parquet(d / f"{name}.parquet", split_table(s))
         sizes = {k: len(s.y) for k, s in splits.items()}
-        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes)
+        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes, standardize=scaling)
     else:
         ctx.log(f"data: cached {d}")
         check_models(ctx, manifest["in_dim"], manifest["n_classes"])

@@ -31,9 +31,10 @@ def mean_entropy(log_probs: torch.Tensor) -> float:
 
 
 def pgr(student: float, weak: float, ceiling: float) -> float:
-    """Performance gap recovered: (student − weak) / (ceiling − weak); NaN when the gap is 0."""
+    """Performance gap recovered: (student − weak) / (ceiling − weak); NaN when there is no gap to
+    recover (the ceiling is not above the weak reference), where the ratio means nothing."""
     gap = ceiling - weak
-    return (student - weak) / gap if abs(gap) > 1e-12 else math.nan
+    return (student - weak) / gap if gap > 1e-12 else math.nan
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,16 @@ def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students:
         {"model": "ensemble: arithmetic mean", "role": "ensemble", "test_acc": posterior.test_acc_arith, "ci": posterior.ci_arith},
         {"model": "ensemble: dual mean", "role": "ensemble", "test_acc": ens, "ci": posterior.ci_dual},
     ]
+    no_gap = {name: f"n/a: the ceiling ({ceiling:.4f}) is not above the {name} ({ref:.4f})"
+              for name, ref in (("teacher", weak), ("ensemble", ens)) if not ceiling - ref > 1e-12}
+    if students.ceiling is None:
+        no_gap = {name: "n/a: no ceiling was trained (student.ceiling: false)" for name in ("teacher", "ensemble")}
     for tgt, result in students.students.items():
         m = {k: v for k, v in result.to_json().items() if k != "history"}
-        rows.append({"model": f"student on {tgt}", "role": "student", **m,
-                     "pgr_vs_teacher": pgr(result.test_acc, weak, ceiling), "pgr_vs_ensemble": pgr(result.test_acc, ens, ceiling)})
+        row = {"model": f"student on {tgt}", "role": "student", **m,
+               "pgr_vs_teacher": pgr(result.test_acc, weak, ceiling), "pgr_vs_ensemble": pgr(result.test_acc, ens, ceiling)}
+        row.update({f"pgr_vs_{name}_note": note for name, note in no_gap.items()})
+        rows.append(row)
     if students.ceiling:
         m = {k: v for k, v in students.ceiling.to_json().items() if k != "history"}
         rows.append({"model": "ceiling: student on gold labels", "role": "ceiling", **m})
@@ -76,7 +82,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for key, _ in cols:
             v = r.get(key)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if r.get(f"{key}_note"):
+                cells.append(f"{'n/a':>14}")
+            elif v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append(f"{'':>14}")
             elif key == "test_acc" and r.get("sd") is not None:
                 cells.append(f"{v:.4f}±{r['sd']:.3f}".rjust(14))
@@ -86,7 +94,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if r.get("ci"):
             lo, hi = r["ci"]
             lines[-1] += f"   95% CI over teachers [{lo:.4f}, {hi:.4f}]"
-    return "\n".join(lines)
+    notes = sorted({v for r in rows for k, v in r.items() if k.endswith("_note")})
+    return "\n".join(lines + [f"PGR {note}" for note in notes])
 
 
 ROLE_COLORS = {"teachers": "#999999", "teacher": "#999999", "ensemble": "#4c72b0", "ceiling": "#55a868", "student": "#dd8452"}

@@ -61,6 +61,24 @@ class Store:
         return self.fs.type_name in OBJECT_STORES
 
 
+def _writable(path: Path, key: str, value: str) -> Path:
+    """`path` as a directory this process can write to, or a `ConfigError` naming `key`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".w2s-write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"{key}: {value!r}: {path} or a folder above it is a file, not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{key}: {value!r}: a part of {path} is a file, not a directory") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: {value!r}: no permission to write in {path}") from None
+    except OSError as err:
+        raise ConfigError(f"{key}: {value!r}: cannot write in {path}: {err.strerror}") from None
+    return path
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run's local working directory and, for a URI root, the store it mirrors."""
@@ -70,15 +88,16 @@ class RunDir:
 
     @classmethod
     def open(cls, root: str, name: str, cache: str | None = None) -> "RunDir":
+        """The run directory, created and checked writable (`ConfigError` naming the key if not)."""
         if not is_uri(root):
-            return cls(Path(root) / name)
+            return cls(_writable(Path(root) / name, "output.root", root))
         parts = urlsplit(root)  # the host, never the credentials a URI may carry
         local = Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name
         try:
             fs, base = open_filesystem(root)
         except Exception as err:  # pyarrow raises several kinds
             raise ConfigError(f"output.root: cannot open {root!r} as a pyarrow filesystem URI: {err}") from None
-        return cls(Path(os.path.abspath(local)), Store(fs, f"{base}/{name}"))
+        return cls(_writable(Path(os.path.abspath(local)), "output.cache", cache or DEFAULT_CACHE), Store(fs, f"{base}/{name}"))
 
     def __truediv__(self, part: str) -> Path:
         return self.path / part
