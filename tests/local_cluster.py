@@ -41,14 +41,24 @@ def session_members(sid: int) -> list[int]:
     return pids
 
 
-def kill_session(sid: int, signals=(signal.SIGTERM, signal.SIGKILL), wait: float = 2.0) -> None:
-    for sig in signals:
+def kill_session(sid: int, signals=(signal.SIGTERM, signal.SIGKILL), wait: float = 2.0, timeout: float = 20.0) -> None:
+    """Send each signal to every process of the session, then SIGKILL whatever is still there
+    (a raylet may fork a worker while we kill) until the session is empty or `timeout` passes."""
+
+    def send(sig) -> None:
         for pid in session_members(sid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    for sig in signals:
+        send(sig)
         time.sleep(wait)
+    deadline = time.time() + timeout
+    while session_members(sid) and time.time() < deadline:
+        send(signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def node_env(**extra: str) -> dict[str, str]:

@@ -178,3 +178,17 @@ def test_user_tables_default_to_standardized_features_and_an_mlp_student():
     assert not parse_config({}).data.standardize  # built-in sources are already on a fixed scale
     named = parse_config({"data": {"source": "parquet", "path": "t.parquet", "feature_columns": ["a"]}, "student": {"model": {"name": "logistic"}}})
     assert named.student.model.name == "logistic"
+
+
+@pytest.mark.parametrize("encode", [lambda a: a, lambda a: a.dictionary_encode()], ids=["string", "dictionary"])
+def test_string_labels_map_to_classes_in_sorted_order(tmp_path, encode):
+    from w2s_ray.data import read_parquet_source
+
+    x, _ = good(n=6)
+    names = ["setosa", "virginica", "versicolor", "setosa", "virginica", "versicolor"]
+    path = write(tmp_path, x, None, label=encode(pa.array(names)))
+    xs, ys, classes = read_parquet_source(cfg(path, label_column="label"))
+    assert classes == ["setosa", "versicolor", "virginica"]
+    assert ys.tolist() == [0, 2, 1, 0, 2, 1] and xs.shape == (6, 5)
+    with pytest.raises(DataError, match="3 classes, more than data.n_classes = 2"):
+        read_parquet_source(cfg(path, label_column="label", n_classes=2))

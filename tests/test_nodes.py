@@ -94,16 +94,21 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, 
     driver = subprocess.Popen([str(BIN / "w2s-ray"), "labels", str(cfg_file)], env={**env, "RAY_ADDRESS": address},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while not any(p["node"] == second for p in packs_on_disk(run)):
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-        assert time.time() < deadline, "no pack finished on the second node"
-        time.sleep(0.05)
-    kill_session(worker_sid, signals=(signal.SIGKILL,), wait=0.5)  # the node dies: raylet, object store, workers
-    assert not session_members(worker_sid)
-    before_kill = {p["pack"] for p in packs_on_disk(run)}
-    log, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 0, log[-3000:]
+    try:
+        deadline = time.time() + 240
+        while not any(p["node"] == second for p in packs_on_disk(run)):
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.time() < deadline, "no pack finished on the second node"
+            time.sleep(0.05)
+        kill_session(worker_sid, signals=(signal.SIGKILL,), wait=0.5)  # the node dies: raylet, object store, workers
+        assert not session_members(worker_sid)
+        before_kill = {p["pack"] for p in packs_on_disk(run)}
+        log, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, log[-3000:]
+    finally:  # a failed assertion must not leave the driver running
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
     packs = packs_on_disk(run)
     after_kill = [p for p in packs if p["pack"] not in before_kill]

@@ -63,3 +63,19 @@ def test_teacher_window_view_zeroes_everything_outside_the_window():
     win = TeachersConfig(view={"kind": "window", "start": 1, "length": 3})
     v = teacher_view(x, win)
     assert (v[:, 1:4] == x[:, 1:4]).all() and (v[:, [0, 4, 5]] == 0).all()
+
+
+def test_a_pack_of_one_gives_the_teacher_a_larger_pack_gives():
+    from w2s_ray.workers import train_pack_local
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    data = {f"x_{s}": x for s in ("weak", "transfer", "test")} | {f"y_{s}": y for s in ("weak", "transfer", "test")}
+    cfg = TeachersConfig(k=16, epochs=5, batch_size=32, model={"name": "mlp", "width": 8})
+    packed = train_pack_local(data, cfg, 3, list(range(1, 13)))
+    for ids in ([2], [2, 3], [1, 2, 3]):  # packs a resume or an extension can leave
+        small = train_pack_local(data, cfg, 3, ids)
+        for split in ("transfer", "test"):
+            assert np.array_equal(small[f"logp_{split}"], packed[f"logp_{split}"][ids[0] - 1 : ids[-1]]), (ids, split)  # bitwise
+        assert small["seeds"] == packed["seeds"][ids[0] - 1 : ids[-1]] and small["steps"] * 12 == packed["steps"] * len(ids)

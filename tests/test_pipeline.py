@@ -120,7 +120,8 @@ def test_parquet_source_end_to_end(ray_session, tmp_path):
     n, d = 600, 8
     y = rng.integers(0, 3, n)
     x = rng.normal(size=(n, d)).astype(np.float32) + y[:, None]
-    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d), "label": y}), tmp_path / "u.parquet")
+    names = np.array(["cat", "ant", "bee"])[y]  # string labels: classes in sorted order, ant = 0
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d), "label": names}), tmp_path / "u.parquet")
     cfg = small_config(
         tmp_path,
         data={"source": "parquet", "path": str(tmp_path / "u.parquet"), "label_column": "label", "n_weak": 100, "n_transfer": 250, "n_test": 200},
@@ -129,6 +130,9 @@ def test_parquet_source_end_to_end(ray_session, tmp_path):
     st = run_pipeline(cfg)
     assert st.data.n_classes == 3 and st.data.in_dim == d
     assert st.students.students["dual_mean"].test_acc > 0.5
+    assert st.data.classes == ["ant", "bee", "cat"] and st.results["classes"] == ["ant", "bee", "cat"]
+    manifest = artifacts.read_manifest(st.data.dir)
+    assert manifest["classes"] == ["ant", "bee", "cat"] and len(manifest["standardize"]["mean"]) == d
 
 
 def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path, capfd):
@@ -149,3 +153,20 @@ def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path,
     again = run_pipeline(small, until="labels")
     assert torch.allclose(labels_of(small, again)["t_dual"], labels_of(small, st_small)["t_dual"])
 
+
+
+def test_damaged_pack_files_are_trained_again(ray_session, tmp_path, capfd):
+    cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "resources": {"num_actors": 2, "max_pack_size": 2}, "model": {"name": "mlp", "width": 8}})
+    st = run_pipeline(cfg, until="teachers")
+    before = pd.read_parquet(st.teachers.dir / "teachers.parquet").drop(columns=["seconds", "node", "pack"]).sort_values("teacher_id").reset_index(drop=True)
+    meta = sorted((st.teachers.dir / "packs").glob("pack-*.parquet"))
+    meta[0].write_bytes(meta[0].read_bytes()[:40])  # a truncated metadata row
+    preds = st.teachers.dir / "preds" / "test" / meta[1].name
+    preds.write_bytes(preds.read_bytes()[: preds.stat().st_size // 2])  # a truncated prediction file
+    capfd.readouterr()
+    again = run_pipeline(cfg, until="teachers")  # the manifest no longer verifies: the stage is checked pack by pack
+    err = capfd.readouterr().err
+    assert "pack 0 is damaged" in err and "pack 1 is damaged" in err and "2/6" in err  # one good pack kept
+    after = pd.read_parquet(again.teachers.dir / "teachers.parquet").drop(columns=["seconds", "node", "pack"]).sort_values("teacher_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+    assert artifacts.read_manifest(again.teachers.dir) is not None

@@ -4,7 +4,9 @@ store without recomputing, a teacher stage resumes from the packs the store hold
 are written and read by Ray Data in the store, and Tune keeps its state there."""
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -143,3 +145,20 @@ def test_an_output_root_that_is_a_file_is_a_config_error(tmp_path):
         RunDir.open(str(blocker), "x")
     out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", f"output.root={blocker}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "output.root" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_stage_directory_is_written_by_one_run_at_a_time(tmp_path):
+    run = RunDir.open(str(tmp_path), "r")
+    stage = run.stage("teachers", "abc")
+    with run.lock(stage, "teachers stage"):
+        assert (stage.parent / ".abc.lock").read_text().endswith(f" {os.getpid()}")
+        second = subprocess.run([sys.executable, "-c", (
+            "import sys\nfrom pathlib import Path\nfrom w2s_ray.storage import RunDir\nfrom w2s_ray.errors import W2SError\n"
+            "try:\n    with RunDir(Path(sys.argv[1])).lock(Path(sys.argv[2]), 'teachers stage'):\n        print('taken')\n"
+            "except W2SError as e:\n    print(e)\n"), str(run.path), str(stage)], capture_output=True, text=True, timeout=60)
+        assert "is being written by another run" in second.stdout and str(os.getpid()) in second.stdout, second.stdout + second.stderr
+    assert not (stage.parent / ".abc.lock").exists()
+    # a lock whose process is gone is taken over
+    (stage.parent / ".abc.lock").write_text(f"{socket.gethostname()} 999999999")
+    with run.lock(stage, "teachers stage"):
+        pass

@@ -76,6 +76,12 @@ def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> None:
 
 def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate user data; every error names the file and the column."""
+    x, y, _ = read_parquet_source(cfg)
+    return x, y
+
+
+def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Features, integer labels, and the class names of a string label column."""
     path = cfg.path or ""
     table = _open_parquet(path)
     if table.num_rows == 0:
@@ -84,8 +90,8 @@ def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     if cfg.label_column not in names:
         raise DataError(f"{path}: label column {cfg.label_column!r} is missing (columns: {names})")
     x = _features(table, cfg, path)
-    y = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
-    return x, y
+    y, classes = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
+    return x, y, classes
 
 
 def _features(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
@@ -135,11 +141,23 @@ def _check_finite(a: np.ndarray, column: str, path: str) -> None:
         )
 
 
-def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -> np.ndarray:
+def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels 0..C-1, and for a string (or dictionary-encoded) column the class names,
+    mapped in sorted order."""
     if col.null_count:
         raise DataError(f"{path}: label column {name!r} has {col.null_count} null values")
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        names = np.asarray(col.to_pylist(), dtype=object)
+        classes = sorted(set(names.tolist()))
+        if len(classes) < 2:
+            raise DataError(f"{path}: label column {name!r} has fewer than 2 classes")
+        if n_classes is not None and len(classes) > n_classes:
+            raise DataError(f"{path}: label column {name!r} has {len(classes)} classes, more than data.n_classes = {n_classes}")
+        return np.searchsorted(np.asarray(classes, dtype=object), names).astype(np.int64), classes
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        raise DataError(f"{path}: label column {name!r} has type {col.type}; labels must be integers 0..C-1")
+        raise DataError(f"{path}: label column {name!r} has type {col.type}; labels must be integers 0..C-1 or strings")
     y = col.to_numpy()
     if pa.types.is_floating(col.type):
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
@@ -160,18 +178,19 @@ def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -
             f"{path}: label column {name!r} has labels outside 0..C-1: {len(present)} classes present but "
             f"largest label {present[-1]} (relabel to 0..C-1, or set data.n_classes if some classes are absent)"
         )
-    return y
+    return y, None
 
 
-# name (the config's `data.source`) → load(cfg, map_fn) -> (x float32 [n, d], y int64 [n])
-SOURCES: dict[str, Callable[[DataConfig, Callable], tuple[np.ndarray, np.ndarray]]] = {
-    "mnist1d": load_mnist1d,
-    "digits": lambda cfg, map_fn: load_digits(),
-    "parquet": lambda cfg, map_fn: load_parquet(cfg),
+# name (the config's `data.source`) → load(cfg, map_fn) -> (x float32 [n, d], y int64 [n],
+# class names or None for classes 0..C-1)
+SOURCES: dict[str, Callable[[DataConfig, Callable], tuple[np.ndarray, np.ndarray, list[str] | None]]] = {
+    "mnist1d": lambda cfg, map_fn: (*load_mnist1d(cfg, map_fn), None),
+    "digits": lambda cfg, map_fn: (*load_digits(), None),
+    "parquet": lambda cfg, map_fn: read_parquet_source(cfg),
 }
 
 
-def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
+def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     return SOURCES[cfg.source](cfg, map_fn)
 
 
@@ -253,7 +272,7 @@ def stage_data(ctx: RunContext) -> DataStage:
             ctx.ray()
             return parallel_map(fn, list(items))
 
-        x, y = load_source(cfg, ray_map)
+        x, y, classes = load_source(cfg, ray_map)
         n_classes = n_classes_of(cfg, y)
         if not shape:  # user data is read in this process: still before Ray starts
             check_models(ctx, int(x.shape[1]), n_classes)
@@ -263,9 +282,9 @@ def stage_data(ctx: RunContext) -> DataStage:
         for name, s in splits.items():
             ctx.run.write_parquet(d / f"{name}.parquet", split_table(s))
         sizes = {k: len(s.y) for k, s in splits.items()}
-        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes, standardize=scaling)
+        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes, standardize=scaling, classes=classes)
     else:
         ctx.log(f"data: cached {d}")
         check_models(ctx, manifest["in_dim"], manifest["n_classes"])
     splits = {name: read_split(d / f"{name}.parquet") for name in SPLITS}
-    return DataStage(d, splits, manifest["n_classes"], manifest["in_dim"])
+    return DataStage(d, splits, manifest["n_classes"], manifest["in_dim"], manifest.get("classes"))

@@ -27,6 +27,7 @@ import ray.data
 import torch
 
 from w2s_ray import artifacts
+from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
 from w2s_ray.posterior import PosteriorAccumulator
@@ -50,6 +51,8 @@ def configure_ray_data() -> None:
     ctx.use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # its one line says the progress bars we just turned off are off: not a warning for users
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
@@ -71,8 +74,11 @@ def build_posterior(cfg: ExperimentConfig, data: DataStage, teachers: TeacherSta
     }
     out: dict[str, Any] = {}
     for split, accum in accums.items():
-        single = None
+        single, seen = None, set()
         for ids, logp in iter_pack_logp(teachers, split):
+            if seen & set(ids.tolist()):
+                raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(seen & set(ids.tolist()))[:5]} appear in two packs; the posterior would count them twice")
+            seen |= set(ids.tolist())
             accum.add(logp, ids.tolist())
             hit = np.nonzero(ids == pcfg.single_teacher)[0]
             if len(hit):
@@ -222,11 +228,12 @@ def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> La
         ctx.ray()
         warn_if_unshared(ctx)
         ctx.log(f"labels: posterior over teachers, pseudo-labels via Ray Data → {d}")
-        ctx.run.reset(d)
-        post = build_posterior(ctx.cfg, data, teachers)
-        summary = posterior_summary(post, data.splits["test"].y)
-        tr, te = data.splits["transfer"], data.splits["test"]
-        write_labels(ctx.run, d, labels_table(tr.ids, tr.x, post["transfer"]), test_table(te.ids, post["test"]), summary, ctx.keys.labels, ctx.cfg.labels.rows_per_file)
+        with ctx.run.lock(d, "labels stage"):
+            ctx.run.reset(d)
+            post = build_posterior(ctx.cfg, data, teachers)
+            summary = posterior_summary(post, data.splits["test"].y)
+            tr, te = data.splits["transfer"], data.splits["test"]
+            write_labels(ctx.run, d, labels_table(tr.ids, tr.x, post["transfer"]), test_table(te.ids, post["test"]), summary, ctx.keys.labels, ctx.cfg.labels.rows_per_file)
     else:
         ctx.log(f"labels: cached {d}")
     return LabelStage(d, PosteriorSummary.read(d / "posterior.json"))

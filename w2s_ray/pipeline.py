@@ -48,7 +48,7 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
     if last >= STAGES.index("student") and s.students is None:
         s.students = stage_students(ctx, s.data, s.labels)
     if last >= STAGES.index("report") and s.results is None:
-        s.results = stage_report(ctx, s.teachers, s.labels, s.students)
+        s.results = stage_report(ctx, s.data, s.teachers, s.labels, s.students)
     return s
 
 

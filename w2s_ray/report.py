@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
 from w2s_ray.metrics import pgr
-from w2s_ray.run import LabelStage, PosteriorSummary, RunContext, StudentStage, TeacherStage
+from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, StudentStage, TeacherStage
 from w2s_ray.storage import RunDir
 
 
@@ -145,20 +145,22 @@ def write_tensorboard(run: RunDir, teachers: pd.DataFrame, posterior: PosteriorS
     run.publish_tree(run / "tensorboard")
 
 
-def stage_report(ctx: RunContext, teachers: TeacherStage, labels: LabelStage, students: StudentStage) -> dict[str, Any]:
+def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage, students: StudentStage) -> dict[str, Any]:
     """The printed table, results.json / results.parquet, summary.png and TensorBoard."""
     cfg, run = ctx.cfg, ctx.run
     table = teachers.table().to_pandas()
     acc = table["acc_test"].to_numpy()
     posterior = labels.posterior
     rows = results_rows(acc, posterior, students, cfg.posterior.single_teacher)
-    results = {"rows": rows, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json")}
+    results = {"rows": rows, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json"), "classes": data.classes}
     run.write_json(run / "results.json", results)
     flat = pd.DataFrame([{k: (v if k != "ci" else (str(v) if v else None)) for k, v in r.items()} for r in rows])
     write_table(run, run / "results.parquet", flat)
     plot_summary(run, rows, acc, posterior, run / "summary.png")
     if cfg.output.tensorboard:
         write_tensorboard(run, table, posterior, students)
+    if data.classes:
+        print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.classes)))
     print(format_table(rows))
     print(
         f"\nteacher variance (mean KL(dual mean ‖ teacher), test): {posterior.variance_test:.4f}   "

@@ -97,6 +97,7 @@ class DataStage:
     splits: dict[str, Split]  # weak, transfer, test
     n_classes: int
     in_dim: int
+    classes: list[str] | None = None  # names of classes 0..C-1, for a string label column
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ stores. Opening a root pyarrow cannot open is a `ConfigError` naming `output.roo
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from w2s_ray import artifacts
-from w2s_ray.errors import ConfigError
+from w2s_ray.errors import ConfigError, W2SError
 
 DEFAULT_CACHE = "~/.cache/w2s-ray"
 OBJECT_STORES = {"s3", "gcs", "abfs"}  # a PUT is atomic; there are no directories to move
@@ -59,6 +60,16 @@ class Store:
     @property
     def atomic_put(self) -> bool:
         return self.fs.type_name in OBJECT_STORES
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _writable(path: Path, key: str, value: str) -> Path:
@@ -161,6 +172,39 @@ class RunDir:
         """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
         Path(path).unlink(missing_ok=True)
         self.delete(path)
+
+    @contextmanager
+    def lock(self, directory: Path, what: str) -> Iterator[None]:
+        """Hold `directory` for this run while it writes a stage there: a second run on the same
+        machine (or on a shared filesystem) that reaches it stops with a message instead of
+        mixing its files in. A lock left by a process that died on this host is taken over.
+        Object stores have no such lock: two machines writing one stage there are not detected."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # beside the directory, not in it: a stage may reset its directory while holding the lock
+        lock, me = directory.parent / f".{directory.name}.lock", f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                holder = lock.read_text().strip() if lock.exists() else ""
+                host, _, pid = holder.partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    lock.unlink(missing_ok=True)  # its run died: take over
+                    continue
+                raise W2SError(
+                    f"{what} {directory} is being written by another run ({holder or 'unknown'}); wait for it to "
+                    f"finish, or remove {lock} if that run is gone"
+                ) from None
+        else:
+            raise W2SError(f"{what} {directory}: could not take the lock {lock}")
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        directory.mkdir(exist_ok=True)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
     # --- the store ------------------------------------------------------------------------
 

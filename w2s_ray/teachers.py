@@ -30,6 +30,7 @@ import torch
 from ray import exceptions as ray_errors
 
 from w2s_ray import artifacts
+from w2s_ray.errors import W2SError
 from w2s_ray.config import TeacherResources
 from w2s_ray.raytools import as_completed, progress
 from w2s_ray.run import DataStage, RunContext, TeacherStage
@@ -104,10 +105,46 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any]) -> None:
     run.write_parquet(stage / "packs" / f"pack-{result['pack']:05d}.parquet", meta)
 
 
-def finished_packs(stage: Path) -> pa.Table | None:
-    files = sorted((stage / "packs").glob("pack-*.parquet"))
+def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None) -> pa.Table:
+    """A finished pack's metadata row, after checking that its prediction files are complete
+    Parquet with one row per teacher and example (`n_rows` per split, when known)."""
+    table = pq.read_table(meta)
+    pack = int(meta.stem.split("-")[1])
+    for split in PRED_SPLITS:
+        rows = pq.read_metadata(pack_path(stage, split, pack)).num_rows
+        if n_rows is not None and rows != table.num_rows * n_rows[split]:
+            raise ValueError(f"{rows} rows, not {table.num_rows} teachers × {n_rows[split]} examples")
+    return table
+
+
+def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None) -> pa.Table | None:
+    """The finished packs' metadata. A pack whose files are damaged (truncated, unreadable, the
+    wrong size) is removed, here and in the store, so that it is trained again."""
+    tables = []
+    for meta in sorted((stage / "packs").glob("pack-*.parquet")):
+        try:
+            tables.append(read_finished_pack(stage, meta, n_rows))
+        except Exception as err:  # pyarrow raises several kinds for a damaged file
+            pack = int(meta.stem.split("-")[1])
+            sys.stderr.write(f"teachers: pack {pack} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); it is trained again\n")
+            for f in (meta, *(pack_path(stage, split, pack) for split in PRED_SPLITS)):
+                run.remove(f)
     # promote: packs written before a column was added (provenance) still concatenate
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def check_teacher_ids(table: pa.Table, stage: Path) -> None:
+    """A finished ensemble holds teachers 0..K-1 once each (two runs writing one stage could
+    otherwise leave duplicates that the posterior would silently count twice)."""
+    ids = table["teacher_id"].to_numpy()
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any() or not np.array_equal(values, np.arange(len(values))):
+        dup = values[counts > 1][:5].tolist()
+        raise W2SError(
+            f"teachers stage {stage}: teacher ids are not 0..{len(values) - 1} once each "
+            f"(duplicated: {dup}; {len(ids)} rows for {len(values)} ids); was it written by two runs at once? "
+            "Remove the directory to retrain it"
+        )
 
 
 def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,16 +188,16 @@ def stage_teachers(ctx: RunContext, data: DataStage) -> TeacherStage:
         ctx.ray()
         have = f" (extending the {manifest['k']} on disk)" if manifest else ""
         ctx.log(f"teachers: training K={tcfg.k} {tcfg.model.name} teachers{have} → {d}")
-        d.mkdir(parents=True, exist_ok=True)
-        ctx.run.remove(d / artifacts.MANIFEST)
-        try:
-            table = train_teachers(ctx, data, d)
-        finally:
-            ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs
-        ctx.run.write_parquet(d / "teachers.parquet", table)
-        acc = table["acc_test"].to_numpy()
-        packs = sorted(set(table["pack"].to_pylist()))
-        manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
+        with ctx.run.lock(d, "teachers stage"):
+            ctx.run.remove(d / artifacts.MANIFEST)
+            try:
+                table = train_teachers(ctx, data, d)
+            finally:
+                ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs
+            ctx.run.write_parquet(d / "teachers.parquet", table)
+            acc = table["acc_test"].to_numpy()
+            packs = sorted(set(table["pack"].to_pylist()))
+            manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
     else:
         ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
     return TeacherStage(d, tcfg.k, manifest["packs"])
@@ -170,7 +207,8 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
     tcfg = ctx.cfg.teachers
     res = tcfg.resources
-    done = finished_packs(stage)
+    n_rows = {split: len(data.splits[split].y) for split in PRED_SPLITS}
+    done = finished_packs(ctx.run, stage, n_rows)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
@@ -205,11 +243,16 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
                     raise
                 log_lost(p, err)
                 queue.insert(0, (p, ids))
-                submit(ctx.pool.replace(actor, start) if isinstance(err, ray_errors.RayActorError) else actor)
+                # an actor Ray is still restarting (ActorUnavailableError) keeps its place: Ray's
+                # restart finishes and takes the pack; one Ray gave up on is replaced
+                gone = isinstance(err, ray_errors.RayActorError) and not isinstance(err, ray_errors.ActorUnavailableError)
+                submit(ctx.pool.replace(actor, start) if gone else actor)
                 continue
             write_pack(ctx.run, stage, result)
             n_done += len(result["teacher_ids"])
             progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")
             if queue:
                 submit(actor)
-    return finished_packs(stage).sort_by("teacher_id")
+    table = finished_packs(ctx.run, stage, n_rows).sort_by("teacher_id")
+    check_teacher_ids(table, stage)
+    return table

@@ -11,6 +11,7 @@ and torch, where importing the stage modules that used to hold them cost 1.1–1
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from w2s_ray.run import StudentResult
 from w2s_ray.training import load_student, predict_log, train_student
 
 PRED_SPLITS = ("transfer", "test")
+MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
 
 
 # --- teachers ------------------------------------------------------------------------------
@@ -46,17 +48,24 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     # arrays from the object store are read-only; torch.tensor copies them into writable memory
     x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
     y_weak = torch.tensor(data["y_weak"])
-    n = len(y_weak)
-    seeds = [teacher_seed(cfg.seed, t) for t in teacher_ids]
-    index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(teacher_ids, seeds)]
+    n, k = len(y_weak), len(teacher_ids)
+    # CPU kernels for packs of one or two teachers differ from those for larger packs: measured
+    # here, an MLP teacher trained in a pack of 1 or 2 is off by up to 2e-7 in log p after 5
+    # epochs (0.02 after 30, 0.1% of argmaxes) from the same teacher in any pack of 3 to 32,
+    # which are bitwise equal. So a small pack trains beside copies of its teachers, and a
+    # resumed or extended ensemble of MLP or logistic teachers is the same whatever its pack
+    # plan. (1-D CNN teachers differ at float32 rounding between every pack size measured.)
+    ids = (list(teacher_ids) * MIN_PACK)[: max(k, MIN_PACK)]
+    seeds = [teacher_seed(cfg.seed, t) for t in ids]
+    index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(ids, seeds)]
     pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.resources.compile)
-    steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay)
-    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds, "steps": steps}
+    steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) // len(ids) * k
+    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds[:k], "steps": steps}
     for split in PRED_SPLITS:
-        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()
+        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()[:k]
     y_test = data["y_test"]
     out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
-    out["acc_weak"] = (pack.log_probs(x_weak).numpy().argmax(-1) == data["y_weak"][None]).mean(1).tolist()
+    out["acc_weak"] = (pack.log_probs(x_weak).numpy()[:k].argmax(-1) == data["y_weak"][None]).mean(1).tolist()
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -74,8 +83,11 @@ class PackTrainer:
     def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
         cfg = TeachersConfig.model_validate(cfg_json)
         out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
-        # provenance: a pack trained by an actor Ray restarted after losing it (a node died)
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # provenance: a pack trained by an actor Ray restarted after losing it (a node died);
+        # Ray 2.60 deprecates the property with a warning per actor but offers no replacement
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
         return out
 
