@@ -116,6 +116,7 @@ def test_mnist1d_plan_covers_the_requested_size():
     assert len({s for _, s in plan}) == len(plan)
 
 
+@pytest.mark.slow  # the CLI gets past validation and imports the pipeline
 def test_cli_stops_on_bad_data_before_ray_starts(tmp_path):
     x, y = good()
     x[4, 1] = np.nan
@@ -192,3 +193,13 @@ def test_string_labels_map_to_classes_in_sorted_order(tmp_path, encode):
     assert ys.tolist() == [0, 2, 1, 0, 2, 1] and xs.shape == (6, 5)
     with pytest.raises(DataError, match="3 classes, more than data.n_classes = 2"):
         read_parquet_source(cfg(path, label_column="label", n_classes=2))
+
+
+def test_digits_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from w2s_ray.data import load_digits
+
+    x, y = load_digits()
+    d = sklearn_digits()
+    assert np.array_equal(x, (d.data / 16.0).astype(np.float32)) and np.array_equal(y, d.target)

@@ -80,6 +80,7 @@ def test_class_count_too_large_for_memory_and_one_feature_cnn():
     assert params == {"teachers.model": 1642, "student.model": count_params(build_model(cfg.student.model, 40, 10))}
 
 
+@pytest.mark.slow  # the CLI gets past validation and imports the pipeline
 def test_cli_refuses_a_model_the_data_cannot_feed_before_ray_starts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", "student.model.depth=10", "--set", f"output.root={tmp_path}"],
                          capture_output=True, text=True, timeout=120)

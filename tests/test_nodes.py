@@ -32,9 +32,9 @@ K = 24
 def experiment(root, name: str, max_retries: int) -> dict:
     return {
         "data": {"source": "digits", "n_weak": 400, "n_transfer": 700, "n_test": 600},
-        # ~1.5 s per pack of 2: the kill comes with most packs still to train
+        # ~3 s per pack of 4: the kill comes with most of the 6 packs still to train
         "teachers": {"k": K, "epochs": 400, "model": {"name": "mlp", "width": 32},
-                     "resources": {"num_actors": 2, "max_pack_size": 2, "max_retries": max_retries}},
+                     "resources": {"num_actors": 2, "max_pack_size": 4, "max_retries": max_retries}},
         "posterior": {"n_boot": 20},
         "output": {"root": str(root), "name": name},
     }

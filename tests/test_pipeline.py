@@ -170,3 +170,32 @@ def test_damaged_pack_files_are_trained_again(ray_session, tmp_path, capfd):
     after = pd.read_parquet(again.teachers.dir / "teachers.parquet").drop(columns=["seconds", "node", "pack"]).sort_values("teacher_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
     assert artifacts.read_manifest(again.teachers.dir) is not None
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = small_config(tmp_path, teachers={"k": 8, "epochs": 2000})  # long enough to be interrupted
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "w2s_ray.cli", "teachers", str(conf), "--set", "ray.num_cpus=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        for line in proc.stderr:  # wait until it trains
+            if "teachers: training" in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole foreground group
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, err[-2000:]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "w2s-ray: interrupted" in err and "Traceback" not in err, err[-2000:]

@@ -87,6 +87,7 @@ def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
     pd.testing.assert_series_equal(again["acc_test"], teachers["acc_test"])
 
 
+@pytest.mark.slow  # the CLI gets past validation and imports the pipeline
 def test_unopenable_root_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"output\.root"):
         RunDir.open("nosuchscheme://bucket/runs", "x")
@@ -138,6 +139,7 @@ def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
     assert set(pd.read_parquet(run_dir(cfg) / "tune" / "s3tune" / "trials.parquet")["trial_id"]) == trials, "the search was not restored"
 
 
+@pytest.mark.slow  # the CLI gets past validation and imports the pipeline
 def test_an_output_root_that_is_a_file_is_a_config_error(tmp_path):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a directory\n")

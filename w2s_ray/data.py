@@ -13,6 +13,7 @@ driver, so bad data stops before Ray starts. Splits are stored as Parquet with c
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import sklearn.datasets
 
 from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig, check_shapes
@@ -37,8 +37,18 @@ SPLITS = ("weak", "transfer", "test")
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    d = sklearn.datasets.load_digits()
-    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    """scikit-learn's 8×8 digits (1,797 images), scaled to [0, 1].
+
+    Read from the CSV file scikit-learn ships, the one its `load_digits` reads, without importing
+    scikit-learn: `import sklearn.datasets` costs 2.2 s on 2 cores, paid by every command that
+    loads this module. The arrays are equal to `load_digits()`'s (tested).
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("data.source 'digits' needs scikit-learn's digits file (pip install scikit-learn)")
+    table = np.loadtxt(path, delimiter=",")
+    return (table[:, :-1] / 16.0).astype(np.float32), table[:, -1].astype(np.int64)
 
 
 def _open_parquet(path: str) -> pa.Table:
