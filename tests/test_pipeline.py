@@ -10,6 +10,7 @@ import torch
 
 from conftest import run_dir, small_config
 from w2s_ray import artifacts
+from w2s_ray.config import load_config
 from w2s_ray.labels import read_labels, stage_labels
 from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import dual_mean_log
@@ -82,6 +83,13 @@ def test_rerun_uses_the_cache_and_a_student_change_keeps_teachers(finished, capf
     assert st2.teachers.dir == st.teachers.dir and st2.labels.dir == st.labels.dir
     assert (st.teachers.dir / "teachers.parquet").stat().st_mtime_ns == mtime
     assert "student[dual_mean]: training" in capfd.readouterr().err
+    # both configs keep their own report; the run's top level shows the last one
+    run = run_dir(cfg).path
+    reports = {d.name: load_config(d / "config.yaml") for d in (run / "report").iterdir()}
+    assert len(reports) == 2 and {c.student.rce_weight for c in reports.values()} == {0.0, 0.5}
+    for d in (run / "report").iterdir():
+        assert artifacts.read_manifest(d) is not None and json.loads((d / "results.json").read_text())["config"]["student"]["rce_weight"] == reports[d.name].student.rce_weight
+    assert json.loads((run / "results.json").read_text())["config"]["student"]["rce_weight"] == 0.5
 
 
 def test_interrupted_teacher_stage_resumes_only_missing_packs(ray_session, tmp_path, capfd):

@@ -19,3 +19,11 @@ def test_pgr_is_not_a_number_when_the_ceiling_is_not_above_the_weak_reference():
     assert np.isnan(row["pgr_vs_ensemble"]) and row["pgr_vs_ensemble_note"] == "n/a: the ceiling (0.5500) is not above the ensemble (0.5600)"
     table = format_table(rows)
     assert "n/a" in table and "PGR n/a: the ceiling (0.5500) is not above the ensemble (0.5600)" in table
+
+
+def test_wilson_interval_matches_its_closed_form():
+    from w2s_ray.metrics import wilson_interval
+
+    lo, hi = wilson_interval(0.8, 100)
+    assert (lo, hi) == pytest.approx((0.7111, 0.8666), abs=1e-4)  # the textbook values for 80/100
+    assert wilson_interval(0.0, 50)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(1.0, 50)[1] == pytest.approx(1.0)

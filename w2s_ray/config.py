@@ -461,6 +461,13 @@ class StageKeys:
         return config_hash("student", self.labels, s, target)
 
     @property
+    def report(self) -> str:
+        """The whole experiment (not where it runs, nor where it writes): one report per config,
+        so two configs sharing `output.name` keep their results apart."""
+        exclude = {"teachers": {"resources"}, "student": {"resources"}, "ray": True, "output": True}
+        return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude))
+
+    @property
     def ceiling(self) -> str:
         """Everything about the student except what concerns teacher targets: new training
         options change the ceiling's key by default."""

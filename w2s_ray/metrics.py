@@ -30,6 +30,13 @@ def mean_entropy(log_probs: torch.Tensor) -> float:
     return float(entropy_from_probs(log_probs.exp()).mean())
 
 
+def wilson_interval(acc: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on `n` independent examples."""
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def pgr(student: float, weak: float, ceiling: float) -> float:
     """Performance gap recovered: (student − weak) / (ceiling − weak); NaN when there is no gap to
     recover (the ceiling is not above the weak reference), where the ratio means nothing."""

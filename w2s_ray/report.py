@@ -8,6 +8,7 @@ stronger teacher the paper says a student should approximate).
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +18,8 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
-from w2s_ray.metrics import pgr
+from w2s_ray.config import to_yaml
+from w2s_ray.metrics import pgr, wilson_interval
 from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, StudentStage, TeacherStage
 from w2s_ray.storage import RunDir
 
@@ -146,17 +148,31 @@ def write_tensorboard(run: RunDir, teachers: pd.DataFrame, posterior: PosteriorS
 
 
 def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage, students: StudentStage) -> dict[str, Any]:
-    """The printed table, results.json / results.parquet, summary.png and TensorBoard."""
+    """The printed table, then `report/<hash>/` (config.yaml, results.json, results.parquet,
+    summary.png: one per experiment config, so configs sharing `output.name` keep theirs) with
+    copies of the last one at the run's top level, and TensorBoard."""
     cfg, run = ctx.cfg, ctx.run
     table = teachers.table().to_pandas()
     acc = table["acc_test"].to_numpy()
     posterior = labels.posterior
     rows = results_rows(acc, posterior, students, cfg.posterior.single_teacher)
+    if students.ceiling is not None:
+        n_test = len(data.splits["test"].y)
+        lo, hi = wilson_interval(students.ceiling.test_acc, n_test)
+        if lo <= acc.mean():
+            ctx.log(f"warning: the mean teacher ({acc.mean():.4f}) is within the ceiling's own 95% CI [{lo:.4f}, {hi:.4f}] "
+                    f"over {n_test} test examples: there is no clear gap to recover, and PGR is not meaningful")
     results = {"rows": rows, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json"), "classes": data.classes}
-    run.write_json(run / "results.json", results)
+    d = run.reset(run.stage("report", ctx.keys.report))
+    run.write_text(d / "config.yaml", to_yaml(cfg))
+    run.write_json(d / "results.json", results)
     flat = pd.DataFrame([{k: (v if k != "ci" else (str(v) if v else None)) for k, v in r.items()} for r in rows])
-    write_table(run, run / "results.parquet", flat)
-    plot_summary(run, rows, acc, posterior, run / "summary.png")
+    write_table(run, d / "results.parquet", flat)
+    plot_summary(run, rows, acc, posterior, d / "summary.png")
+    run.write_manifest(d, ctx.keys.report)
+    for name in ("results.json", "results.parquet", "summary.png"):  # the last run, where people look first
+        with run.atomic(run / name) as tmp:
+            shutil.copyfile(d / name, tmp)
     if cfg.output.tensorboard:
         write_tensorboard(run, table, posterior, students)
     if data.classes:
@@ -164,7 +180,7 @@ def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, label
     print(format_table(rows))
     print(
         f"\nteacher variance (mean KL(dual mean ‖ teacher), test): {posterior.variance_test:.4f}   "
-        f"mutual information: {posterior.mutual_info_test:.4f}\nresults: {run / 'results.json'}"
+        f"mutual information: {posterior.mutual_info_test:.4f}\nresults: {d / 'results.json'} (and {run / 'results.json'})"
     )
     return results
 
