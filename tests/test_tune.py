@@ -132,18 +132,20 @@ def test_trial_resources_default_to_the_students(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
-    cfg = small_config(tmp_path, student={"epochs": 40, "patience": 100})
+    cfg = small_config(tmp_path, student={"epochs": 60, "patience": 100})
     conf = tmp_path / "c.yaml"
     conf.write_text(to_yaml(cfg))
     space = write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
-                        params={"student.model.width": {"type": "grid", "values": [4, 16, 32, 64]}})
+                        params={"student.model.width": {"type": "grid", "values": [4, 8, 16, 32, 48, 64]}})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
     search = run_dir(cfg) / "tune" / "space"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "search.log"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
     finished: dict[str, float] = {}
     deadline = time.time() + 240
     while time.time() < deadline and not finished:
+        assert proc.poll() is None, f"the search exited early: {log.read_text()[-2000:]}"
         for result in search.glob("*/result.json"):
             lines = result.read_text().splitlines()
             try:
@@ -169,7 +171,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     table = pd.read_parquet(search / "trials.parquet")
-    assert len(table) == 4 and (table["status"] == "TERMINATED").all()
+    assert len(table) == 6 and (table["status"] == "TERMINATED").all()
     for name, mtime in finished.items():
         assert (search / name / "result.json").stat().st_mtime_ns == mtime, f"finished trial {name} was run again"
     for result in search.glob("*/result.json"):  # interrupted trials continued from a checkpoint
@@ -184,6 +186,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     [
         ({"params": {"student.model.width": {"type": "grid", "values": [4, 8]}}}, "optuna samples its points and cannot take 'grid' parameters"),
         ({"baseline": {"student.lr": 0.001}}, "baseline 'student.lr' is not one of the searched params"),
+        ({"baseline": {"teachers.k": 8}}, "baseline 'teachers.k': only student.* keys"),
     ],
 )
 def test_space_files_that_cannot_run_as_written(tmp_path, change, needle):

@@ -100,6 +100,11 @@ class ActorPool:
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
+    """A bar redrawn in place on a terminal; one plain line per update in a log file or pipe."""
+    if not sys.stderr.isatty():
+        sys.stderr.write(f"{label}: {done}/{total} {extra}".rstrip() + "\n")
+        sys.stderr.flush()
+        return
     width = 30
     filled = int(width * done / max(total, 1))
     sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}")

@@ -117,8 +117,10 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         for value in param.candidates():
             apply_params(base, {name: value}, f"{path}: parameter {name!r} = {value!r}")
     for name in raw.get("baseline") or {}:
-        if name not in space.params:
-            raise ConfigError(f"{path}: baseline {name!r} is not one of the searched params {sorted(space.params)}")
+        if not name.startswith("student."):
+            raise ConfigError(f"{path}: baseline {name!r}: only student.* keys can be searched, so only they can have a baseline")
+        if space.search == "optuna" and name not in space.params:
+            raise ConfigError(f"{path}: baseline {name!r} is not one of the searched params {sorted(space.params)} (Optuna's first point sets searched params only)")
     for name, value in space.baseline.items():
         apply_params(base, {name: value}, f"{path}: baseline {name!r}")
     if space.resources is None:

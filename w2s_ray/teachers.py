@@ -243,9 +243,10 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
                     raise
                 log_lost(p, err)
                 queue.insert(0, (p, ids))
-                # an actor Ray is still restarting (ActorUnavailableError) keeps its place: Ray's
-                # restart finishes and takes the pack; one Ray gave up on is replaced
-                gone = isinstance(err, ray_errors.RayActorError) and not isinstance(err, ray_errors.ActorUnavailableError)
+                # an actor Ray is restarting (ActorUnavailableError, restarts left) keeps its place:
+                # the restart finishes and takes the pack; one Ray gave up on is replaced
+                restarting = isinstance(err, ray_errors.ActorUnavailableError) and res.max_retries > 0
+                gone = isinstance(err, ray_errors.RayActorError) and not restarting
                 submit(ctx.pool.replace(actor, start) if gone else actor)
                 continue
             write_pack(ctx.run, stage, result)
