@@ -76,9 +76,10 @@ def build_posterior(cfg: ExperimentConfig, data: DataStage, teachers: TeacherSta
     for split, accum in accums.items():
         single, seen = None, set()
         for ids, logp in iter_pack_logp(teachers, split):
-            if seen & set(ids.tolist()):
-                raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(seen & set(ids.tolist()))[:5]} appear in two packs; the posterior would count them twice")
-            seen |= set(ids.tolist())
+            twice = seen.intersection(ids.tolist())
+            if twice:
+                raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
+            seen.update(ids.tolist())
             accum.add(logp, ids.tolist())
             hit = np.nonzero(ids == pcfg.single_teacher)[0]
             if len(hit):
