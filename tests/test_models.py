@@ -1,12 +1,14 @@
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from w2s_ray.config import ModelConfig, check_shapes, parse_config
+from w2s_ray.config import ModelConfig, check_shapes, load_config, parse_config
 from w2s_ray.errors import ConfigError
 from w2s_ray.models import CNN1d, build_model, count_params
+from w2s_ray.space import load_space
 
 
 def test_capacity_knob_grows_the_models():
@@ -86,3 +88,39 @@ def test_cli_refuses_a_model_the_data_cannot_feed_before_ray_starts(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "student.model: 'cnn1d'" in out.stderr and "depth 10 leaves no positions" in out.stderr
     assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr
+
+
+def test_a_model_path_outside_installed_packages_needs_allow_local_code(tmp_path):
+    """A config's model path is code: a module that merely sits on the path is not imported
+    (not even to check it) unless the user passes --allow-local-code."""
+    marker = tmp_path / "imported"
+    (tmp_path / "localnet.py").write_text(
+        f"import pathlib, torch.nn as nn\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "class Net(nn.Module):\n    def __init__(self, in_dim, n_classes, width, depth):\n"
+        "        super().__init__(); self.f = nn.Linear(in_dim, n_classes)\n    def forward(self, x):\n        return self.f(x)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def show(*flags):
+        return subprocess.run([sys.executable, "-m", "w2s_ray.cli", "config", "--set", "teachers.model.name=localnet:Net", *flags],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+    refused = show()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "teachers.model.name: 'localnet:Net' would import" in refused.stderr and "--allow-local-code" in refused.stderr
+    assert str(tmp_path / "localnet.py") in refused.stderr and not marker.exists()
+    allowed = show("--allow-local-code")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "name: localnet:Net" in allowed.stdout and marker.read_text() == "ran"
+    # installed packages need no flag
+    installed = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "config", "--set", "student.model.name=w2s_ray.models:MLP"],
+                               capture_output=True, text=True, timeout=120)
+    assert installed.returncode == 0, installed.stderr
+
+
+def test_a_search_space_cannot_smuggle_local_code(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("search: random\nnum_samples: 1\nparams:\n  student.model.name: {type: choice, values: [mlp, custom_model:TinyNet]}\n")
+    with pytest.raises(ConfigError, match="custom_model"):
+        load_space(space, load_config(None))
+    assert load_space(space, load_config(None), allow_local_code=True).params

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -17,7 +18,7 @@ import yaml
 
 from conftest import run_dir, small_config
 from w2s_ray import artifacts, storage
-from w2s_ray.errors import ConfigError
+from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.space import load_space
 from w2s_ray.storage import RunDir
@@ -164,3 +165,24 @@ def test_a_stage_directory_is_written_by_one_run_at_a_time(tmp_path):
     (stage.parent / ".abc.lock").write_text(f"{socket.gethostname()} 999999999")
     with run.lock(stage, "teachers stage"):
         pass
+
+
+def test_a_stage_in_a_store_is_written_by_one_run_at_a_time(tmp_path, monkeypatch):
+    """Two machines (two caches) on one store: the second is kept out by the lease in the store,
+    a lease whose run stopped renewing it is taken over, and a released lease is gone."""
+    monkeypatch.setattr(RunDir, "LEASE_S", 2.0)
+    monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.05)
+    root = f"file://{tmp_path / 'store'}"
+    a, b = RunDir.open(root, "r", cache=str(tmp_path / "cache-a")), RunDir.open(root, "r", cache=str(tmp_path / "cache-b"))
+    lease = tmp_path / "store" / "r" / "teachers" / ".abc.lock"
+    with a.lock(a.stage("teachers", "abc"), "teachers stage"):
+        owner = json.loads(lease.read_text())["owner"]
+        time.sleep(2.5)  # past one lease period: renewed, so still held
+        with pytest.raises(W2SError, match=r"being written by another run .*lease in the store"):
+            with b.lock(b.stage("teachers", "abc"), "teachers stage"):
+                pass
+        assert json.loads(lease.read_text())["owner"] == owner
+    assert not lease.exists()
+    lease.write_text(json.dumps({"owner": "elsewhere 1 dead", "expires": time.time() - 1}))  # a run that died
+    with b.lock(b.stage("teachers", "abc"), "teachers stage"):
+        assert json.loads(lease.read_text())["owner"] != "elsewhere 1 dead"

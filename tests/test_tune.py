@@ -214,3 +214,25 @@ def test_a_search_where_every_trial_fails_ends_in_one_line(ray_session, tmp_path
     space = load_space(write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, max_failures=0), cfg)
     with pytest.raises(W2SError, match=r"every trial failed; the first \(.+\): RuntimeError: injected failure \(TrialFault\) \(its log: .+\)"):
         run_tune(cfg, space, "allfail", fault=TrialFault(epoch=1))
+
+
+@pytest.mark.slow
+def test_a_resumed_search_that_lost_tune_state_trains_no_finished_point_again(ray_session, tmp_path):
+    """A driver killed before Tune saved its state: on resume Tune starts those points again as
+    new trials; each finds its finished record and reports it without training (a TrialFault
+    makes any trial that trains fail), and the replaced trial folders are removed."""
+    cfg = small_config(tmp_path)
+    space = load_space(write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
+                                   params={"student.model.width": {"type": "grid", "values": [4, 8]}}), cfg)
+    run_tune(cfg, space, "lost")
+    search = run_dir(cfg).path / "tune" / "lost"
+    first = pd.read_parquet(search / "trials.parquet")
+    assert len(list((search / "finished").glob("*.json"))) == 2
+    for f in [search / "tuner.pkl", *search.glob("experiment_state-*.json"), *search.glob("basic-variant-state-*.json")]:
+        f.unlink()  # what a kill before the first state save leaves
+    run_tune(cfg, space, "lost", resume=True, fault=TrialFault(epoch=1))
+    again = pd.read_parquet(search / "trials.parquet")
+    assert (again["status"] == "TERMINATED").all() and len(again) == 2
+    cols = ["student.model.width", "test_acc", "val_teacher_ce", "best_epoch"]
+    pd.testing.assert_frame_equal(first[cols].sort_values(cols[0]).reset_index(drop=True), again[cols].sort_values(cols[0]).reset_index(drop=True))
+    assert len([d for d in search.iterdir() if (d / "params.json").is_file()]) == 2

@@ -52,17 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. teachers.k=128")
+        s.add_argument(
+            "--allow-local-code", action="store_true",
+            help="allow model import paths (package.module:Class) that are not installed packages, e.g. a module in the working directory; a config's model path is code",
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, parse_overrides(args.overrides))
+        cfg = load_config(args.config, parse_overrides(args.overrides), allow_local_code=args.allow_local_code)
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
-        space = load_space(args.space, cfg) if args.command == "tune" else None
+        space = load_space(args.space, cfg, allow_local_code=args.allow_local_code) if args.command == "tune" else None
         if space is not None:
             name = args.name or Path(args.space).stem
             if not SEARCH_NAME.fullmatch(name):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from w2s_ray import models
 from w2s_ray.errors import ConfigError
@@ -54,8 +54,12 @@ class ModelConfig(Strict):
 
     @field_validator("name")
     @classmethod
-    def _resolves(cls, name: str) -> str:
+    def _resolves(cls, name: str, info: ValidationInfo) -> str:
         try:
+            # configs read from files (`load_config`) are checked for local code before any
+            # import; configs the driver built and passes on (workers, searches) are not again
+            if info.context is not None and not info.context.get("allow_local_code", False):
+                models.check_installed(name)
             models.resolve(name)
         except ConfigError as err:
             raise ValueError(str(err)) from None
@@ -309,13 +313,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> ExperimentConfig:
+def parse_config(data: dict[str, Any] | None, source: str = "<dict>", context: dict[str, Any] | None = None) -> ExperimentConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(data).__name__}")
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context=context)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
@@ -382,8 +386,9 @@ def read_yaml(path: str | Path, what: str) -> Any:
     return parse_yaml(text, f"{what} {path}")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read YAML (or the defaults when `path` is None), apply dotted overrides, validate."""
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, allow_local_code: bool = False) -> ExperimentConfig:
+    """Read YAML (or the defaults when `path` is None), apply dotted overrides, validate. A model
+    import path must name an installed package unless `allow_local_code` (`--allow-local-code`)."""
     data: Any = {}
     source = "defaults"
     if path is not None:
@@ -396,7 +401,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections, got a {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value, "override")
-    return parse_config(data, source)
+    return parse_config(data, source, context={"allow_local_code": allow_local_code})
 
 
 def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str) -> ExperimentConfig:

@@ -11,6 +11,9 @@ import the config (the config imports it); `build_model` takes any object with `
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import sys
 
 import torch
 from torch import nn
@@ -99,6 +102,28 @@ def resolve(name: str) -> type[nn.Module]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"{name!r} is not a torch.nn.Module subclass")
     return cls
+
+
+def check_installed(name: str) -> None:
+    """Refuse an import path whose top-level package is not an installed distribution (found
+    *without* importing it: importing is what runs a module's code). A config's model path is code
+    the driver and every worker import; a module that merely sits in the working directory or on
+    PYTHONPATH (`evil:Net` beside the config) is refused unless the user allows local code."""
+    if name in REGISTRY or ":" not in name:
+        return
+    top = name.split(":", 1)[0].split(".")[0]
+    if top in importlib.metadata.packages_distributions() or top in sys.stdlib_module_names:
+        return
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    where = f" from {spec.origin or list(spec.submodule_search_locations or [])[0]}" if spec else ""
+    raise ConfigError(
+        f"{name!r} would import {top!r}{where}, which is not an installed package; a model path "
+        f"runs that module's code on the driver and every worker: install it (pip install -e), or "
+        f"pass --allow-local-code to trust it"
+    )
 
 
 def build_model(cfg, in_dim: int, n_classes: int) -> nn.Module:

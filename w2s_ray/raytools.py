@@ -10,12 +10,15 @@ Ray start and a fully cached run starts no Ray at all.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 
 import ray
 import torch
+from tqdm import tqdm
 
 from w2s_ray.config import RayConfig
 
@@ -99,15 +102,51 @@ class ActorPool:
         self.actors, self.key = [], None
 
 
-def progress(label: str, done: int, total: int, extra: str = "") -> None:
-    """A bar redrawn in place on a terminal; one plain line per update in a log file or pipe."""
-    if not sys.stderr.isatty():
-        sys.stderr.write(f"{label}: {done}/{total} {extra}".rstrip() + "\n")
+class Progress:
+    """Progress of a stage: a tqdm bar on a terminal, one plain line per update otherwise (a log
+    file, `ray job logs`, CI), so updates never run together on one line.
+
+    Only the driver draws; work inside Ray tasks reports through lines it prints (Ray forwards
+    them to the driver's log, prefixed with the task's name), see `epoch_printer`."""
+
+    def __init__(self, label: str, total: int, done: int = 0, unit: str = "it") -> None:
+        self.label, self.total, self.done = label, total, done
+        self.bar = tqdm(total=total, initial=done, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True) if sys.stderr.isatty() else None
+        if self.bar is None:
+            self._line()
+
+    def update(self, n: int = 1, extra: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.set_postfix_str(extra, refresh=False)
+            self.bar.update(n)
+        else:
+            self._line(extra)
+
+    def _line(self, extra: str = "") -> None:
+        sys.stderr.write(f"{self.label}: {self.done}/{self.total} {extra}".rstrip() + "\n")
         sys.stderr.flush()
-        return
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def epoch_printer(name: str, epochs: int, every_s: float = 2.0) -> Callable[[dict], None]:
+    """Per-epoch progress of a model trained inside a Ray task: a line on the task's stdout (which
+    Ray forwards to the driver) at most every `every_s` seconds, and for the first epoch."""
+    last = [-math.inf]
+
+    def show(rec: dict) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or rec["epoch"] in (1, epochs):
+            last[0] = now
+            print(f"{name}: epoch {rec['epoch']}/{epochs}, holdout loss {rec['holdout_loss']:.4f}, best epoch {rec['best_epoch']}", flush=True)
+
+    return show

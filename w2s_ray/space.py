@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from w2s_ray.config import ExperimentConfig, Strict, _format_errors, read_yaml, with_values
 from w2s_ray.errors import ConfigError
+from w2s_ray.models import check_installed
 
 TARGET_PARAM = "student.target"
 
@@ -99,7 +100,9 @@ def apply_params(base: ExperimentConfig, point: dict[str, Any], source: str = "s
     return with_values(base, values, source)
 
 
-def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
+def load_space(path: str | Path, base: ExperimentConfig, allow_local_code: bool = False) -> SearchSpace:
+    """Read and check a search space against the base config: every point it can produce (and
+    its baseline) must validate, and model import paths follow the config's rule on local code."""
     path = Path(path)
     raw = read_yaml(path, "search space")
     if not isinstance(raw, dict):
@@ -115,6 +118,8 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
                 "(teachers and pseudo-labels are computed once for the whole search)"
             )
         for value in param.candidates():
+            if not allow_local_code:
+                _check_code(name, value, f"{path}: parameter {name!r}")
             apply_params(base, {name: value}, f"{path}: parameter {name!r} = {value!r}")
     for name in raw.get("baseline") or {}:
         if not name.startswith("student."):
@@ -122,11 +127,21 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         if space.search == "optuna" and name not in space.params:
             raise ConfigError(f"{path}: baseline {name!r} is not one of the searched params {sorted(space.params)} (Optuna's first point sets searched params only)")
     for name, value in space.baseline.items():
+        if not allow_local_code:
+            _check_code(name, value, f"{path}: baseline {name!r}")
         apply_params(base, {name: value}, f"{path}: baseline {name!r}")
     if space.resources is None:
         space.resources = Resources(cpu=base.student.resources.num_cpus, gpu=base.student.resources.num_gpus)
     return space
 
+
+
+def _check_code(name: str, value: Any, where: str) -> None:
+    if name.endswith(".model.name") and isinstance(value, str):
+        try:
+            check_installed(value)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def current_value(cfg: ExperimentConfig, dotted: str) -> Any:

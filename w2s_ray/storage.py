@@ -21,13 +21,16 @@ stores. Opening a root pyarrow cannot open is a `ConfigError` naming `output.roo
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -96,6 +99,8 @@ class RunDir:
 
     path: Path
     store: Store | None = None
+    LEASE_S: ClassVar[float] = 120.0  # a store lease not renewed for this long is taken over
+    LEASE_SETTLE_S: ClassVar[float] = 1.0  # wait before reading a new lease back
 
     @classmethod
     def open(cls, root: str, name: str, cache: str | None = None) -> "RunDir":
@@ -175,10 +180,13 @@ class RunDir:
 
     @contextmanager
     def lock(self, directory: Path, what: str) -> Iterator[None]:
-        """Hold `directory` for this run while it writes a stage there: a second run on the same
-        machine (or on a shared filesystem) that reaches it stops with a message instead of
-        mixing its files in. A lock left by a process that died on this host is taken over.
-        Object stores have no such lock: two machines writing one stage there are not detected."""
+        """Hold `directory` for this run while it writes a stage there: a second run that reaches
+        it stops with a message instead of mixing its files in.
+
+        Locally (and on a shared filesystem) the lock is a file created exclusively beside the
+        directory; a lock left by a process that died on this host is taken over. With a store,
+        a run on another machine (its own cache) is kept out by a lease object in the store too,
+        see `_lease`."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         # beside the directory, not in it: a stage may reset its directory while holding the lock
         lock, me = directory.parent / f".{directory.name}.lock", f"{socket.gethostname()} {os.getpid()}"
@@ -200,11 +208,69 @@ class RunDir:
             raise W2SError(f"{what} {directory}: could not take the lock {lock}")
         with os.fdopen(fd, "w") as f:
             f.write(me)
-        directory.mkdir(exist_ok=True)
+        try:
+            with self._lease(lock, what, directory):
+                directory.mkdir(exist_ok=True)
+                yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    @contextmanager
+    def _lease(self, lock: Path, what: str, directory: Path) -> Iterator[None]:
+        """A lease in the store: `{owner, expires}` JSON at the lock's store path, renewed every
+        `LEASE_S / 4` seconds by a thread while held, deleted on release. Object stores offer no
+        exclusive create, so the lease is written, read back after `LEASE_SETTLE_S`, and kept only
+        if it is still ours (of two runs that wrote at once, the last writer keeps it). A lease
+        not renewed for `LEASE_S` (its run died) is taken over; clocks must agree to well within
+        that (NTP does)."""
+        if self.store is None:
+            yield
+            return
+        fs, path = self.store.fs, self.remote_path(lock)
+        me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]}"
+
+        def read() -> dict:
+            try:
+                with fs.open_input_stream(path) as f:
+                    return json.loads(f.read() or b"{}")
+            except (FileNotFoundError, OSError, ValueError):
+                return {}
+
+        def write() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(json.dumps({"owner": me, "expires": time.time() + self.LEASE_S}).encode())
+
+        def refuse(holder: dict) -> W2SError:
+            return W2SError(
+                f"{what} {directory} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store "
+                f"at {path}); wait for it to finish, or delete that object if the run is gone (a lease not renewed expires "
+                f"after {self.LEASE_S:g}s)"
+            )
+
+        held = read()
+        if held.get("owner") not in (None, me) and held.get("expires", 0) > time.time():
+            raise refuse(held)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        write()
+        time.sleep(self.LEASE_SETTLE_S)
+        if (held := read()).get("owner") != me:
+            raise refuse(held)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.LEASE_S / 4):
+                if read().get("owner") == me:
+                    write()
+
+        thread = threading.Thread(target=renew, name="w2s-lease", daemon=True)
+        thread.start()
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            stop.set()
+            thread.join()
+            if read().get("owner") == me:
+                fs.delete_file(path)
 
     # --- the store ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch
 from w2s_ray import artifacts
 from w2s_ray.config import StudentConfig
 from w2s_ray.labels import read_labels, read_test_posterior
-from w2s_ray.raytools import as_completed
+from w2s_ray.raytools import Progress, as_completed
 from w2s_ray.run import DataStage, LabelStage, RunContext, StudentResult, StudentStage
 from w2s_ray.training import target_of
 from w2s_ray.workers import student_task
@@ -92,13 +92,15 @@ def stage_students(ctx: RunContext, data: DataStage, labels: LabelStage) -> Stud
         inputs = StudentInputs.load(ctx, data, labels)
         for tgt in todo:
             ctx.log(f"{label(tgt)}: training {scfg.model.name} (width {scfg.model.width}, depth {scfg.model.depth})")
-        for tgt, out in inputs.train_all({tgt: (scfg, tgt) for tgt in todo}):
-            d = ctx.run.reset(dirs[tgt])
-            with ctx.run.atomic(d / "weights.pt") as tmp:
-                torch.save(out["state_dict"], tmp)
-            result: StudentResult = out["result"]
-            ctx.run.write_json(d / "metrics.json", result.to_json())
-            ctx.run.write_manifest(d, d.name, target=tgt)
-            results[tgt] = result
-            ctx.log(f"{label(tgt)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
+        with Progress("students", len(todo), unit="student") as bar:
+            for tgt, out in inputs.train_all({tgt: (scfg, tgt) for tgt in todo}):
+                d = ctx.run.reset(dirs[tgt])
+                with ctx.run.atomic(d / "weights.pt") as tmp:
+                    torch.save(out["state_dict"], tmp)
+                result: StudentResult = out["result"]
+                ctx.run.write_json(d / "metrics.json", result.to_json())
+                ctx.run.write_manifest(d, d.name, target=tgt)
+                results[tgt] = result
+                ctx.log(f"{label(tgt)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
+                bar.update(1)
     return StudentStage({tgt: results[tgt] for tgt in scfg.targets}, results.get(None))

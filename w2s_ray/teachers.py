@@ -32,7 +32,7 @@ from ray import exceptions as ray_errors
 from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import TeacherResources
-from w2s_ray.raytools import as_completed, progress
+from w2s_ray.raytools import Progress, as_completed
 from w2s_ray.run import DataStage, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
 from w2s_ray.workers import PRED_SPLITS, PackTrainer
@@ -232,28 +232,27 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
                 submit(actor)
         n_done, t0 = len(done_ids), time.perf_counter()
         requeued: dict[int, int] = {}
-        progress("teachers", n_done, tcfg.k)
-        for (actor, p, ids), ref in as_completed(running):
-            try:
-                result = ray.get(ref)
-            except LOST_ERRORS as err:
-                # Ray's own restarts and retries did not save this pack: queue it again
-                requeued[p] = requeued.get(p, 0) + 1
-                if requeued[p] > res.max_retries + 1:
-                    raise
-                log_lost(p, err)
-                queue.insert(0, (p, ids))
-                # an actor Ray is restarting (ActorUnavailableError, restarts left) keeps its place:
-                # the restart finishes and takes the pack; one Ray gave up on is replaced
-                restarting = isinstance(err, ray_errors.ActorUnavailableError) and res.max_retries > 0
-                gone = isinstance(err, ray_errors.RayActorError) and not restarting
-                submit(ctx.pool.replace(actor, start) if gone else actor)
-                continue
-            write_pack(ctx.run, stage, result)
-            n_done += len(result["teacher_ids"])
-            progress("teachers", n_done, tcfg.k, f"{time.perf_counter() - t0:.1f}s")
-            if queue:
-                submit(actor)
+        with Progress("teachers", tcfg.k, n_done, unit="teacher") as bar:
+            for (actor, p, ids), ref in as_completed(running):
+                try:
+                    result = ray.get(ref)
+                except LOST_ERRORS as err:
+                    # Ray's own restarts and retries did not save this pack: queue it again
+                    requeued[p] = requeued.get(p, 0) + 1
+                    if requeued[p] > res.max_retries + 1:
+                        raise
+                    log_lost(p, err)
+                    queue.insert(0, (p, ids))
+                    # an actor Ray is restarting (ActorUnavailableError, restarts left) keeps its place:
+                    # the restart finishes and takes the pack; one Ray gave up on is replaced
+                    restarting = isinstance(err, ray_errors.ActorUnavailableError) and res.max_retries > 0
+                    gone = isinstance(err, ray_errors.RayActorError) and not restarting
+                    submit(ctx.pool.replace(actor, start) if gone else actor)
+                    continue
+                write_pack(ctx.run, stage, result)
+                bar.update(len(result["teacher_ids"]), f"{time.perf_counter() - t0:.1f}s")
+                if queue:
+                    submit(actor)
     table = finished_packs(ctx.run, stage, n_rows).sort_by("teacher_id")
     check_teacher_ids(table, stage)
     return table

@@ -6,12 +6,16 @@ and the math modules only (not the driver's search, report and figure code in `t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from ray import tune
 
@@ -31,10 +35,47 @@ class TrialFault:
     marker: str | None = None
 
 
+@dataclass(frozen=True)
+class FinishedTrials:
+    """The final report of every trial that ran to its last epoch, one JSON file per search
+    point under `<search>/finished/`, written by the trial itself (any pyarrow filesystem).
+
+    Tune saves its experiment state every few seconds; a driver killed between a trial's end
+    and the next save resumed that trial (or, when the searcher's state was older still, asked
+    for the same point again as a new trial) and trained it again: 1–2 finished trials per
+    resume in 5 of 5 tries. A trial whose point has a record reports it and returns at once."""
+
+    fs: pafs.FileSystem
+    base: str
+
+    def path(self, config: dict) -> str:
+        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return f"{self.base}/{key}.json"
+
+    def get(self, config: dict) -> dict | None:
+        path = self.path(config)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            record = json.loads(f.read())
+        return record["result"] if record.get("config") == json.loads(json.dumps(config, default=str)) else None
+
+    def put(self, config: dict, result: dict) -> None:
+        self.fs.create_dir(self.base, recursive=True)
+        tmp = f"{self.base}/.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps({"config": config, "result": result}, default=str).encode())
+        self.fs.move(tmp, self.path(config))
+
+
 # --- the trial (runs in a Ray worker) ------------------------------------------------------
 
 
-def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None) -> None:
+def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None, finished: FinishedTrials | None = None) -> None:
+    done = finished.get(config) if finished is not None else None
+    if done is not None:  # this point ran to the end before the driver was interrupted
+        tune.report(done)
+        return
     cfg = apply_params(ExperimentConfig.model_validate(base), config)
     s = cfg.student
     torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
@@ -51,6 +92,7 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
         with ckpt.as_directory() as d:
             resume = torch.load(Path(d) / "state.pt", weights_only=True)
     current: dict[str, Any] = dict(resume.get("metrics", {})) if resume else {}
+    last: dict[str, Any] = {}
 
     def on_epoch(rec: dict, checkpoint) -> None:
         state = checkpoint()
@@ -71,10 +113,14 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
             if fault.marker:
                 Path(fault.marker).write_text("failed once\n")
             raise RuntimeError("injected failure (TrialFault)")
+        last.clear()
+        last.update({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current})
         with tempfile.TemporaryDirectory() as d:
             torch.save({**state, "metrics": current}, Path(d) / "state.pt")
-            tune.report({"epoch": rec["epoch"], "holdout_loss": rec["holdout_loss"], **current}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(d))
 
     train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
+    if finished is not None and last:
+        finished.put(config, last)
 
 

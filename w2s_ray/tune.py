@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -36,7 +38,7 @@ from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
 from w2s_ray.run import RunContext, Stages
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
 from w2s_ray.students import StudentInputs
-from w2s_ray.trial import TrialFault, student_trial
+from w2s_ray.trial import FinishedTrials, TrialFault, student_trial
 
 REALISTIC = ("val_teacher_ce", "min")
 ORACLE = ("test_acc", "max")
@@ -164,8 +166,10 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     data, refs = trial_data(ctx, stages)
     refs["cpus"] = space.resources.cpu
+    fs, experiment = ctx.run.remote(search_dir) or (pafs.LocalFileSystem(), str(search_dir.resolve()))
+    finished = FinishedTrials(fs, f"{experiment}/finished")
     trainable = tune.with_resources(
-        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault),
+        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault, finished=finished),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
     )
     ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
@@ -174,6 +178,7 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     if (search_dir / "optuna.db").is_file():
         ctx.run.publish(search_dir / "optuna.db")
     ctx.log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
+    drop_orphan_trials(ctx, search_dir, grid)
     expected = space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
     if grid.num_terminated + grid.num_errors < max(len(grid), expected):
         raise W2SError(
@@ -182,6 +187,19 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
         )
     table = trials_table(grid, list(space.params))
     return write_outputs(ctx, space, search_dir, table, refs)
+
+
+def drop_orphan_trials(ctx: RunContext, search_dir: Path, grid) -> None:
+    """Remove trial directories the resumed search does not know: a trial created after Tune's
+    last saved state, before the driver was killed, is created again on resume under a new name
+    (it then returns its finished record at once, see `trial.FinishedTrials`)."""
+    if ctx.run.remote(search_dir) is not None:
+        return  # in an object store Tune's trial folders stay; the tables list the search's own
+    known = {Path(r.path).name for r in grid}
+    for d in search_dir.iterdir():
+        if d.is_dir() and (d / "params.json").is_file() and d.name not in known:
+            shutil.rmtree(d, ignore_errors=True)
+            ctx.log(f"tune: removed {d.name}, a trial the resumed search replaced")
 
 
 def trials_table(grid, param_names: list[str]) -> pd.DataFrame:

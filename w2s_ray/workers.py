@@ -21,7 +21,7 @@ import torch
 from w2s_ray import metrics
 from w2s_ray.config import StudentConfig, TeachersConfig
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
-from w2s_ray.raytools import gpu_device
+from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import StudentResult
 from w2s_ray.training import load_student, predict_log, train_student
 
@@ -104,7 +104,8 @@ def student_task(cfg_json: dict, target: str | None, x: torch.Tensor, t: torch.T
     ceiling = target is None
     if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
         cfg = cfg.model_copy(update={"rce_weight": 0.0})
-    res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device)
+    show = epoch_printer("ceiling" if ceiling else f"student[{target}]", cfg.epochs)
+    res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device, on_epoch=lambda rec, _: show(rec))
     model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
     log_test = predict_log(model, test["x"])
     log_transfer = predict_log(model, x)
