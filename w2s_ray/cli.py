@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?")
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage (earlier stages are reused from cache or run)")
-        s.add_argument("config")
+        s.add_argument("config", nargs="?")
     tune = sub.add_parser("tune", help="Ray Tune search over the student, reusing the cached teachers and labels")
     tune.add_argument("config", nargs="?")
     tune.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/capacity_x_rce.yaml")

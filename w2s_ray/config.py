@@ -146,6 +146,11 @@ class TeachersConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     resample: ResampleName = "bootstrap"
     seed: int = 0
+    keep_predictions: Literal["all", "float16", "none"] = Field(
+        "all",
+        description="per-teacher predictions written: all (float32), float16, or none (the posterior needs only each "
+        "pack's sums; test predictions and the first 8 teachers' transfer predictions are kept)",
+    )
     resources: TeacherResources = Field(default_factory=TeacherResources)
 
 
@@ -162,6 +167,11 @@ class LabelsConfig(Strict):
 
 TargetName = Literal["single", "arith_mean", "dual_mean", "hard"]
 LossName = Literal["mixture", "symmetric", "adaptive", "aux_conf", "kl", "rkl"]
+
+
+ALWAYS_KEPT = 8
+"""Teachers (ids below this) whose transfer predictions are written even with keep_predictions:
+none: the candidates for the designated single teacher."""
 
 
 DEFAULT_STUDENT_MODEL = {"name": "cnn1d", "width": 32, "depth": 3}
@@ -250,6 +260,11 @@ class ExperimentConfig(Strict):
         if self.posterior.single_teacher >= self.teachers.k:
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher} must be < teachers.k={self.teachers.k}"
+            )
+        if self.teachers.keep_predictions == "none" and self.posterior.single_teacher >= ALWAYS_KEPT:
+            raise ValueError(
+                f"posterior.single_teacher={self.posterior.single_teacher}: with teachers.keep_predictions='none' only "
+                f"teachers 0..{ALWAYS_KEPT - 1} keep their transfer predictions; choose one of them"
             )
         if self.teachers.resample == "disjoint" and self.data.n_weak < self.teachers.k:
             raise ValueError(
@@ -453,6 +468,8 @@ class StageKeys:
         a larger K extends the same directory with the missing teachers. Disjoint subsets
         depend on K, so there K is part of the key."""
         t = self.cfg.teachers.model_dump(mode="json", exclude={"resources"})
+        if t["keep_predictions"] == "all":  # the default, as before the key existed: caches stay valid
+            del t["keep_predictions"]
         if t["resample"] != "disjoint":
             t.pop("k")
         return config_hash("teachers", self.data, t)

@@ -1,8 +1,10 @@
 """The labels stage: the posterior over teachers, and pseudo-labels written and read through Ray Data.
 
-`build_posterior` streams the teacher stage's pack files (`teachers.iter_pack_logp`) through
-`PosteriorAccumulator`s (memory does not grow with K) and `posterior_summary` condenses it into
-the typed `posterior.json`. `write_labels` writes the transfer split with its targets through
+`build_posterior` adds up the per-pack sums the pack workers stored (`split_posterior`: a few
+`[N, C]` float64 arrays in the driver, whatever K is; no per-teacher prediction is read unless a
+pack straddles K), reads the designated single teacher's rows, and counts the bootstrap
+replicates' correct predictions block by block of test rows (`bootstrap_ci`). `posterior_summary`
+condenses it into the typed `posterior.json`. `write_labels` writes the transfer split with its targets through
 `ray.data ... write_parquet` into a fresh directory that replaces the old one (never appends),
 plus the test-split posterior the report needs and a manifest. `read_labels` reads them back
 with `ray.data.read_parquet` and batches them into torch tensors.
@@ -30,11 +32,12 @@ from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
-from w2s_ray.posterior import PosteriorAccumulator
+from w2s_ray.posterior import PosteriorAccumulator, percentile_ci
 from w2s_ray.raytools import alive_nodes
 from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.teachers import iter_pack_logp
+from w2s_ray.teachers import pack_ids, read_pack_logp
+from w2s_ray.workers import pack_path, sums_path
 
 STAT_COLUMNS = ("variance", "pred_entropy", "mutual_info")
 
@@ -64,30 +67,81 @@ def _list_to_numpy(col: Any) -> np.ndarray:
     return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
 
 
+BOOT_BLOCK_BYTES = 256 * 2**20
+"""Memory bound of the bootstrap's `[B, rows, C]` float32 sums (two of them) per row block."""
+
+
+def read_pack_sums(stage: Path, split: str, pack: int) -> PosteriorAccumulator:
+    t = pq.read_table(sums_path(stage, split, pack))
+    return PosteriorAccumulator.from_sums(
+        int(t.schema.metadata[b"k"]),
+        torch.from_numpy(_list_to_numpy(t["sum_p"]).copy()),  # copies: Arrow buffers are read-only
+        torch.from_numpy(_list_to_numpy(t["sum_logp"]).copy()),
+        torch.from_numpy(t["sum_neg_entropy"].to_numpy().copy()),
+    )
+
+
+def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int) -> PosteriorAccumulator:
+    """The posterior sums over the first k teachers: each pack's stored sums when the pack lies
+    wholly below k, its predictions otherwise (a stage trained with a larger K and used with a
+    smaller one). Memory: a few `[N, C]` float64 arrays, whatever K is."""
+    acc, seen = PosteriorAccumulator(n, n_classes), set()
+    for p, ids in pack_ids(teachers).items():
+        inside = ids[ids < teachers.k]
+        twice = seen.intersection(inside.tolist())
+        if twice:
+            raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
+        seen.update(inside.tolist())
+        if len(inside) == len(ids):
+            acc.merge(read_pack_sums(teachers.dir, split, p))
+        elif len(inside):
+            got, logp = read_pack_logp(teachers.dir, split, p, teachers.k)
+            if len(got) != len(inside):
+                raise W2SError(f"teachers stage {teachers.dir}: pack {p} straddles teachers.k={teachers.k} and its {split} predictions "
+                               f"were not kept (teachers.keep_predictions: none); use K={int(ids.max()) + 1} or more, or retrain")
+            acc.add(torch.tensor(logp), got.tolist())
+    return acc
+
+
+def single_teacher(teachers: TeacherStage, split: str, teacher: int) -> torch.Tensor:
+    """`[N, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case)."""
+    pack = next(p for p, ids in pack_ids(teachers).items() if teacher in ids)
+    t = pq.read_table(pack_path(teachers.dir, split, pack), filters=[("teacher_id", "=", teacher)])
+    if t.num_rows == 0:
+        raise W2SError(f"teachers stage {teachers.dir}: teacher {teacher}'s {split} predictions were not kept")
+    return torch.from_numpy(_list_to_numpy(t["logp"]).astype(np.float32, copy=False).copy())
+
+
+def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: int, seed: int, ci: float) -> dict[str, list[float]]:
+    """Percentile CIs of both posterior means' test accuracy over Poisson resamples of the
+    teachers, counted block by block of test rows: memory `[B, block, C]`, never `[B, N, C]`."""
+    if not n_boot:
+        return {}
+    block = max(1, BOOT_BLOCK_BYTES // (2 * 4 * n_boot * n_classes))
+    packs = [p for p, ids in pack_ids(teachers).items() if ids.min() < teachers.k]
+    total: dict[str, torch.Tensor] = {}
+    for r0 in range(0, len(y), block):
+        r1 = min(len(y), r0 + block)
+        acc = PosteriorAccumulator(r1 - r0, n_classes, n_boot=n_boot, boot_seed=seed)
+        for p in packs:  # TODO(scale): a row-block read, not the whole pack file per block
+            ids, logp = read_pack_logp(teachers.dir, "test", p, teachers.k)
+            acc.add(torch.tensor(logp[:, r0:r1]), ids.tolist())
+        _, correct = acc.bootstrap_correct(torch.from_numpy(y[r0:r1]))
+        total = {name: total.get(name, 0) + c for name, c in correct.items()}
+    return percentile_ci({name: c.float() / len(y) for name, c in total.items()}, ci)
+
+
 def build_posterior(cfg: ExperimentConfig, data: DataStage, teachers: TeacherStage) -> dict[str, Any]:
-    """Per-split posterior statistics, the designated single teacher's predictions, and CIs."""
+    """Per-split posterior statistics, the designated single teacher's predictions, and CIs,
+    from the packs' stored sums: the driver never holds a `[k, N, C]` array."""
     pcfg = cfg.posterior
-    n_classes = data.n_classes
-    accums = {
-        "transfer": PosteriorAccumulator(len(data.splits["transfer"].y), n_classes),
-        "test": PosteriorAccumulator(len(data.splits["test"].y), n_classes, n_boot=pcfg.n_boot, boot_seed=cfg.teachers.seed),
-    }
     out: dict[str, Any] = {}
-    for split, accum in accums.items():
-        single, seen = None, set()
-        for ids, logp in iter_pack_logp(teachers, split):
-            twice = seen.intersection(ids.tolist())
-            if twice:
-                raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
-            seen.update(ids.tolist())
-            accum.add(logp, ids.tolist())
-            hit = np.nonzero(ids == pcfg.single_teacher)[0]
-            if len(hit):
-                single = logp[hit[0]]
-        out[split] = accum.finalize()
-        out[split]["single_log"] = single
-    out["ci"] = accums["test"].bootstrap_accuracy(torch.from_numpy(data.splits["test"].y), pcfg.ci)
-    out["k"] = accums["test"].k
+    for split in ("transfer", "test"):
+        acc = split_posterior(teachers, split, len(data.splits[split].y), data.n_classes)
+        out[split] = acc.finalize()
+        out[split]["single_log"] = single_teacher(teachers, split, pcfg.single_teacher)
+        out["k"] = acc.k
+    out["ci"] = bootstrap_ci(teachers, data.splits["test"].y, data.n_classes, pcfg.n_boot, cfg.teachers.seed, pcfg.ci)
     return out
 
 

@@ -110,6 +110,17 @@ class PosteriorAccumulator:
             self.boot_p += other.boot_p
             self.boot_logp += other.boot_logp
 
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The sufficient statistics (float64): what a pack stores so that the posterior over
+        any set of whole packs is a sum (`from_sums` + `merge`), without their predictions."""
+        return {"sum_p": self.sum_p, "sum_logp": self.sum_logp, "sum_neg_entropy": self.sum_neg_entropy}
+
+    @classmethod
+    def from_sums(cls, k: int, sum_p: torch.Tensor, sum_logp: torch.Tensor, sum_neg_entropy: torch.Tensor) -> "PosteriorAccumulator":
+        acc = cls(*sum_p.shape)
+        acc.k, acc.sum_p, acc.sum_logp, acc.sum_neg_entropy = k, sum_p.double(), sum_logp.double(), sum_neg_entropy.double()
+        return acc
+
     def finalize(self) -> dict[str, torch.Tensor]:
         if self.k == 0:
             raise ValueError("no teachers were added")
@@ -128,16 +139,27 @@ class PosteriorAccumulator:
             "mutual_info": (pred_entropy - expected_entropy).clamp_min(0),
         }
 
+    def bootstrap_correct(self, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(replicates kept, correct predictions per kept replicate for both posterior means) on
+        this accumulator's rows. Rows are independent, so a split's counts are the sum of its row
+        blocks' counts: memory `[B, rows in a block, C]`, not `[B, N, C]` (see
+        `labels.bootstrap_ci`). A replicate whose teachers all drew weight 0 holds no ensemble
+        (likely only at small K); it is dropped."""
+        keep = self.boot_w > 0
+        w = self.boot_w[keep].float().view(-1, 1, 1)
+        return keep, {name: ((s / w).argmax(-1) == labels.view(1, -1)).sum(1) for name, s in (("arith", self.boot_p[keep]), ("dual", self.boot_logp[keep]))}
+
     def bootstrap_accuracy(self, labels: torch.Tensor, ci: float = 0.95) -> dict[str, list[float]]:
         """Percentile CIs over teacher resamples for the accuracy of both posterior means."""
         if not self.n_boot:
             return {}
-        # a replicate whose teachers all drew weight 0 holds no ensemble (likely only at small K)
-        keep = self.boot_w > 0
-        w = self.boot_w[keep].float().view(-1, 1, 1)
-        out = {}
-        for name, s in (("arith", self.boot_p[keep]), ("dual", self.boot_logp[keep])):
-            acc = ((s / w).argmax(-1) == labels.view(1, -1)).float().mean(1).numpy()
-            lo, hi = np.quantile(acc, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-            out[name] = [float(lo), float(hi)]
-        return out
+        _, correct = self.bootstrap_correct(labels)
+        return percentile_ci({name: c.float() / len(labels) for name, c in correct.items()}, ci)
+
+
+def percentile_ci(replicates: dict[str, torch.Tensor], ci: float) -> dict[str, list[float]]:
+    out = {}
+    for name, acc in replicates.items():
+        lo, hi = np.quantile(acc.numpy(), [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        out[name] = [float(lo), float(hi)]
+    return out

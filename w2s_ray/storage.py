@@ -323,6 +323,22 @@ class RunDir:
             os.replace(tmp, dst)
         return bool(files)
 
+    def fetch_file(self, path: Path) -> bool:
+        """Download one file from the store unless it is here already (a file a worker on another
+        node wrote and published). False when neither has it."""
+        if path.is_file():
+            return True
+        if self.store is None:
+            return False
+        fs, src = self.store.fs, self.remote_path(path)
+        if fs.get_file_info(src).type != pafs.FileType.File:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, path)
+        return True
+
     def move_aside(self, directory: Path, new: Path) -> bool:
         """Rename a directory here and in the store (object stores: copy, then delete)."""
         moved = False

@@ -1,10 +1,11 @@
-"""The teacher stage on Ray: actors train packs of teachers; the driver collects them.
+"""The teacher stage on Ray: actors train packs of teachers and write them where they run.
 
 The driver ships the weak, transfer and test inputs to the object store once, starts a few
-`PackTrainer` actors, hands each a pack of teacher ids at a time and collects packs with
-`ray.wait` as they finish. Each finished pack is written at once (its teachers' log-probs on
-the transfer and test splits, long format: teacher_id, row, logp[C]), so an interrupted stage
-resumes with the teachers it has not trained yet.
+`PackTrainer` actors, hands each a pack of teacher ids at a time and waits on the packs with
+`ray.wait`. The actor that trained a pack writes its files into the run's store itself
+(`workers.write_pack`: the posterior's per-pack sums, the predictions `teachers.keep_predictions`
+asks for, the metadata row last) and returns only metadata, so no `[k, N, C]` array reaches the
+driver, and an interrupted stage resumes with the teachers it has not trained yet.
 
 Actors are placed with the SPREAD strategy, so a cluster's nodes share the packs. When a node
 dies, Ray restarts its actors elsewhere and retries their pack (`max_restarts`,
@@ -35,7 +36,7 @@ from w2s_ray.config import TeacherResources
 from w2s_ray.raytools import Progress, as_completed
 from w2s_ray.run import DataStage, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.workers import PRED_SPLITS, PackTrainer
+from w2s_ray.workers import PRED_SPLITS, PackTrainer, kept_teachers, meta_path, pack_path, sums_path
 
 def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:
     """Split teacher ids into packs: one per actor when they fit, never above `max_pack`."""
@@ -71,63 +72,36 @@ def actor_starter(res: TeacherResources):
 # --- on-disk layout ------------------------------------------------------------------------
 
 
-def pack_path(stage: Path, split: str, pack_index: int) -> Path:
-    return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
-
-
-def write_pack(run: RunDir, stage: Path, result: dict[str, Any]) -> None:
-    """Predictions first (one file per split), then the pack's metadata row: its marker of completion."""
-    ids = np.asarray(result["teacher_ids"], dtype=np.int32)
-    for split in PRED_SPLITS:
-        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
-        k, n, c = logp.shape
-        flat = pa.array(logp.reshape(-1), type=pa.float32())
-        table = pa.table(
-            {
-                "teacher_id": np.repeat(ids, n),
-                "row": np.tile(np.arange(n, dtype=np.int32), k),
-                "logp": pa.FixedSizeListArray.from_arrays(flat, c),
-            }
-        )
-        run.write_parquet(pack_path(stage, split, result["pack"]), table)
-    meta = pa.table(
-        {
-            "teacher_id": ids,
-            "seed": np.asarray(result["seeds"], dtype=np.int64),
-            "pack": np.full(len(ids), result["pack"], dtype=np.int32),
-            "node": [result.get("node", "local")] * len(ids),
-            "restarted": [bool(result.get("restarted", False))] * len(ids),
-            "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
-            "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
-            "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
-        }
-    )
-    run.write_parquet(stage / "packs" / f"pack-{result['pack']:05d}.parquet", meta)
-
-
-def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None) -> pa.Table:
-    """A finished pack's metadata row, after checking that its prediction files are complete
-    Parquet with one row per teacher and example (`n_rows` per split, when known)."""
+def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table:
+    """A finished pack's metadata row, after checking that its sums and prediction files are
+    complete Parquet of the right size (`n_rows` examples per split, when known)."""
     table = pq.read_table(meta)
     pack = int(meta.stem.split("-")[1])
+    ids = table["teacher_id"].to_numpy()
     for split in PRED_SPLITS:
         rows = pq.read_metadata(pack_path(stage, split, pack)).num_rows
-        if n_rows is not None and rows != table.num_rows * n_rows[split]:
-            raise ValueError(f"{rows} rows, not {table.num_rows} teachers × {n_rows[split]} examples")
+        sums = pq.read_metadata(sums_path(stage, split, pack)).num_rows
+        kept = int(kept_teachers(split, ids, keep).sum())
+        if n_rows is not None and (rows != kept * n_rows[split] or sums != n_rows[split]):
+            raise ValueError(f"{split}: {rows} prediction rows for {kept} teachers and {sums} sum rows, for {n_rows[split]} examples")
     return table
 
 
-def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None) -> pa.Table | None:
+def pack_files(stage: Path, pack: int) -> list[Path]:
+    return [meta_path(stage, pack), *(f(stage, split, pack) for split in PRED_SPLITS for f in (pack_path, sums_path))]
+
+
+def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table | None:
     """The finished packs' metadata. A pack whose files are damaged (truncated, unreadable, the
-    wrong size) is removed, here and in the store, so that it is trained again."""
+    wrong size, missing) is removed, here and in the store, so that it is trained again."""
     tables = []
     for meta in sorted((stage / "packs").glob("pack-*.parquet")):
         try:
-            tables.append(read_finished_pack(stage, meta, n_rows))
+            tables.append(read_finished_pack(stage, meta, n_rows, keep))
         except Exception as err:  # pyarrow raises several kinds for a damaged file
             pack = int(meta.stem.split("-")[1])
             sys.stderr.write(f"teachers: pack {pack} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); it is trained again\n")
-            for f in (meta, *(pack_path(stage, split, pack) for split in PRED_SPLITS)):
+            for f in pack_files(stage, pack):
                 run.remove(f)
     # promote: packs written before a column was added (provenance) still concatenate
     return pa.concat_tables(tables, promote_options="default") if tables else None
@@ -155,16 +129,28 @@ def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = Non
     if t.num_rows == 0:
         return np.zeros(0, dtype=np.int32), np.zeros((0, 0, c), dtype=np.float32)
     ids = t["teacher_id"].to_numpy()
-    logp = t["logp"].combine_chunks().flatten().to_numpy().reshape(-1, c)
+    logp = t["logp"].combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, c)
     teacher_ids = np.unique(ids)
     return teacher_ids, logp.reshape(len(teacher_ids), -1, c)
 
 
+def pack_ids(teachers: TeacherStage) -> dict[int, np.ndarray]:
+    """Teacher ids of every pack of the stage directory (it may hold more than the first k)."""
+    t = pq.read_table(teachers.dir / "teachers.parquet", columns=["teacher_id", "pack"])
+    ids, packs = t["teacher_id"].to_numpy(), t["pack"].to_numpy()
+    return {int(p): np.sort(ids[packs == p]) for p in np.unique(packs)}
+
+
 def iter_pack_logp(teachers: TeacherStage, split: str, k: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(teacher ids, `[k, N, C]` log-probs) pack after pack, teachers below `k` (default: the
-    stage's K): the one way every posterior pass (labels, studies) reads an ensemble."""
-    for p in teachers.packs:
-        ids, logp = read_pack_logp(teachers.dir, split, p, teachers.k if k is None else k)
+    stage's K): how the studies read an ensemble's predictions. A pack whose predictions on
+    `split` were not kept (`teachers.keep_predictions: none`) is an error naming the key."""
+    k = teachers.k if k is None else k
+    for p, all_ids in pack_ids(teachers).items():
+        ids, logp = read_pack_logp(teachers.dir, split, p, k)
+        if len(ids) < int((all_ids < k).sum()):
+            raise W2SError(f"teachers stage {teachers.dir}: the {split} predictions of pack {p} were not kept "
+                           "(teachers.keep_predictions: none); this needs keep_predictions all or float16")
         if len(ids):
             yield ids, torch.tensor(logp)  # a copy: Arrow buffers are read-only
 
@@ -208,7 +194,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     tcfg = ctx.cfg.teachers
     res = tcfg.resources
     n_rows = {split: len(data.splits[split].y) for split in PRED_SPLITS}
-    done = finished_packs(ctx.run, stage, n_rows)
+    done = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
@@ -225,7 +211,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
 
         def submit(actor) -> None:
             p, ids = queue.pop(0)
-            running[actor.train.remote(data_ref, cfg_json, data.n_classes, p, ids)] = (actor, p, ids)
+            running[actor.train.remote(data_ref, cfg_json, data.n_classes, p, ids, ctx.run, stage)] = (actor, p, ids)
 
         for actor in actors:
             if queue:
@@ -249,10 +235,14 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
                     gone = isinstance(err, ray_errors.RayActorError) and not restarting
                     submit(ctx.pool.replace(actor, start) if gone else actor)
                     continue
-                write_pack(ctx.run, stage, result)
+                # the worker wrote the pack; a worker on another node published it to the store
+                for f in (meta_path(stage, p), *(sums_path(stage, split, p) for split in PRED_SPLITS)):
+                    if not ctx.run.fetch_file(f):
+                        raise W2SError(f"teachers: pack {p} finished on {result['node']}, but {f} is neither here nor in the store; "
+                                       "on a cluster, output.root must be a filesystem every node mounts or a URI")
                 bar.update(len(result["teacher_ids"]), f"{time.perf_counter() - t0:.1f}s")
                 if queue:
                     submit(actor)
-    table = finished_packs(ctx.run, stage, n_rows).sort_by("teacher_id")
+    table = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions).sort_by("teacher_id")
     check_teacher_ids(table, stage)
     return table

@@ -10,19 +10,24 @@ and torch, where importing the stage modules that used to hold them cost 1.1–1
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
 from w2s_ray import metrics
-from w2s_ray.config import StudentConfig, TeachersConfig
+from w2s_ray.config import ALWAYS_KEPT, StudentConfig, TeachersConfig
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
+from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import StudentResult
+from w2s_ray.storage import RunDir
 from w2s_ray.training import load_student, predict_log, train_student
 
 PRED_SPLITS = ("transfer", "test")
@@ -80,7 +85,9 @@ class PackTrainer:
         self.device = gpu_device()
         self.node = ray.get_runtime_context().get_node_id()
 
-    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int]) -> dict[str, Any]:
+    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int], run: RunDir, stage: Path) -> dict[str, Any]:
+        """Train a pack, write its files into the run's store from here, return its metadata
+        (ids, seeds, accuracies, timings: a few hundred bytes, never its predictions)."""
         cfg = TeachersConfig.model_validate(cfg_json)
         out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
         # provenance: a pack trained by an actor Ray restarted after losing it (a node died);
@@ -89,8 +96,79 @@ class PackTrainer:
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        return out
+        return write_pack(run, stage, out, cfg.keep_predictions)
 
+
+
+# --- a pack's files, written by the worker that trained it ---------------------------------
+
+
+def pack_path(stage: Path, split: str, pack_index: int) -> Path:
+    return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
+
+
+def sums_path(stage: Path, split: str, pack_index: int) -> Path:
+    return stage / "sums" / split / f"pack-{pack_index:05d}.parquet"
+
+
+def meta_path(stage: Path, pack_index: int) -> Path:
+    return stage / "packs" / f"pack-{pack_index:05d}.parquet"
+
+
+def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
+    """Which of a pack's teachers have their predictions on `split` written (a boolean mask)."""
+    if keep == "none" and split == "transfer":
+        return ids < ALWAYS_KEPT
+    return np.ones(len(ids), dtype=bool)
+
+
+def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all") -> dict[str, Any]:
+    """Write one trained pack's files where it was trained and return its metadata only.
+
+    Per split: the posterior's sufficient statistics over the pack (float64 Σp, Σlog p, Σp·log p
+    per row: `sums/<split>/`), and the teachers' log-probs (`preds/<split>/`, long format:
+    teacher_id, row, logp[C]) as `keep` says: `all` (float32), `float16`, or `none` (the
+    transfer split's predictions only for teachers with id < ALWAYS_KEPT, the candidates for the
+    designated single teacher; the test split's are kept, for the bootstrap CIs and the variance
+    study). The metadata row is written last: the pack's marker of completion."""
+    ids = np.asarray(result["teacher_ids"], dtype=np.int32)
+    for split in PRED_SPLITS:
+        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
+        k, n, c = logp.shape
+        acc = PosteriorAccumulator(n, c)
+        acc.add(torch.from_numpy(logp))
+        sums = {name: t.numpy() for name, t in acc.sums().items()}
+        run.write_parquet(sums_path(stage, split, result["pack"]), pa.table(
+            {
+                "sum_p": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_p"].reshape(-1)), c),
+                "sum_logp": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_logp"].reshape(-1)), c),
+                "sum_neg_entropy": sums["sum_neg_entropy"],
+            },
+            metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
+        ))
+        mask = kept_teachers(split, ids, keep)
+        kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
+        run.write_parquet(pack_path(stage, split, result["pack"]), pa.table(
+            {
+                "teacher_id": np.repeat(ids[mask], n),
+                "row": np.tile(np.arange(n, dtype=np.int32), int(mask.sum())),
+                "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
+            }
+        ))
+    meta = pa.table(
+        {
+            "teacher_id": ids,
+            "seed": np.asarray(result["seeds"], dtype=np.int64),
+            "pack": np.full(len(ids), result["pack"], dtype=np.int32),
+            "node": [result.get("node", "local")] * len(ids),
+            "restarted": [bool(result.get("restarted", False))] * len(ids),
+            "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
+            "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
+            "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
+        }
+    )
+    run.write_parquet(meta_path(stage, result["pack"]), meta)
+    return {key: value for key, value in result.items() if not key.startswith("logp_")}
 
 
 # --- students ------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The data plane: pack workers write their own files and return metadata; the posterior is a
+sum of per-pack sums; `teachers.keep_predictions` decides which predictions exist on disk."""
+
+import json
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import run_dir, small_config
+from w2s_ray import labels as labels_mod
+from w2s_ray.config import ExperimentConfig, parse_config
+from w2s_ray.errors import ConfigError, W2SError
+from w2s_ray.pipeline import run_pipeline
+from w2s_ray.posterior import PosteriorAccumulator
+from w2s_ray.run import TeacherStage
+from w2s_ray.teachers import iter_pack_logp, read_pack_logp
+from w2s_ray.workers import PackTrainer, pack_path, sums_path
+
+
+def posterior(cfg):
+    st = run_pipeline(cfg, until="labels")
+    return st, json.loads((st.labels.dir / "posterior.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def kept(ray_session, tmp_path_factory):
+    cfg = small_config(tmp_path_factory.mktemp("all"), teachers={"k": 12, "epochs": 20, "model": {"name": "mlp", "width": 16}, "resources": {"max_pack_size": 3}})
+    return cfg, *posterior(cfg)
+
+
+@pytest.mark.slow
+def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, tmp_path):
+    cfg = small_config(tmp_path)
+    st = run_pipeline(cfg, until="data")
+    run, stage = run_dir(cfg), tmp_path / "stage"
+    splits = st.data.splits
+    data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
+    out = ray_session.get(PackTrainer.remote(1).train.remote(data, cfg.teachers.model_dump(mode="json"), st.data.n_classes, 0, [0, 1, 2], run, stage))
+    # what crossed to the driver: ids, seeds, accuracies, timings; no arrays
+    assert len(pickle.dumps(out)) < 2048 and not any(isinstance(v, np.ndarray) for v in out.values())
+    n = len(splits["transfer"].y)
+    assert pq.read_metadata(pack_path(stage, "transfer", 0)).num_rows == 3 * n
+    assert pq.read_metadata(sums_path(stage, "transfer", 0)).num_rows == n
+
+
+@pytest.mark.slow
+def test_the_posterior_from_pack_sums_equals_the_one_from_predictions(kept):
+    """Four packs of 3 teachers: the stored sums merged equal an accumulator fed every
+    teacher's predictions, and the single teacher's rows are the predictions'."""
+    cfg, st, _ = kept
+    for split in ("transfer", "test"):
+        ref = PosteriorAccumulator(len(st.data.splits[split].y), st.data.n_classes)
+        for ids, logp in iter_pack_logp(st.teachers, split):
+            ref.add(logp, ids.tolist())
+        got = labels_mod.split_posterior(st.teachers, split, ref.n, ref.c)
+        assert got.k == ref.k == cfg.teachers.k
+        for name, t in ref.sums().items():
+            assert torch.equal(got.sums()[name], t), name
+        assert torch.equal(labels_mod.single_teacher(st.teachers, split, 0), torch.from_numpy(read_pack_logp(st.teachers.dir, split, 0)[1][0]))
+
+
+@pytest.mark.slow
+def test_a_smaller_k_than_the_stage_holds_reads_the_straddling_pack(kept):
+    cfg, st, _ = kept
+    part = TeacherStage(st.teachers.dir, 10, st.teachers.packs)  # packs [0-2] [3-5] [6-8] [9-11]
+    n = len(st.data.splits["test"].y)
+    ref = PosteriorAccumulator(n, st.data.n_classes)
+    for ids, logp in iter_pack_logp(part, "test"):
+        ref.add(logp, ids.tolist())
+    got = labels_mod.split_posterior(part, "test", n, st.data.n_classes)
+    assert got.k == ref.k == 10
+    assert all(torch.allclose(got.sums()[k], t, rtol=1e-12) for k, t in ref.sums().items())
+
+
+@pytest.mark.slow
+def test_bootstrap_counts_by_row_blocks_equal_one_block(kept, monkeypatch):
+    cfg, st, post = kept
+    y = st.data.splits["test"].y
+    whole = labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
+    assert whole == {"dual": post["ci_dual"], "arith": post["ci_arith"]}
+    monkeypatch.setattr(labels_mod, "BOOT_BLOCK_BYTES", 2 * 4 * cfg.posterior.n_boot * st.data.n_classes * 37)  # blocks of 37 rows
+    blocked = labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
+    for name in whole:
+        assert np.allclose(blocked[name], whole[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["none", "float16"])
+def test_keep_predictions_changes_the_files_not_the_posterior(kept, tmp_path, keep):
+    cfg, st_all, post_all = kept
+    cfg2 = ExperimentConfig.model_validate(
+        {**cfg.model_dump(mode="json"), "teachers": {**cfg.teachers.model_dump(mode="json"), "keep_predictions": keep}})
+    st, post = posterior(cfg2)
+    assert st.teachers.dir != st_all.teachers.dir  # another stage directory: its files differ
+    exact = ["k", "test_acc_dual", "test_acc_arith", "test_acc_single", "variance_test", "variance_transfer", "mutual_info_test"]
+    assert {k: post[k] for k in exact} == {k: post_all[k] for k in exact}
+    size = lambda d, split: sum(f.stat().st_size for f in (d / "preds" / split).glob("*.parquet"))  # noqa: E731
+    assert size(st.teachers.dir, "transfer") < 0.7 * size(st_all.teachers.dir, "transfer")
+    if keep == "none":
+        assert post["ci_dual"] == post_all["ci_dual"]  # test predictions are kept
+        with pytest.raises(W2SError, match="keep_predictions: none"):
+            list(iter_pack_logp(st.teachers, "transfer"))
+        # a stage used with a smaller K whose last pack straddles it needs that pack's predictions
+        with pytest.raises(W2SError, match="straddles teachers.k=10"):
+            labels_mod.split_posterior(TeacherStage(st.teachers.dir, 10, st.teachers.packs), "transfer", len(st.data.splits["transfer"].y), st.data.n_classes)
+    else:
+        assert np.allclose(post["ci_dual"], post_all["ci_dual"], atol=0.01)
+
+
+def test_keep_predictions_none_needs_a_kept_single_teacher():
+    with pytest.raises(ConfigError, match="posterior.single_teacher=9: with teachers.keep_predictions='none'"):
+        parse_config({"teachers": {"k": 16, "keep_predictions": "none"}, "posterior": {"single_teacher": 9}})
