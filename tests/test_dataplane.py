@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import run_dir, small_config
+
 from w2s_ray import labels as labels_mod
 from w2s_ray.config import ExperimentConfig, parse_config
 from w2s_ray.errors import ConfigError, W2SError
@@ -97,7 +97,7 @@ def test_keep_predictions_changes_the_files_not_the_posterior(kept, tmp_path, ke
     assert st.teachers.dir != st_all.teachers.dir  # another stage directory: its files differ
     exact = ["k", "test_acc_dual", "test_acc_arith", "test_acc_single", "variance_test", "variance_transfer", "mutual_info_test"]
     assert {k: post[k] for k in exact} == {k: post_all[k] for k in exact}
-    size = lambda d, split: sum(f.stat().st_size for f in (d / "preds" / split).glob("*.parquet"))  # noqa: E731
+    size = lambda d, split: sum(f.stat().st_size for f in (d / "preds" / split).glob("*.parquet"))
     assert size(st.teachers.dir, "transfer") < 0.7 * size(st_all.teachers.dir, "transfer")
     if keep == "none":
         assert post["ci_dual"] == post_all["ci_dual"]  # test predictions are kept
@@ -113,3 +113,25 @@ def test_keep_predictions_changes_the_files_not_the_posterior(kept, tmp_path, ke
 def test_keep_predictions_none_needs_a_kept_single_teacher():
     with pytest.raises(ConfigError, match="posterior.single_teacher=9: with teachers.keep_predictions='none'"):
         parse_config({"teachers": {"k": 16, "keep_predictions": "none"}, "posterior": {"single_teacher": 9}})
+
+
+@pytest.mark.slow
+def test_a_student_across_two_workers_streams_its_labels_and_matches_one_worker(kept, capfd):
+    """`student.workers: 2`: Ray Train (DDP, gloo) on the label stream; same held-out rows, a
+    global batch of the same size; its accuracy within 0.05 of the single-process student's."""
+    cfg, st, _ = kept
+    student = {**cfg.student.model_dump(mode="json"), "targets": ["dual_mean"], "ceiling": False, "epochs": 6}
+    one = run_pipeline(ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "student": student}), until="student")
+    two = run_pipeline(ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "student": {**student, "workers": 2}}), until="student")
+    err = capfd.readouterr().err
+    assert "across 2 Ray Train workers" in err
+    a, b = one.students.students["dual_mean"], two.students.students["dual_mean"]
+    assert b.epochs_run == 6 and abs(a.test_acc - b.test_acc) <= 0.05, (a.test_acc, b.test_acc)
+    assert one.students.students is not two.students.students
+    # a different cache entry: the students differ, so do their keys
+    assert run_dir(cfg).path.joinpath("student").is_dir() and len(list((run_dir(cfg).path / "student").iterdir())) >= 2
+
+
+def test_workers_above_one_refuse_what_the_stream_cannot_give():
+    with pytest.raises(ConfigError, match="student.workers > 1 needs student.selection: teacher"):
+        parse_config({"student": {"workers": 2, "selection": "oracle"}})

@@ -212,6 +212,10 @@ class StudentConfig(Strict):
     )
     seed: int = 0
     ceiling: bool = Field(True, description="also train the strong ceiling on gold transfer labels")
+    workers: int = Field(
+        1, ge=1, description="train one student across this many Ray Train workers (DDP; gloo on CPU, NCCL on GPUs), "
+        "each fed its shard of the pseudo-label stream; 1: one task on the whole table",
+    )
     resources: StudentResources = Field(default_factory=StudentResources)
 
     @field_validator("model", mode="before")
@@ -261,6 +265,10 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher} must be < teachers.k={self.teachers.k}"
             )
+        if self.student.workers > 1 and self.student.selection == "oracle":
+            raise ValueError("student.workers > 1 needs student.selection: teacher (gold labels never enter the label stream the workers read)")
+        if self.student.workers > 1 and self.student.adaptive_quantile is not None:
+            raise ValueError("student.workers > 1: student.adaptive_quantile is a quantile over every training row; set student.adaptive_threshold instead")
         if self.teachers.keep_predictions == "none" and self.posterior.single_teacher >= ALWAYS_KEPT:
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher}: with teachers.keep_predictions='none' only "
@@ -450,6 +458,13 @@ def source_fingerprint(path: str | None) -> list | None:
     return [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
+def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
+    out = s.model_dump(mode="json", exclude=exclude)
+    if out["workers"] == 1:  # the default, as before the key existed: caches stay valid
+        del out["workers"]
+    return out
+
+
 @dataclass(frozen=True)
 class StageKeys:
     """Per-stage cache keys: each covers exactly the config parts its stage reads, never a
@@ -479,8 +494,7 @@ class StageKeys:
         return config_hash("labels", self.teachers, self.cfg.teachers.k, self.cfg.posterior)
 
     def student(self, target: str) -> str:
-        s = self.cfg.student.model_dump(mode="json", exclude=StudentConfig.PLAN_FIELDS)
-        return config_hash("student", self.labels, s, target)
+        return config_hash("student", self.labels, _student_part(self.cfg.student, StudentConfig.PLAN_FIELDS), target)
 
     @property
     def report(self) -> str:
@@ -493,5 +507,4 @@ class StageKeys:
     def ceiling(self) -> str:
         """Everything about the student except what concerns teacher targets: new training
         options change the ceiling's key by default."""
-        s = self.cfg.student.model_dump(mode="json", exclude=StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS)
-        return config_hash("ceiling", self.data, s)
+        return config_hash("ceiling", self.data, _student_part(self.cfg.student, StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS))

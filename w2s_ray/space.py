@@ -104,6 +104,9 @@ def load_space(path: str | Path, base: ExperimentConfig, allow_local_code: bool 
     """Read and check a search space against the base config: every point it can produce (and
     its baseline) must validate, and model import paths follow the config's rule on local code."""
     path = Path(path)
+    if base.student.workers > 1:
+        raise ConfigError(f"student.workers={base.student.workers}: a Tune trial trains its student in one process (a trial across "
+                          "Ray Train workers is not built yet); search with student.workers: 1")
     raw = read_yaml(path, "search space")
     if not isinstance(raw, dict):
         raise ConfigError(f"search space {path}: the top level must be a mapping, got {type(raw).__name__}")

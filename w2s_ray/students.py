@@ -19,11 +19,12 @@ import torch
 
 from w2s_ray import artifacts
 from w2s_ray.config import StudentConfig
+from w2s_ray.ddp import fit_student
 from w2s_ray.labels import read_labels, read_test_posterior
 from w2s_ray.raytools import Progress, as_completed
 from w2s_ray.run import DataStage, LabelStage, RunContext, StudentResult, StudentStage
 from w2s_ray.training import target_of
-from w2s_ray.workers import student_task
+from w2s_ray.workers import evaluate_task, student_task
 
 
 class StudentInputs:
@@ -64,6 +65,12 @@ class StudentInputs:
         task = ray.remote(student_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
         return task.remote(scfg.model_dump(mode="json"), target, self.x_ref, t, log_t, self.n_classes, gold, self.test_ref, max(1, int(res.num_cpus)))
 
+    def evaluate(self, scfg: StudentConfig, target: str, res) -> Any:
+        """Evaluate a student trained across workers (`ddp.fit_student`), in one task."""
+        _, log_t = target_of(self.labels, target, scfg.log_floor)
+        task = ray.remote(evaluate_task).options(num_cpus=scfg.resources.num_cpus)
+        return task.remote(scfg.model_dump(mode="json"), target, res, self.x_ref, log_t, self.n_classes, self.test_ref, max(1, int(scfg.resources.num_cpus)))
+
     def train_all(self, jobs: dict[Hashable, tuple]) -> Iterator[tuple[Hashable, dict[str, Any]]]:
         """Run `submit(*job)` for every job at once; yield `(tag, output)` as each finishes."""
         running = {self.submit(*job): tag for tag, job in jobs.items()}
@@ -92,8 +99,19 @@ def stage_students(ctx: RunContext, data: DataStage, labels: LabelStage) -> Stud
         inputs = StudentInputs.load(ctx, data, labels)
         for tgt in todo:
             ctx.log(f"{label(tgt)}: training {scfg.model.name} (width {scfg.model.width}, depth {scfg.model.depth})")
+        # a student across several workers takes them all: those run one after another, first
+        spread = [tgt for tgt in todo if tgt is not None and scfg.workers > 1]
+        alone = [tgt for tgt in todo if tgt not in spread]
+
+        def outputs() -> Iterator[tuple[str | None, dict[str, Any]]]:
+            for tgt in spread:
+                ctx.log(f"{label(tgt)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
+                res = fit_student(ctx.run, labels.dir, data.splits["transfer"].ids, scfg, tgt, data.splits["transfer"].x.shape[1], data.n_classes, dirs[tgt] / "train")
+                yield tgt, ray.get(inputs.evaluate(scfg, tgt, res))
+            yield from inputs.train_all({tgt: (scfg, tgt) for tgt in alone})
+
         with Progress("students", len(todo), unit="student") as bar:
-            for tgt, out in inputs.train_all({tgt: (scfg, tgt) for tgt in todo}):
+            for tgt, out in outputs():
                 d = ctx.run.reset(dirs[tgt])
                 with ctx.run.atomic(d / "weights.pt") as tmp:
                     torch.save(out["state_dict"], tmp)

@@ -28,6 +28,7 @@ from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import StudentResult
 from w2s_ray.storage import RunDir
+from w2s_ray.training import StudentResult as TrainResult
 from w2s_ray.training import load_student, predict_log, train_student
 
 PRED_SPLITS = ("transfer", "test")
@@ -184,10 +185,20 @@ def student_task(cfg_json: dict, target: str | None, x: torch.Tensor, t: torch.T
         cfg = cfg.model_copy(update={"rce_weight": 0.0})
     show = epoch_printer("ceiling" if ceiling else f"student[{target}]", cfg.epochs)
     res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device, on_epoch=lambda rec, _: show(rec))
+    return evaluate_trained(cfg, target, res, x, log_t, n_classes, test, device)
+
+
+def evaluate_task(cfg_json: dict, target: str, res: TrainResult, x: torch.Tensor, log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
+    """Evaluate a student trained elsewhere (across Ray Train workers); runs in a Ray task."""
+    torch.set_num_threads(max(1, threads))
+    return evaluate_trained(StudentConfig.model_validate(cfg_json), target, res, x, log_t, n_classes, test, "cpu")
+
+
+def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, x: torch.Tensor, log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
     model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
     log_test = predict_log(model, test["x"])
     log_transfer = predict_log(model, x)
     # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
-    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if ceiling else log_t, test["dual_log"], test["single_log"])
+    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if target is None else log_t, test["dual_log"], test["single_log"])
     result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
     return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
