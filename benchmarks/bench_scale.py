@@ -1,9 +1,10 @@
 """Driver memory of the teacher and labels stages as K grows, and what each keep_predictions
 setting writes: the part of issue 12's scale benchmark that the pack-writing workers address.
 
-Each setting runs `w2s-ray labels` (data, teachers, labels) on the default data in a fresh
-child process with its own embedded Ray, which reports its own peak RSS (the driver's, not the
-workers'), the wall time of the stages and the bytes the teacher stage wrote.
+A first child process builds the default data (cached); then each setting runs the teacher and
+labels stages on it (`until="labels"`, data from the cache) in a fresh child process with its
+own embedded Ray, which reports its own peak RSS (the driver's, not the workers'), the wall
+time and the bytes the teacher stage wrote.
 
     python benchmarks/bench_scale.py [--ks 64 256 1024] [--keep all none] [--run-root DIR]
 
@@ -29,7 +30,10 @@ def one(args: tuple[str, int, str], queue) -> None:
 
     root, k, keep = args
     t0 = time.perf_counter()
-    st = run_pipeline(load_config(None, {"output.root": root, "output.name": f"k{k}-{keep}", "teachers.k": k, "teachers.keep_predictions": keep}), until="labels")
+    st = run_pipeline(load_config(None, {"output.root": root, "output.name": "scale", "teachers.k": max(k, 2), "teachers.keep_predictions": keep}), until="data" if k == 0 else "labels")
+    if k == 0:
+        queue.put(None)
+        return
     wall = time.perf_counter() - t0
     written = sum(f.stat().st_size for f in Path(st.teachers.dir).rglob("*") if f.is_file())
     queue.put((k, keep, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, written / 2**20))
@@ -43,6 +47,10 @@ def main() -> None:
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    p = ctx.Process(target=one, args=((a.run_root, 0, "all"), queue))  # the data, cached for the others
+    p.start()
+    p.join()
+    queue.get()
     print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
     for k in a.ks:
         for keep in a.keep:

@@ -135,3 +135,16 @@ def test_a_student_across_two_workers_streams_its_labels_and_matches_one_worker(
 def test_workers_above_one_refuse_what_the_stream_cannot_give():
     with pytest.raises(ConfigError, match="student.workers > 1 needs student.selection: teacher"):
         parse_config({"student": {"workers": 2, "selection": "oracle"}})
+
+
+@pytest.mark.slow
+def test_a_stage_written_before_packs_stored_sums_is_read_from_its_predictions(kept, tmp_path):
+    cfg, st, _ = kept
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(st.teachers.dir, old)
+    shutil.rmtree(old / "sums")
+    n = len(st.data.splits["transfer"].y)
+    then = labels_mod.split_posterior(TeacherStage(old, st.teachers.k, st.teachers.packs), "transfer", n, st.data.n_classes)
+    now = labels_mod.split_posterior(st.teachers, "transfer", n, st.data.n_classes)
+    assert all(torch.equal(then.sums()[k], t) for k, t in now.sums().items())

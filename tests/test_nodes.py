@@ -74,6 +74,13 @@ def two_nodes():
         assert not session_members(worker_sid) + session_members(head_sid), "a node did not stop"
 
 
+@pytest.fixture(scope="module")
+def whole(ray_session, tmp_path_factory):
+    """The same experiment, never interrupted, on the test session's Ray: once for both variants
+    (`max_retries` is a resource setting, outside every cache key)."""
+    return run_pipeline(parse_config(experiment(tmp_path_factory.mktemp("whole") / "runs", "whole", 0)), until="labels")
+
+
 def packs_on_disk(run) -> list[dict]:
     rows = []
     for f in sorted(run.glob("teachers/*/packs/pack-*.parquet")):
@@ -87,7 +94,7 @@ def packs_on_disk(run) -> list[dict]:
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("max_retries", [3, 0], ids=["ray-restarts-actor", "driver-requeues-pack"])
-def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, max_retries):
+def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_retries):
     address, env, worker_sid, second = two_nodes
     cfg_file = tmp_path / "nodes.yaml"
     cfg_file.write_text(yaml.safe_dump(experiment(tmp_path / "runs", "killed", max_retries)))
@@ -122,8 +129,7 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, ray_session, tmp_path, 
     else:
         assert any(p["restarted"] for p in after_kill), "no pack was trained by the actor Ray restarted"
 
-    # the same experiment, never interrupted, on the test session's Ray
-    whole = run_pipeline(parse_config(experiment(tmp_path / "runs", "whole", max_retries)), until="labels")
+    # the same experiment, never interrupted, on the test session's Ray (`whole`)
     tdir_killed = next(run.glob("teachers/*"))
     assert tdir_killed.name == whole.teachers.dir.name
     for split in ("transfer", "test"):

@@ -132,11 +132,12 @@ def test_trial_resources_default_to_the_students(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
-    cfg = small_config(tmp_path, student={"epochs": 40, "patience": 100})
+    # six points, two at a time: when the first finishes, two waves are left to interrupt
+    cfg = small_config(tmp_path, student={"epochs": 30, "patience": 100})
     conf = tmp_path / "c.yaml"
     conf.write_text(to_yaml(cfg))
     space = write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
-                        params={"student.model.width": {"type": "grid", "values": [4, 16, 32, 64]}})
+                        params={"student.model.width": {"type": "grid", "values": [4, 8, 16, 32, 48, 64]}})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
     search = run_dir(cfg) / "tune" / "space"
@@ -171,7 +172,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     out = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     table = pd.read_parquet(search / "trials.parquet")
-    assert len(table) == 4 and (table["status"] == "TERMINATED").all()
+    assert len(table) == 6 and (table["status"] == "TERMINATED").all()
     for name, mtime in finished.items():
         assert (search / name / "result.json").stat().st_mtime_ns == mtime, f"finished trial {name} was run again"
     for result in search.glob("*/result.json"):  # interrupted trials continued from a checkpoint

@@ -92,9 +92,9 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int) 
         if twice:
             raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
         seen.update(inside.tolist())
-        if len(inside) == len(ids):
+        if len(inside) == len(ids) and sums_path(teachers.dir, split, p).is_file():
             acc.merge(read_pack_sums(teachers.dir, split, p))
-        elif len(inside):
+        elif len(inside):  # straddles k, or a stage written before packs stored their sums
             got, logp = read_pack_logp(teachers.dir, split, p, teachers.k)
             if len(got) != len(inside):
                 raise W2SError(f"teachers stage {teachers.dir}: pack {p} straddles teachers.k={teachers.k} and its {split} predictions "
