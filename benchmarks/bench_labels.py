@@ -1,7 +1,7 @@
 """(b) Pseudo-label streaming into torch: the project's Ray Data path vs pyarrow directly.
 
-Writes a labels table of --rows rows (same schema as the labels stage) through the project's
-`write_labels`, then streams all of it into torch tensors, batch by batch, both ways, with the
+Writes a labels table of --rows rows (same schema as the labels stage) as the labels stage's
+blocks write it (parts of 100,000 rows, `labels.part_path`), then streams all of it into torch tensors, batch by batch, both ways, with the
 same Arrow → torch conversion (`labels.batch_to_torch`).
 
     python benchmarks/bench_labels.py [--rows 500000] [--batch 65536] [--reps 3]
@@ -10,7 +10,6 @@ same Arrow → torch conversion (`labels.batch_to_torch`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,8 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from w2s_ray.labels import batch_to_torch, iter_label_batches, labels_table, test_table, write_labels
-from w2s_ray.run import PosteriorSummary
+from w2s_ray.artifacts import ROW_GROUP
+from w2s_ray.labels import batch_to_torch, iter_label_batches, part_path
+from w2s_ray.packfiles import labels_table
 from w2s_ray.storage import RunDir
 
 
@@ -54,10 +54,10 @@ def main() -> None:
     }
     d = Path(tempfile.mkdtemp())
     run = RunDir(d)
-    summary = PosteriorSummary(*[0.0] * len(dataclasses.fields(PosteriorSummary)))  # not what is measured
     try:
         table = labels_table(np.arange(n), rng.normal(size=(n, 40)).astype(np.float32), post)
-        write_labels(run, d, table, test_table(np.arange(10), {k: v[:10] for k, v in post.items()}), summary, "bench", 100_000)
+        for r0 in range(0, n, 100_000):
+            run.write_parquet(part_path(d, r0), table.slice(r0, 100_000), ROW_GROUP)
         mb = sum(f.stat().st_size for f in (d / "parts").glob("*.parquet")) / 1e6
         print(f"{n:,} rows, {len(table.schema)} columns, {mb:.0f} MB of Parquet in {len(list((d / 'parts').glob('*.parquet')))} files")
         def ray_read() -> int:

@@ -11,13 +11,15 @@ import torch
 from conftest import run_dir, small_config
 
 from w2s_ray import labels as labels_mod
+from w2s_ray import packfiles
 from w2s_ray.config import ExperimentConfig, parse_config
 from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.run import TeacherStage
-from w2s_ray.teachers import iter_pack_logp, read_pack_logp
-from w2s_ray.workers import PackTrainer, pack_path, sums_path
+from w2s_ray.packfiles import pack_path, read_pack_logp, sums_path
+from w2s_ray.teachers import iter_pack_logp
+from w2s_ray.workers import PackTrainer
 
 
 def posterior(cfg):
@@ -36,12 +38,11 @@ def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, t
     cfg = small_config(tmp_path)
     st = run_pipeline(cfg, until="data")
     run, stage = run_dir(cfg), tmp_path / "stage"
-    splits = st.data.splits
-    data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
-    out = ray_session.get(PackTrainer.remote(1).train.remote(data, cfg.teachers.model_dump(mode="json"), st.data.n_classes, 0, [0, 1, 2], run, stage))
+    # the actor reads the splits from the data stage's files: only their directory crosses
+    out = ray_session.get(PackTrainer.remote(1).train.remote(st.data.dir, cfg.teachers.model_dump(mode="json"), st.data.n_classes, 0, [0, 1, 2], run, stage))
     # what crossed to the driver: ids, seeds, accuracies, timings; no arrays
     assert len(pickle.dumps(out)) < 2048 and not any(isinstance(v, np.ndarray) for v in out.values())
-    n = len(splits["transfer"].y)
+    n = st.data.sizes["transfer"]
     assert pq.read_metadata(pack_path(stage, "transfer", 0)).num_rows == 3 * n
     assert pq.read_metadata(sums_path(stage, "transfer", 0)).num_rows == n
 
@@ -55,11 +56,11 @@ def test_the_posterior_from_pack_sums_equals_the_one_from_predictions(kept):
         ref = PosteriorAccumulator(len(st.data.splits[split].y), st.data.n_classes)
         for ids, logp in iter_pack_logp(st.teachers, split):
             ref.add(logp, ids.tolist())
-        got = labels_mod.split_posterior(st.teachers, split, ref.n, ref.c)
+        got = packfiles.split_posterior(st.teachers, split, ref.n, ref.c)
         assert got.k == ref.k == cfg.teachers.k
         for name, t in ref.sums().items():
             assert torch.equal(got.sums()[name], t), name
-        assert torch.equal(labels_mod.single_teacher(st.teachers, split, 0), torch.from_numpy(read_pack_logp(st.teachers.dir, split, 0)[1][0]))
+        assert torch.equal(packfiles.single_teacher(st.teachers, split, 0), torch.from_numpy(read_pack_logp(st.teachers.dir, split, 0)[1][0]))
 
 
 @pytest.mark.slow
@@ -70,7 +71,7 @@ def test_a_smaller_k_than_the_stage_holds_reads_the_straddling_pack(kept):
     ref = PosteriorAccumulator(n, st.data.n_classes)
     for ids, logp in iter_pack_logp(part, "test"):
         ref.add(logp, ids.tolist())
-    got = labels_mod.split_posterior(part, "test", n, st.data.n_classes)
+    got = packfiles.split_posterior(part, "test", n, st.data.n_classes)
     assert got.k == ref.k == 10
     assert all(torch.allclose(got.sums()[k], t, rtol=1e-12) for k, t in ref.sums().items())
 
@@ -105,7 +106,7 @@ def test_keep_predictions_changes_the_files_not_the_posterior(kept, tmp_path, ke
             list(iter_pack_logp(st.teachers, "transfer"))
         # a stage used with a smaller K whose last pack straddles it needs that pack's predictions
         with pytest.raises(W2SError, match="straddles teachers.k=10"):
-            labels_mod.split_posterior(TeacherStage(st.teachers.dir, 10, st.teachers.packs), "transfer", len(st.data.splits["transfer"].y), st.data.n_classes)
+            packfiles.split_posterior(TeacherStage(st.teachers.dir, 10, st.teachers.packs), "transfer", len(st.data.splits["transfer"].y), st.data.n_classes)
     else:
         assert np.allclose(post["ci_dual"], post_all["ci_dual"], atol=0.01)
 
@@ -145,6 +146,6 @@ def test_a_stage_written_before_packs_stored_sums_is_read_from_its_predictions(k
     shutil.copytree(st.teachers.dir, old)
     shutil.rmtree(old / "sums")
     n = len(st.data.splits["transfer"].y)
-    then = labels_mod.split_posterior(TeacherStage(old, st.teachers.k, st.teachers.packs), "transfer", n, st.data.n_classes)
-    now = labels_mod.split_posterior(st.teachers, "transfer", n, st.data.n_classes)
+    then = packfiles.split_posterior(TeacherStage(old, st.teachers.k, st.teachers.packs), "transfer", n, st.data.n_classes)
+    now = packfiles.split_posterior(st.teachers, "transfer", n, st.data.n_classes)
     assert all(torch.equal(then.sums()[k], t) for k, t in now.sums().items())

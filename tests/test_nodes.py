@@ -24,7 +24,7 @@ import yaml
 from local_cluster import BIN, kill_session, node_env, session_members, start_head, start_worker
 from w2s_ray.config import parse_config
 from w2s_ray.pipeline import run_pipeline
-from w2s_ray.teachers import read_pack_logp
+from w2s_ray.packfiles import read_pack_logp
 
 K = 24
 

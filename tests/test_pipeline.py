@@ -15,7 +15,7 @@ from w2s_ray.labels import read_labels, stage_labels
 from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import dual_mean_log
 from w2s_ray.run import RunContext
-from w2s_ray.teachers import read_pack_logp
+from w2s_ray.packfiles import read_pack_logp
 
 pytestmark = pytest.mark.slow
 

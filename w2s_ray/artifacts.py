@@ -74,9 +74,32 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_parquet(path: str | Path, table: pa.Table) -> Path:
+ROW_GROUP = 65536
+"""Rows per Parquet row group of the per-row files (splits, pack sums and predictions, label
+parts): the granularity of a row-range read (`read_rows`)."""
+
+
+def read_rows(path: str | Path, rows: tuple[int, int] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Rows [r0, r1) of a Parquet file (all without `rows`), reading only the row groups that hold them."""
+    if rows is None:
+        return pq.read_table(path, columns=columns)
+    r0, r1 = rows
+    pf = pq.ParquetFile(path)
+    groups, start, first = [], 0, 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if start < r1 and start + n > r0:
+            first = start if not groups else first
+            groups.append(g)
+        start += n
+    if not groups or r1 > start:
+        raise ValueError(f"{path}: has {start} rows; rows {r0}..{r1} were asked for")
+    return pf.read_row_groups(groups, columns=columns).slice(r0 - first, r1 - r0)
+
+
+def write_parquet(path: str | Path, table: pa.Table, row_group_size: int | None = None) -> Path:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
     return Path(path)
 
 

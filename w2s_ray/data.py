@@ -28,7 +28,7 @@ from w2s_ray.config import DataConfig, check_shapes
 from w2s_ray.errors import DataError
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.raytools import parallel_map
-from w2s_ray.run import DataStage, RunContext, Split
+from w2s_ray.run import DataStage, RunContext, Split, SplitFiles
 
 SPLITS = ("weak", "transfer", "test")
 
@@ -234,20 +234,6 @@ def standardize(splits: dict[str, Split]) -> dict[str, list[float]]:
     return {"mean": mean.tolist(), "sd": sd.tolist()}
 
 
-def split_table(s: Split) -> pa.Table:
-    d = s.x.shape[1]
-    flat = pa.array(s.x.reshape(-1), type=pa.float32())
-    return pa.table({"id": s.ids, "x": pa.FixedSizeListArray.from_arrays(flat, d), "y": s.y})
-
-
-def read_split(path: str | Path) -> Split:
-    t = pq.read_table(path)
-    x = t["x"].combine_chunks()
-    d = x.type.list_size
-    xs = x.flatten().to_numpy().reshape(-1, d).astype(np.float32, copy=False)
-    return Split(ids=t["id"].to_numpy(), x=np.ascontiguousarray(xs), y=t["y"].to_numpy().astype(np.int64))
-
-
 def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
     return cfg.n_classes or int(y.max()) + 1
 
@@ -290,11 +276,10 @@ def stage_data(ctx: RunContext) -> DataStage:
         scaling = standardize(splits) if cfg.standardize else None
         ctx.run.reset(d)
         for name, s in splits.items():
-            ctx.run.write_parquet(d / f"{name}.parquet", split_table(s))
+            ctx.run.write_parquet(d / f"{name}.parquet", s.table(), artifacts.ROW_GROUP)
         sizes = {k: len(s.y) for k, s in splits.items()}
         manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes, standardize=scaling, classes=classes)
     else:
         ctx.log(f"data: cached {d}")
         check_models(ctx, manifest["in_dim"], manifest["n_classes"])
-    splits = {name: read_split(d / f"{name}.parquet") for name in SPLITS}
-    return DataStage(d, splits, manifest["n_classes"], manifest["in_dim"], manifest.get("classes"))
+    return DataStage(d, SplitFiles(d, SPLITS), manifest["n_classes"], manifest["in_dim"], manifest.get("classes"), manifest["sizes"])

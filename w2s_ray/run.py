@@ -30,9 +30,11 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -90,14 +92,54 @@ class Split:
     x: np.ndarray  # float32 [n, d]
     y: np.ndarray  # int64 [n]
 
+    def table(self) -> pa.Table:
+        """The split's Parquet form: `id`, `x` (fixed-size list of float32), `y`."""
+        flat = pa.array(self.x.reshape(-1), type=pa.float32())
+        return pa.table({"id": self.ids, "x": pa.FixedSizeListArray.from_arrays(flat, self.x.shape[1]), "y": self.y})
+
+    @classmethod
+    def read(cls, path: str | Path, rows: tuple[int, int] | None = None) -> "Split":
+        """A split file, or its rows [r0, r1)."""
+        t = artifacts.read_rows(path, rows)
+        x = t["x"].combine_chunks()
+        xs = x.flatten().to_numpy().reshape(-1, x.type.list_size).astype(np.float32, copy=False)
+        return cls(ids=t["id"].to_numpy(), x=np.ascontiguousarray(xs), y=t["y"].to_numpy().astype(np.int64))
+
+
+class SplitFiles(Mapping):
+    """A data stage's splits by name, each read from its Parquet file when first used and then
+    kept. The driver reads only the splits it touches: the pipeline's own stages never read the
+    transfer split here (teacher actors, label blocks and student tasks read it themselves), so
+    the driver's memory does not grow with it."""
+
+    def __init__(self, directory: Path, names: tuple[str, ...]):
+        self.dir, self.names, self._read = Path(directory), names, {}
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.parquet"
+
+    def __getitem__(self, name: str) -> Split:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = Split.read(self.path(name))
+        return self._read[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
 
 @dataclass(frozen=True)
 class DataStage:
     dir: Path
-    splits: dict[str, Split]  # weak, transfer, test
+    splits: SplitFiles  # weak, transfer, test
     n_classes: int
     in_dim: int
     classes: list[str] | None = None  # names of classes 0..C-1, for a string label column
+    sizes: dict[str, int] = field(default_factory=dict)  # rows per split
 
 
 @dataclass(frozen=True)

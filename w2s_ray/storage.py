@@ -157,8 +157,8 @@ class RunDir:
         self.publish(path)
         return path
 
-    def write_parquet(self, path: Path, table: pa.Table) -> Path:
-        artifacts.write_parquet(path, table)
+    def write_parquet(self, path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:
+        artifacts.write_parquet(path, table, row_group_size)
         self.publish(path)
         return path
 

@@ -1,7 +1,7 @@
 """The teacher stage on Ray: actors train packs of teachers and write them where they run.
 
-The driver ships the weak, transfer and test inputs to the object store once, starts a few
-`PackTrainer` actors, hands each a pack of teacher ids at a time and waits on the packs with
+The driver starts a few `PackTrainer` actors (each reads the weak, transfer and test splits from
+the data stage's files once), hands each a pack of teacher ids at a time and waits on the packs with
 `ray.wait`. The actor that trained a pack writes its files into the run's store itself
 (`workers.write_pack`: the posterior's per-pack sums, the predictions `teachers.keep_predictions`
 asks for, the metadata row last) and returns only metadata, so no `[k, N, C]` array reaches the
@@ -36,7 +36,8 @@ from w2s_ray.config import TeacherResources
 from w2s_ray.raytools import Progress, as_completed
 from w2s_ray.run import DataStage, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.workers import PRED_SPLITS, PackTrainer, kept_teachers, meta_path, pack_path, sums_path
+from w2s_ray.packfiles import PRED_SPLITS, kept_teachers, meta_path, pack_ids, pack_path, read_pack_logp, sums_path
+from w2s_ray.workers import PackTrainer
 
 def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:
     """Split teacher ids into packs: one per actor when they fit, never above `max_pack`."""
@@ -121,26 +122,6 @@ def check_teacher_ids(table: pa.Table, stage: Path) -> None:
         )
 
 
-def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(teacher ids, `[k, N, C]` log-probs) of one pack, only teachers below `k` when given."""
-    filters = [("teacher_id", "<", k)] if k is not None else None
-    t = pq.read_table(pack_path(stage, split, pack_index), filters=filters)
-    c = t.schema.field("logp").type.list_size
-    if t.num_rows == 0:
-        return np.zeros(0, dtype=np.int32), np.zeros((0, 0, c), dtype=np.float32)
-    ids = t["teacher_id"].to_numpy()
-    logp = t["logp"].combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, c)
-    teacher_ids = np.unique(ids)
-    return teacher_ids, logp.reshape(len(teacher_ids), -1, c)
-
-
-def pack_ids(teachers: TeacherStage) -> dict[int, np.ndarray]:
-    """Teacher ids of every pack of the stage directory (it may hold more than the first k)."""
-    t = pq.read_table(teachers.dir / "teachers.parquet", columns=["teacher_id", "pack"])
-    ids, packs = t["teacher_id"].to_numpy(), t["pack"].to_numpy()
-    return {int(p): np.sort(ids[packs == p]) for p in np.unique(packs)}
-
-
 def iter_pack_logp(teachers: TeacherStage, split: str, k: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(teacher ids, `[k, N, C]` log-probs) pack after pack, teachers below `k` (default: the
     stage's K): how the studies read an ensemble's predictions. A pack whose predictions on
@@ -193,7 +174,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
     tcfg = ctx.cfg.teachers
     res = tcfg.resources
-    n_rows = {split: len(data.splits[split].y) for split in PRED_SPLITS}
+    n_rows = {split: data.sizes[split] for split in PRED_SPLITS}
     done = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
@@ -201,8 +182,6 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     n_actors = default_num_actors(res, ray.cluster_resources())
     packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
-        splits = data.splits
-        data_ref = ray.put({f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits})
         cfg_json = tcfg.model_dump(mode="json")
         key, start = actor_starter(res)
         actors = ctx.pool.get(key, min(n_actors, len(packs)), start)
@@ -211,7 +190,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
 
         def submit(actor) -> None:
             p, ids = queue.pop(0)
-            running[actor.train.remote(data_ref, cfg_json, data.n_classes, p, ids, ctx.run, stage)] = (actor, p, ids)
+            running[actor.train.remote(data.dir, cfg_json, data.n_classes, p, ids, ctx.run, stage)] = (actor, p, ids)
 
         for actor in actors:
             if queue:

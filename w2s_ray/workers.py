@@ -10,28 +10,26 @@ and torch, where importing the stage modules that used to hold them cost 1.1–1
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 
 from w2s_ray import metrics
-from w2s_ray.config import ALWAYS_KEPT, StudentConfig, TeachersConfig
+from w2s_ray.config import StudentConfig, TeachersConfig
+from w2s_ray.artifacts import ROW_GROUP
+from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, labels_table, single_teacher, split_posterior, write_pack
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
-from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.raytools import epoch_printer, gpu_device
-from w2s_ray.run import StudentResult
+from w2s_ray.run import Split, StudentResult, TeacherStage
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
 from w2s_ray.training import load_student, predict_log, train_student
 
-PRED_SPLITS = ("transfer", "test")
 MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
 
 
@@ -85,10 +83,26 @@ class PackTrainer:
         torch.set_num_threads(max(1, threads))
         self.device = gpu_device()
         self.node = ray.get_runtime_context().get_node_id()
+        self.inputs: dict[Path, dict[str, np.ndarray]] = {}
 
-    def train(self, data: dict, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int], run: RunDir, stage: Path) -> dict[str, Any]:
+    def data(self, run: RunDir, data_dir: Path) -> dict[str, np.ndarray]:
+        """The splits a pack needs, read from the data stage's files once per actor (fetched from
+        the run's store on a node that lacks them): nothing per-row comes from the driver."""
+        if data_dir not in self.inputs:
+            out = {}
+            for name in ("weak", "transfer", "test"):
+                path = data_dir / f"{name}.parquet"
+                if not run.fetch_file(path):
+                    raise FileNotFoundError(f"{path}: the data stage's {name} split is neither here nor in the run's store")
+                split = Split.read(path)
+                out[f"x_{name}"], out[f"y_{name}"] = split.x, split.y
+            self.inputs = {data_dir: out}
+        return self.inputs[data_dir]
+
+    def train(self, data_dir: Path, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int], run: RunDir, stage: Path) -> dict[str, Any]:
         """Train a pack, write its files into the run's store from here, return its metadata
         (ids, seeds, accuracies, timings: a few hundred bytes, never its predictions)."""
+        data = self.data(run, data_dir)
         cfg = TeachersConfig.model_validate(cfg_json)
         out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
         # provenance: a pack trained by an actor Ray restarted after losing it (a node died);
@@ -99,77 +113,6 @@ class PackTrainer:
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
         return write_pack(run, stage, out, cfg.keep_predictions)
 
-
-
-# --- a pack's files, written by the worker that trained it ---------------------------------
-
-
-def pack_path(stage: Path, split: str, pack_index: int) -> Path:
-    return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
-
-
-def sums_path(stage: Path, split: str, pack_index: int) -> Path:
-    return stage / "sums" / split / f"pack-{pack_index:05d}.parquet"
-
-
-def meta_path(stage: Path, pack_index: int) -> Path:
-    return stage / "packs" / f"pack-{pack_index:05d}.parquet"
-
-
-def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
-    """Which of a pack's teachers have their predictions on `split` written (a boolean mask)."""
-    if keep == "none" and split == "transfer":
-        return ids < ALWAYS_KEPT
-    return np.ones(len(ids), dtype=bool)
-
-
-def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all") -> dict[str, Any]:
-    """Write one trained pack's files where it was trained and return its metadata only.
-
-    Per split: the posterior's sufficient statistics over the pack (float64 Σp, Σlog p, Σp·log p
-    per row: `sums/<split>/`), and the teachers' log-probs (`preds/<split>/`, long format:
-    teacher_id, row, logp[C]) as `keep` says: `all` (float32), `float16`, or `none` (the
-    transfer split's predictions only for teachers with id < ALWAYS_KEPT, the candidates for the
-    designated single teacher; the test split's are kept, for the bootstrap CIs and the variance
-    study). The metadata row is written last: the pack's marker of completion."""
-    ids = np.asarray(result["teacher_ids"], dtype=np.int32)
-    for split in PRED_SPLITS:
-        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
-        k, n, c = logp.shape
-        acc = PosteriorAccumulator(n, c)
-        acc.add(torch.from_numpy(logp))
-        sums = {name: t.numpy() for name, t in acc.sums().items()}
-        run.write_parquet(sums_path(stage, split, result["pack"]), pa.table(
-            {
-                "sum_p": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_p"].reshape(-1)), c),
-                "sum_logp": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_logp"].reshape(-1)), c),
-                "sum_neg_entropy": sums["sum_neg_entropy"],
-            },
-            metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
-        ))
-        mask = kept_teachers(split, ids, keep)
-        kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
-        run.write_parquet(pack_path(stage, split, result["pack"]), pa.table(
-            {
-                "teacher_id": np.repeat(ids[mask], n),
-                "row": np.tile(np.arange(n, dtype=np.int32), int(mask.sum())),
-                "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
-            }
-        ))
-    meta = pa.table(
-        {
-            "teacher_id": ids,
-            "seed": np.asarray(result["seeds"], dtype=np.int64),
-            "pack": np.full(len(ids), result["pack"], dtype=np.int32),
-            "node": [result.get("node", "local")] * len(ids),
-            "restarted": [bool(result.get("restarted", False))] * len(ids),
-            "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
-            "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
-            "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
-        }
-    )
-    run.write_parquet(meta_path(stage, result["pack"]), meta)
-    return {key: value for key, value in result.items() if not key.startswith("logp_")}
 
 
 # --- students ------------------------------------------------------------------------------
@@ -202,3 +145,23 @@ def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, x
     evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if target is None else log_t, test["dual_log"], test["single_log"])
     result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
     return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
+
+
+# --- labels --------------------------------------------------------------------------------
+
+
+def label_block(run: RunDir, data_dir: Path, teachers: TeacherStage, single: int, n_classes: int, rows: tuple[int, int], out: Path) -> dict[str, Any]:
+    """One block of the pseudo-label table, in a Ray task: rows [r0, r1) of the transfer split,
+    each pack's stored sums for those rows, the designated single teacher's rows; the posterior
+    (`PosteriorAccumulator.finalize`) and the labels part written into the run's store from here.
+    Returns the block's size, K and its summed statistics, never rows. Memory: a few
+    `[rows, C]` arrays, whatever N and K are."""
+    split = data_dir / "transfer.parquet"
+    if not run.fetch_file(split):
+        raise FileNotFoundError(f"{split}: the data stage's transfer split is neither here nor in the run's store")
+    tr = Split.read(split, rows)
+    acc = split_posterior(teachers, "transfer", rows[1], n_classes, rows, run)
+    post = acc.finalize()
+    post["single_log"] = single_teacher(teachers, "transfer", single, rows, run)
+    run.write_parquet(out, labels_table(tr.ids, tr.x, post), ROW_GROUP)
+    return {"rows": len(tr.ids), "k": acc.k, **{f"sum_{s}": float(post[s].numpy().astype(np.float64).sum()) for s in STAT_COLUMNS}}  # as labels.label_parts sums a kept part

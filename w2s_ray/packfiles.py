@@ -1,0 +1,231 @@
+"""A teacher pack's files: where they live, how the worker that trained the pack writes them,
+and how any process reads them back, whole or by a range of rows; and the per-row tables built
+from them (the pseudo-label parts, the test-split posterior).
+
+Plain pyarrow and torch, no Ray: the pack workers write with it, the label-block tasks and the
+driver read with it. Per pack and split (transfer, test) there are three files:
+
+- `sums/<split>/pack-NNNNN.parquet`: per row, float64 Σp[C], Σlog p[C], Σp·log p over the pack's
+  teachers (the posterior's sufficient statistics), with `k` and `teacher_ids` in the schema
+  metadata; the posterior over whole packs is a sum of these;
+- `preds/<split>/pack-NNNNN.parquet`: the teachers' log-probs in long format (teacher_id, row,
+  logp[C]), as `teachers.keep_predictions` says;
+- `packs/pack-NNNNN.parquet`: the metadata row per teacher, written last.
+
+Every file is written with row groups of `ROW_GROUP` rows, so a reader of rows [r0, r1) reads
+only the groups that hold them (`artifacts.read_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from w2s_ray.artifacts import ROW_GROUP, read_rows
+from w2s_ray.config import ALWAYS_KEPT
+from w2s_ray.errors import W2SError
+from w2s_ray.posterior import PosteriorAccumulator
+from w2s_ray.run import TeacherStage
+from w2s_ray.storage import RunDir
+
+PRED_SPLITS = ("transfer", "test")
+
+Rows = tuple[int, int] | None  # [r0, r1), or None for every row
+
+
+# --- writing: by the worker that trained the pack ------------------------------------------
+
+
+def pack_path(stage: Path, split: str, pack_index: int) -> Path:
+    return stage / "preds" / split / f"pack-{pack_index:05d}.parquet"
+
+
+def sums_path(stage: Path, split: str, pack_index: int) -> Path:
+    return stage / "sums" / split / f"pack-{pack_index:05d}.parquet"
+
+
+def meta_path(stage: Path, pack_index: int) -> Path:
+    return stage / "packs" / f"pack-{pack_index:05d}.parquet"
+
+
+def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
+    """Which of a pack's teachers have their predictions on `split` written (a boolean mask)."""
+    if keep == "none" and split == "transfer":
+        return ids < ALWAYS_KEPT
+    return np.ones(len(ids), dtype=bool)
+
+
+def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all") -> dict[str, Any]:
+    """Write one trained pack's files where it was trained and return its metadata only.
+
+    Per split: the posterior's sufficient statistics over the pack (float64 Σp, Σlog p, Σp·log p
+    per row: `sums/<split>/`), and the teachers' log-probs (`preds/<split>/`, long format:
+    teacher_id, row, logp[C]) as `keep` says: `all` (float32), `float16`, or `none` (the
+    transfer split's predictions only for teachers with id < ALWAYS_KEPT, the candidates for the
+    designated single teacher; the test split's are kept, for the bootstrap CIs and the variance
+    study). The metadata row is written last: the pack's marker of completion."""
+    ids = np.asarray(result["teacher_ids"], dtype=np.int32)
+    for split in PRED_SPLITS:
+        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
+        k, n, c = logp.shape
+        acc = PosteriorAccumulator(n, c)
+        acc.add(torch.from_numpy(logp))
+        sums = {name: t.numpy() for name, t in acc.sums().items()}
+        run.write_parquet(sums_path(stage, split, result["pack"]), pa.table(
+            {
+                "sum_p": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_p"].reshape(-1)), c),
+                "sum_logp": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_logp"].reshape(-1)), c),
+                "sum_neg_entropy": sums["sum_neg_entropy"],
+            },
+            metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
+        ), ROW_GROUP)
+        mask = kept_teachers(split, ids, keep)
+        kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
+        run.write_parquet(pack_path(stage, split, result["pack"]), pa.table(
+            {
+                "teacher_id": np.repeat(ids[mask], n),
+                "row": np.tile(np.arange(n, dtype=np.int32), int(mask.sum())),
+                "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
+            }
+        ), ROW_GROUP)
+    meta = pa.table(
+        {
+            "teacher_id": ids,
+            "seed": np.asarray(result["seeds"], dtype=np.int64),
+            "pack": np.full(len(ids), result["pack"], dtype=np.int32),
+            "node": [result.get("node", "local")] * len(ids),
+            "restarted": [bool(result.get("restarted", False))] * len(ids),
+            "acc_test": np.asarray(result["acc_test"], dtype=np.float64),
+            "acc_weak": np.asarray(result["acc_weak"], dtype=np.float64),
+            "seconds": np.full(len(ids), result["seconds"], dtype=np.float64),
+        }
+    )
+    run.write_parquet(meta_path(stage, result["pack"]), meta)
+    return {key: value for key, value in result.items() if not key.startswith("logp_")}
+
+
+# --- reading, whole or by rows ---------------------------------------------------------------
+
+
+def fixed_list_to_numpy(col: Any) -> np.ndarray:
+    """A fixed-size-list column as `[rows, size]` (zero-copy: read-only)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+
+
+def pack_ids(teachers: TeacherStage) -> dict[int, np.ndarray]:
+    """Teacher ids of every pack of the stage directory (it may hold more than the first k)."""
+    t = pq.read_table(teachers.dir / "teachers.parquet", columns=["teacher_id", "pack"])
+    ids, packs = t["teacher_id"].to_numpy(), t["pack"].to_numpy()
+    return {int(p): np.sort(ids[packs == p]) for p in np.unique(packs)}
+
+
+def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None, rows: Rows = None) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher ids, `[k, N, C]` log-probs) of one pack, only teachers below `k` when given,
+    only rows [r0, r1) when `rows` is given."""
+    filters = [("teacher_id", "<", k)] if k is not None else []
+    if rows is not None:
+        filters += [("row", ">=", rows[0]), ("row", "<", rows[1])]
+    t = pq.read_table(pack_path(stage, split, pack_index), filters=filters or None)
+    c = t.schema.field("logp").type.list_size
+    if t.num_rows == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros((0, 0, c), dtype=np.float32)
+    ids = t["teacher_id"].to_numpy()
+    logp = t["logp"].combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, c)
+    teacher_ids = np.unique(ids)
+    return teacher_ids, logp.reshape(len(teacher_ids), -1, c)
+
+
+def read_pack_sums(stage: Path, split: str, pack: int, rows: Rows = None) -> PosteriorAccumulator:
+    path = sums_path(stage, split, pack)
+    t = read_rows(path, rows)
+    return PosteriorAccumulator.from_sums(
+        int(pq.read_schema(path).metadata[b"k"]),
+        torch.from_numpy(fixed_list_to_numpy(t["sum_p"]).copy()),  # copies: Arrow buffers are read-only
+        torch.from_numpy(fixed_list_to_numpy(t["sum_logp"]).copy()),
+        torch.from_numpy(t["sum_neg_entropy"].to_numpy().copy()),
+    )
+
+
+def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, rows: Rows = None, run: RunDir | None = None) -> PosteriorAccumulator:
+    """The posterior sums over the first k teachers on rows [r0, r1) of `split` (all `n` rows by
+    default): each pack's stored sums when the pack lies wholly below k, its predictions
+    otherwise (a stage trained with a larger K and used with a smaller one). Memory: a few
+    `[rows, C]` float64 arrays, whatever K is. With `run`, files a worker on another node does
+    not have are fetched from the run's store first."""
+    r0, r1 = rows or (0, n)
+    acc, seen = PosteriorAccumulator(r1 - r0, n_classes), set()
+    if run is not None:
+        run.fetch_file(teachers.dir / "teachers.parquet")
+    for p, ids in pack_ids(teachers).items():
+        inside = ids[ids < teachers.k]
+        twice = seen.intersection(inside.tolist())
+        if twice:
+            raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
+        seen.update(inside.tolist())
+        sums = sums_path(teachers.dir, split, p)
+        if len(inside) == len(ids) and (sums.is_file() or (run is not None and run.fetch_file(sums))):
+            acc.merge(read_pack_sums(teachers.dir, split, p, rows))
+        elif len(inside):  # straddles k, or a stage written before packs stored their sums
+            if run is not None:
+                run.fetch_file(pack_path(teachers.dir, split, p))
+            got, logp = read_pack_logp(teachers.dir, split, p, teachers.k, rows)
+            if len(got) != len(inside):
+                raise W2SError(f"teachers stage {teachers.dir}: pack {p} straddles teachers.k={teachers.k} and its {split} predictions "
+                               f"were not kept (teachers.keep_predictions: none); use K={int(ids.max()) + 1} or more, or retrain")
+            acc.add(torch.tensor(logp), got.tolist())
+    return acc
+
+
+def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows = None, run: RunDir | None = None) -> torch.Tensor:
+    """`[rows, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case)."""
+    if run is not None:
+        run.fetch_file(teachers.dir / "teachers.parquet")
+    pack = next(p for p, ids in pack_ids(teachers).items() if teacher in ids)
+    path = pack_path(teachers.dir, split, pack)
+    if run is not None:
+        run.fetch_file(path)
+    filters = [("teacher_id", "=", teacher)] + ([("row", ">=", rows[0]), ("row", "<", rows[1])] if rows else [])
+    t = pq.read_table(path, filters=filters)
+    if t.num_rows == 0:
+        raise W2SError(f"teachers stage {teachers.dir}: teacher {teacher}'s {split} predictions were not kept")
+    return torch.from_numpy(fixed_list_to_numpy(t["logp"]).astype(np.float32, copy=False).copy())
+
+
+# --- the tables built from them ------------------------------------------------------------
+
+STAT_COLUMNS = ("variance", "pred_entropy", "mutual_info")
+
+
+def fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, np.float32).reshape(-1)), a.shape[1])
+
+
+def labels_table(ids: np.ndarray, x: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
+    cols: dict[str, Any] = {"id": ids, "x": fixed_list(x)}
+    cols["t_dual"] = fixed_list(post["dual_log"].exp().numpy())
+    cols["logt_dual"] = fixed_list(post["dual_log"].numpy())
+    cols["t_arith"] = fixed_list(post["arith"].numpy())
+    cols["t_single"] = fixed_list(post["single_log"].exp().numpy())
+    cols["logt_single"] = fixed_list(post["single_log"].numpy())
+    for s in STAT_COLUMNS:
+        cols[s] = post[s].numpy()
+    return pa.table(cols)
+
+
+def test_table(ids: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
+    return pa.table(
+        {
+            "id": ids,
+            "logt_dual": fixed_list(post["dual_log"].numpy()),
+            "t_arith": fixed_list(post["arith"].numpy()),
+            "logt_single": fixed_list(post["single_log"].numpy()),
+            **{s: post[s].numpy() for s in STAT_COLUMNS},
+        }
+    )
