@@ -1,8 +1,8 @@
 """(b) Pseudo-label streaming into torch: the project's Ray Data path vs pyarrow directly.
 
 Writes a labels table of --rows rows (same schema as the labels stage) as the labels stage's
-blocks write it (parts of 100,000 rows, `labels.part_path`), then streams all of it into torch tensors, batch by batch, both ways, with the
-same Arrow → torch conversion (`labels.batch_to_torch`).
+blocks write it (parts of 100,000 rows, `packfiles.part_path`), then streams all of it into torch tensors, batch by batch, both ways, with the
+same Arrow → torch conversion (`packfiles.batch_to_torch`).
 
     python benchmarks/bench_labels.py [--rows 500000] [--batch 65536] [--reps 3]
 """
@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import torch
 
 from w2s_ray.artifacts import ROW_GROUP
-from w2s_ray.labels import batch_to_torch, iter_label_batches, part_path
+from w2s_ray.labels import iter_label_batches
+from w2s_ray.packfiles import batch_to_torch, part_path
 from w2s_ray.packfiles import labels_table
 from w2s_ray.storage import RunDir
 

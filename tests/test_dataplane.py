@@ -3,6 +3,7 @@ sum of per-pack sums; `teachers.keep_predictions` decides which predictions exis
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -128,6 +129,8 @@ def test_a_student_across_two_workers_streams_its_labels_and_matches_one_worker(
     assert "across 2 Ray Train workers" in err
     a, b = one.students.students["dual_mean"], two.students.students["dual_mean"]
     assert b.epochs_run == 4 and abs(a.test_acc - b.test_acc) <= 0.05, (a.test_acc, b.test_acc)
+    # the student tasks read their labels themselves: the driver never read the transfer split
+    assert "transfer" not in one.data.splits.loaded() and "transfer" not in two.data.splits.loaded()
     assert one.students.students is not two.students.students
     # a different cache entry: the students differ, so do their keys
     assert run_dir(cfg).path.joinpath("student").is_dir() and len(list((run_dir(cfg).path / "student").iterdir())) >= 2
@@ -149,3 +152,31 @@ def test_a_stage_written_before_packs_stored_sums_is_read_from_its_predictions(k
     then = packfiles.split_posterior(TeacherStage(old, st.teachers.k, st.teachers.packs), "transfer", n, st.data.n_classes)
     now = packfiles.split_posterior(st.teachers, "transfer", n, st.data.n_classes)
     assert all(torch.equal(then.sums()[k], t) for k, t in now.sums().items())
+
+
+@pytest.mark.slow
+def test_label_blocks_equal_one_block_and_an_interrupted_labels_stage_keeps_its_parts(kept, tmp_path):
+    """Blocks of 100 rows in Ray tasks give the one-block table bit for bit; after an interrupt
+    (manifest and two parts gone) a rerun rebuilds those two alone, identical, and the stage's
+    posterior.json is the same."""
+    cfg, st, _ = kept
+    whole = pq.read_table(st.labels.dir / "parts")
+    root = tmp_path / "copy"
+    shutil.copytree(cfg.output.root, root)
+    small = ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "labels": {"rows_per_file": 100}, "output": {**cfg.output.model_dump(), "root": str(root)}})
+    d = run_dir(small).path / st.labels.dir.relative_to(run_dir(cfg).path)
+    (d / "manifest.json").unlink()
+    blocks = run_pipeline(small, until="labels")
+    parts = sorted((d / "parts").glob("*.parquet"))
+    assert [p.name for p in parts] == [f"part-{r:012d}.parquet" for r in range(0, st.data.sizes["transfer"], 100)]
+    assert pq.read_table(d / "parts").equals(whole)
+    before = {p.name: p.stat().st_mtime_ns for p in parts}
+    posterior = (d / "posterior.json").read_text()
+    (d / "manifest.json").unlink()
+    for gone in parts[2:4]:
+        gone.unlink()
+    again = run_pipeline(small, until="labels")
+    after = {p.name: p.stat().st_mtime_ns for p in sorted((d / "parts").glob("*.parquet"))}
+    assert {n for n in after if after[n] != before[n]} == {p.name for p in parts[2:4]}
+    assert pq.read_table(d / "parts").equals(whole) and (d / "posterior.json").read_text() == posterior
+    assert again.labels.posterior == blocks.labels.posterior

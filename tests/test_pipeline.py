@@ -11,7 +11,8 @@ import torch
 from conftest import run_dir, small_config
 from w2s_ray import artifacts
 from w2s_ray.config import load_config
-from w2s_ray.labels import read_labels, stage_labels
+from w2s_ray.labels import iter_label_batches, stage_labels
+from w2s_ray.packfiles import LabelSource
 from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import dual_mean_log
 from w2s_ray.run import RunContext
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def labels_of(cfg, st):
-    return read_labels(run_dir(cfg), st.labels.dir)
+    """The pseudo-labels as a student task reads them (pyarrow, in its worker)."""
+    return LabelSource(run_dir(cfg), st.labels.dir, st.data.splits.path("transfer")).read()
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,11 @@ def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
     assert torch.equal(labels["id"], torch.from_numpy(st.data.splits["transfer"].ids))
     assert torch.allclose(labels["t_dual"].sum(-1), torch.ones(len(df)), atol=1e-4)
     assert (labels["variance"] >= 0).all()
+    # the Ray Data stream (Ray Train students) gives the same rows
+    stream = list(iter_label_batches(run_dir(cfg), st.labels.dir, batch_size=256))
+    streamed = {name: torch.cat([b[name] for b in stream]) for name in labels}
+    order = torch.argsort(streamed["id"])
+    assert all(torch.equal(streamed[name][order], labels[name]) for name in labels)
 
 
 def test_labels_equal_a_batch_recomputation_from_the_teacher_predictions(finished):

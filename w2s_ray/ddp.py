@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pyarrow.compute as pc
 import ray.data
 import ray.train
@@ -34,7 +35,8 @@ from ray.train.torch import TorchTrainer, prepare_model
 
 from w2s_ray.config import StudentConfig
 from w2s_ray.errors import W2SError
-from w2s_ray.labels import batch_to_torch, configure_ray_data
+from w2s_ray.labels import configure_ray_data
+from w2s_ray.packfiles import batch_to_torch
 from w2s_ray.losses import student_loss
 from w2s_ray.models import build_model, count_params
 from w2s_ray.raytools import epoch_printer
@@ -50,10 +52,11 @@ def _rows(batch: pa.Table, hold_ids: pa.Array, held_out: bool) -> pa.Table:
     return batch.filter(mask if held_out else pc.invert(mask))
 
 
-def label_datasets(run: RunDir, labels_dir: Path, ids: np.ndarray, cfg: StudentConfig) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
-    """(training rows, held-out rows, number of training rows) as Ray Datasets; `ids` are the
-    transfer split's row ids in the labels table's order."""
+def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
+    """(training rows, held-out rows, number of training rows) as Ray Datasets. The driver reads
+    the labels' `id` column alone (8 bytes a row) to name the held-out rows."""
     configure_ray_data()
+    ids = pq.read_table(labels_dir / "parts", columns=["id"])["id"].to_numpy()
     remote = run.remote(labels_dir / "parts")
     # the stream's tasks ask for no CPU: the trainers may hold every CPU (2 workers on 2 CPUs
     # here), and Ray Data tasks waiting for one would never run (the Tune/Train + Ray Data hang)
@@ -151,9 +154,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def fit_student(run: RunDir, labels_dir: Path, ids: np.ndarray, cfg: StudentConfig, target: str, in_dim: int, n_classes: int, storage: Path) -> TrainResult:
+def fit_student(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: str, in_dim: int, n_classes: int, storage: Path) -> TrainResult:
     """Train one student on `target` across `cfg.workers` Ray Train workers; its best weights."""
-    train, held, n_train = label_datasets(run, labels_dir, ids, cfg)
+    train, held, n_train = label_datasets(run, labels_dir, cfg)
     res = cfg.resources
     fs, path = run.remote(storage) or (None, str(storage.resolve()))
     trainer = TorchTrainer(

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -32,7 +30,7 @@ from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
-from w2s_ray.packfiles import STAT_COLUMNS, fixed_list_to_numpy, pack_ids, read_pack_logp, single_teacher, split_posterior, test_table
+from w2s_ray.packfiles import STAT_COLUMNS, batch_to_torch, fixed_list_to_numpy, part_path, pack_ids, read_pack_logp, single_teacher, split_posterior, test_table
 from w2s_ray.posterior import PosteriorAccumulator, percentile_ci
 from w2s_ray.raytools import Progress, alive_nodes, as_completed
 from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, TeacherStage
@@ -105,10 +103,6 @@ def posterior_summary(te: dict[str, torch.Tensor], k: int, ci: dict[str, list[fl
     )
 
 
-def part_path(stage: Path, r0: int) -> Path:
-    return stage / "parts" / f"part-{r0:012d}.parquet"
-
-
 def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage: Path) -> dict[str, float]:
     """The pseudo-label table as parts written by `workers.label_block` tasks, one per block of
     rows; parts a previous, interrupted attempt finished are kept. Returns the rows, K and the
@@ -151,24 +145,6 @@ def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage:
     return totals
 
 
-def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
-    """Arrow columns → tensors without copies: fixed-size lists become `[rows, size]`.
-
-    Ray Data's numpy format turns a fixed-size-list column into an object array of arrays,
-    which costs more than the read; converting from Arrow ourselves avoids that. The tensors
-    share the (read-only) Arrow buffers: copy before writing into them.
-    """
-    out = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for name, col in zip(batch.schema.names, batch.columns):
-            if isinstance(col, pa.ChunkedArray):
-                col = col.combine_chunks()
-            a = fixed_list_to_numpy(col) if pa.types.is_fixed_size_list(col.type) else col.to_numpy()
-            out[name] = torch.from_numpy(a)
-    return out
-
-
 def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
     """Stream the pseudo-labels through `ray.data.read_parquet` as dicts of tensors."""
     configure_ray_data()
@@ -176,20 +152,6 @@ def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
     ds = ray.data.read_parquet(remote[1], filesystem=remote[0]) if remote else ray.data.read_parquet(str(stage / "parts"))
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4):
         yield batch_to_torch(batch)
-
-
-def read_labels(run: RunDir, stage: Path, batch_size: int = 65536) -> dict[str, torch.Tensor]:
-    """All pseudo-label rows as tensors (streamed through Ray Data), ordered by id."""
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for batch in iter_label_batches(run, stage, batch_size):
-        for name, t in batch.items():
-            chunks.setdefault(name, []).append(t)
-    out = {name: torch.cat(ts) for name, ts in chunks.items()}
-    ids = out["id"]
-    if not bool((ids[1:] > ids[:-1]).all()):
-        order = torch.argsort(ids)
-        out = {name: t[order] for name, t in out.items()}
-    return out
 
 
 def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:

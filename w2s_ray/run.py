@@ -125,6 +125,10 @@ class SplitFiles(Mapping):
             self._read[name] = Split.read(self.path(name))
         return self._read[name]
 
+    def loaded(self) -> set[str]:
+        """The splits this process has read so far."""
+        return set(self._read)
+
     def __iter__(self):
         return iter(self.names)
 

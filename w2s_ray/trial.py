@@ -80,11 +80,12 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
     s = cfg.student
     torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
     target = s.targets[0]
-    labels = data["labels"]
+    src = data["src"]
+    labels = src.read()  # in this trial's worker, from the labels stage's parts
     t, log_t = target_of(labels, target, s.log_floor)
     x = labels["x"]
     _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
-    y_gold = data["y_transfer"] if s.selection == "oracle" else None
+    y_gold = src.gold(labels["id"]) if s.selection == "oracle" else None
 
     resume = None
     ckpt = tune.get_checkpoint()
@@ -98,9 +99,9 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
         state = checkpoint()
         if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
             model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
-            log_test = predict_log(model, data["x_test"])
+            log_test = predict_log(model, data["test_x"])
             log_tr = predict_log(model, x)
-            evaluation = metrics.evaluate_student(log_test, data["y_test"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
+            evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
             current.update(
                 val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
                 val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),

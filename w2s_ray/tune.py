@@ -131,17 +131,10 @@ def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path
 
 
 def trial_data(ctx: RunContext, stages: Stages) -> tuple[dict, dict]:
-    """What every trial needs, read once: pseudo-labels through Ray Data, test split, references."""
+    """What every trial needs: where its pseudo-labels are (each trial reads them itself), the
+    test split with its posterior, and the reference accuracies."""
     inputs = StudentInputs.load(ctx, stages.data, stages.labels)
-    keep = ("x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single")
-    data = {
-        "labels": {k: inputs.labels[k] for k in keep},
-        "x_test": inputs.test["x"],
-        "y_test": inputs.test["y"],
-        "test_dual_log": inputs.test["dual_log"],
-        "test_single_log": inputs.test["single_log"],
-        "y_transfer": inputs.y_gold,
-    }
+    data = {"src": inputs.src, **{f"test_{k}": v for k, v in inputs.test.items()}}
     refs = {
         "n_classes": stages.data.n_classes,
         "weak_acc": float(stages.teachers.accuracies().mean()),

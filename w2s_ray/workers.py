@@ -22,13 +22,13 @@ import torch
 from w2s_ray import metrics
 from w2s_ray.config import StudentConfig, TeachersConfig
 from w2s_ray.artifacts import ROW_GROUP
-from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, labels_table, single_teacher, split_posterior, write_pack
+from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, LabelSource, labels_table, single_teacher, split_posterior, write_pack
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import Split, StudentResult, TeacherStage
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import load_student, predict_log, train_student
+from w2s_ray.training import load_student, predict_log, target_of, train_student
 
 MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
 
@@ -118,31 +118,43 @@ class PackTrainer:
 # --- students ------------------------------------------------------------------------------
 
 
-def student_task(cfg_json: dict, target: str | None, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, n_classes: int, y_gold: torch.Tensor | None, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
-    """Train and evaluate one student (`target` None: the gold-label ceiling); runs in a Ray task."""
+def student_task(cfg_json: dict, target: str | None, src: LabelSource, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1,
+                 t: torch.Tensor | None = None, log_t: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train and evaluate one student, in a Ray task that reads its own labels (`src`): on the
+    named `target`, on given probabilities `t` (with logs; `target` then only names them), or
+    with `target` None on the gold labels (the ceiling)."""
     torch.set_num_threads(max(1, threads))
     cfg = StudentConfig.model_validate(cfg_json)
     device = gpu_device()
+    labels = src.read()
     ceiling = target is None
+    gold = src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
     if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
         cfg = cfg.model_copy(update={"rce_weight": 0.0})
+        t = torch.nn.functional.one_hot(gold, n_classes).float()
+        log_t = t.clamp_min(1e-8).log()
+    elif t is None:
+        t, log_t = target_of(labels, target, cfg.log_floor)
     show = epoch_printer("ceiling" if ceiling else f"student[{target}]", cfg.epochs)
-    res = train_student(cfg, x, t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=y_gold, device=device, on_epoch=lambda rec, _: show(rec))
-    return evaluate_trained(cfg, target, res, x, log_t, n_classes, test, device)
+    res = train_student(cfg, labels["x"], t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=gold, device=device, on_epoch=lambda rec, _: show(rec))
+    return evaluate_trained(cfg, target, res, labels, log_t, n_classes, test, device)
 
 
-def evaluate_task(cfg_json: dict, target: str, res: TrainResult, x: torch.Tensor, log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
+def evaluate_task(cfg_json: dict, target: str, res: TrainResult, src: LabelSource, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
     """Evaluate a student trained elsewhere (across Ray Train workers); runs in a Ray task."""
     torch.set_num_threads(max(1, threads))
-    return evaluate_trained(StudentConfig.model_validate(cfg_json), target, res, x, log_t, n_classes, test, "cpu")
+    cfg = StudentConfig.model_validate(cfg_json)
+    labels = src.read()
+    return evaluate_trained(cfg, target, res, labels, target_of(labels, target, cfg.log_floor)[1], n_classes, test, "cpu")
 
 
-def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, x: torch.Tensor, log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
+def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, labels: dict[str, torch.Tensor], log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
+    x = labels["x"]
     model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
     log_test = predict_log(model, test["x"])
     log_transfer = predict_log(model, x)
     # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
-    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, test["transfer_dual_log"] if target is None else log_t, test["dual_log"], test["single_log"])
+    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, labels["logt_dual"] if target is None else log_t, test["dual_log"], test["single_log"])
     result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
     return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
 

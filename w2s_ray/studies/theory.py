@@ -145,7 +145,7 @@ def student_runs(ctx: RunContext, stages: Stages) -> tuple[pd.DataFrame, dict[st
 def sub_ensemble_students(ctx: RunContext, stages: Stages, inputs: StudentInputs, groups: int = SUB_ENSEMBLES) -> list[torch.Tensor]:
     """Students on the dual means of `groups` disjoint sub-ensembles (teacher ids split evenly)."""
     size = stages.teachers.k // groups
-    n, c = len(stages.data.splits["transfer"].y), stages.data.n_classes
+    n, c = stages.data.sizes["transfer"], stages.data.n_classes
     accums = [PosteriorAccumulator(n, c) for _ in range(groups)]
     for ids, logp in iter_pack_logp(stages.teachers, "transfer", size * groups):
         for g, accum in enumerate(accums):
