@@ -1,15 +1,19 @@
-"""Driver memory of the teacher and labels stages as K grows, and what each keep_predictions
-setting writes: the part of issue 12's scale benchmark that the pack-writing workers address.
+"""Issue 12's scale benchmark: driver memory and wall time as the transfer split N and the
+ensemble K grow, end to end.
 
-A first child process builds the default data (cached); then each setting runs the teacher and
-labels stages on it (`until="labels"`, data from the cache) in a fresh child process with its
-own embedded Ray, which reports its own peak RSS (the driver's, not the workers'), the wall
-time and the bytes the teacher stage wrote.
+`--ns` (end to end, data → teachers → labels → students → report): the built-in `synthetic`
+source (MNIST-1D's shape, generated 200× faster; see `w2s_ray/synthetic.py`) with N transfer
+rows, a fixed 2,000-row weak split and 4,000-row test split, K teachers with
+`keep_predictions: none`, one MLP student on the dual mean. Each N runs in a fresh child
+process with its own embedded Ray, stage after stage (`run_pipeline(until=...)` on the cached
+earlier stages), and reports the wall time per stage, the driver's peak RSS (the child's own,
+not its workers') and the bytes each stage wrote.
 
-    python benchmarks/bench_scale.py [--ks 64 256 1024] [--keep all none] [--run-root DIR]
+`--ks` (teacher and labels stages on the default data): driver memory vs K and what each
+`keep_predictions` setting writes.
 
-Not yet measured here (see benchmarks/README.md): N = 100k / 1M rows and K = 4096, which need
-the data stage to stop loading every split into the driver.
+    python benchmarks/bench_scale.py --ns 100000 1000000 [--k 256] [--run-root DIR]
+    python benchmarks/bench_scale.py --ks 64 256 1024 [--keep all none]
 """
 
 from __future__ import annotations
@@ -17,14 +21,50 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import common  # noqa: F401
 
+STAGES = ("data", "teachers", "labels", "student", "report")
 
-def one(args: tuple[str, int, str], queue) -> None:
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def du(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
+    from w2s_ray.config import load_config
+    from w2s_ray.pipeline import run_pipeline
+
+    root, n, k, pack, epochs = args
+    cfg = load_config(None, {
+        "output.root": root, "output.name": f"n{n}",
+        "data.source": "synthetic", "data.num_samples": n + 6000, "data.n_weak": 2000, "data.n_transfer": n, "data.n_test": 4000,
+        "data.chunk_size": 100_000,
+        "teachers.k": k, "teachers.keep_predictions": "none", "teachers.epochs": 10, "teachers.resources.max_pack_size": pack,
+        "labels.rows_per_file": 100_000,
+        "student.model.name": "mlp", "student.model.width": 64, "student.model.depth": 2, "student.epochs": epochs,
+        "student.targets": ["dual_mean"], "student.ceiling": False, "output.tensorboard": False,
+    })
+    walls, rss = {}, {}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        st = run_pipeline(cfg, until=stage)
+        walls[stage], rss[stage] = time.perf_counter() - t0, peak_mb()
+    run = Path(root) / f"n{n}"
+    written = {s: du(run / s) for s in ("data", "teachers", "labels", "student")}
+    read = sorted(st.data.splits.loaded())
+    queue.put((n, k, walls, rss, written, read))
+
+
+def teachers_and_labels(args: tuple[str, int, str], queue) -> None:
     from w2s_ray.config import load_config
     from w2s_ray.pipeline import run_pipeline
 
@@ -34,31 +74,48 @@ def one(args: tuple[str, int, str], queue) -> None:
     if k == 0:
         queue.put(None)
         return
-    wall = time.perf_counter() - t0
-    written = sum(f.stat().st_size for f in Path(st.teachers.dir).rglob("*") if f.is_file())
-    queue.put((k, keep, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, written / 2**20))
+    queue.put((k, keep, time.perf_counter() - t0, peak_mb(), du(st.teachers.dir)))
+
+
+def child(fn, args, ctx, queue):
+    p = ctx.Process(target=fn, args=(args, queue))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise SystemExit(f"{fn.__name__}{args}: the child exited with {p.exitcode}")
+    return queue.get()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ks", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--ns", type=int, nargs="*", default=[])
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--pack", type=int, default=64, help="teachers.resources.max_pack_size (an actor's memory is pack × N × C × 4 bytes)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ks", type=int, nargs="*", default=[])
     ap.add_argument("--keep", nargs="+", default=["all", "none"])
-    ap.add_argument("--run-root", default=tempfile.mkdtemp(prefix="w2s-scale-"))
+    ap.add_argument("--run-root", default=None)
+    ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: removed after each N)")
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=one, args=((a.run_root, 0, "all"), queue))  # the data, cached for the others
-    p.start()
-    p.join()
-    queue.get()
-    print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
-    for k in a.ks:
-        for keep in a.keep:
-            p = ctx.Process(target=one, args=((a.run_root, k, keep), queue))
-            p.start()
-            p.join()
-            k_, keep_, wall, rss, mb = queue.get()
-            print(f"{k_:>6} {keep_:>7} {wall:>8.1f} {rss:>19,.0f} {mb:>17,.1f}", flush=True)
+    root = a.run_root or tempfile.mkdtemp(prefix="w2s-scale-")
+    if a.ns:
+        print(f"{'N':>9} {'K':>5} | wall s: " + " ".join(f"{s:>8}" for s in STAGES) + f" {'total':>7} | driver peak RSS MB after: "
+              + " ".join(f"{s:>8}" for s in STAGES) + " | MB written: data teachers labels student | splits read by driver")
+        for n in a.ns:
+            n_, k, walls, rss, written, read = child(end_to_end, (root, n, a.k, a.pack, a.epochs), ctx, queue)
+            print(f"{n_:>9,} {k:>5} | " + " ".join(f"{walls[s]:>8.1f}" for s in STAGES) + f" {sum(walls.values()):>7.1f} | "
+                  + " ".join(f"{rss[s]:>8,.0f}" for s in STAGES) + " | " + " ".join(f"{written[s]:,.0f}" for s in written) + f" | {read}", flush=True)
+            if not a.keep_runs:
+                shutil.rmtree(Path(root) / f"n{n}", ignore_errors=True)
+    if a.ks:
+        child(teachers_and_labels, (root, 0, "all"), ctx, queue)  # the data, cached for the others
+        print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
+        for k in a.ks:
+            for keep in a.keep:
+                k_, keep_, wall, rss, mb = child(teachers_and_labels, (root, k, keep), ctx, queue)
+                print(f"{k_:>6} {keep_:>7} {wall:>8.1f} {rss:>19,.0f} {mb:>17,.1f}", flush=True)
 
 
 if __name__ == "__main__":

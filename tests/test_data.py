@@ -203,3 +203,19 @@ def test_digits_equal_scikit_learns_loader():
     x, y = load_digits()
     d = sklearn_digits()
     assert np.array_equal(x, (d.data / 16.0).astype(np.float32)) and np.array_equal(y, d.target)
+
+
+def test_the_synthetic_source_is_seeded_shaped_like_mnist1d_and_learnable():
+    from w2s_ray.synthetic import load_synthetic
+
+    cfg = DataConfig(source="synthetic", num_samples=6000, chunk_size=1000, n_weak=2000, n_transfer=2000, n_test=2000)
+    x, y = load_synthetic(cfg)
+    x2, y2 = load_synthetic(cfg)
+    assert x.shape == (6000, 40) and x.dtype == np.float32 and np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert set(np.unique(y)) == set(range(10))
+    other, _ = load_synthetic(cfg.model_copy(update={"seed": 1}))
+    assert not np.array_equal(x, other)
+    # nearest class mean on the first half: far above chance (0.1), far below perfect
+    means = np.stack([x[:3000][y[:3000] == c].mean(0) for c in range(10)])
+    acc = float(((x[3000:, None, :] - means[None]) ** 2).sum(-1).argmin(1).__eq__(y[3000:]).mean())
+    assert 0.2 < acc < 0.95, acc

@@ -66,7 +66,7 @@ class ModelConfig(Strict):
         return name
 
 
-SourceName = Literal["mnist1d", "digits", "parquet"]
+SourceName = Literal["mnist1d", "digits", "synthetic", "parquet"]
 
 
 class DataConfig(Strict):
@@ -78,8 +78,8 @@ class DataConfig(Strict):
     features: str = "x"
     label_column: str = "y"
     n_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
-    num_samples: int = Field(12000, ge=30, le=50_000_000, description="mnist1d only")
-    chunk_size: int = Field(4000, ge=100, description="mnist1d samples per Ray generation task")
+    num_samples: int = Field(12000, ge=30, le=50_000_000, description="mnist1d and synthetic only")
+    chunk_size: int = Field(4000, ge=100, description="mnist1d / synthetic samples per Ray generation task")
     n_weak: int = Field(2000, ge=10, description="weak-gold split: the only gold labels teachers see")
     n_transfer: int = Field(6000, ge=10, description="transfer split: the student sees teacher labels")
     n_test: int = Field(4000, ge=10, description="gold test split, evaluation only")
@@ -92,7 +92,7 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _splits_fit(self) -> "DataConfig":
         need = self.n_weak + self.n_transfer + self.n_test
-        have = {"mnist1d": self.num_samples, "digits": DIGITS_SIZE}.get(self.source)
+        have = {"mnist1d": self.num_samples, "synthetic": self.num_samples, "digits": DIGITS_SIZE}.get(self.source)
         if have is not None and need > have:
             raise ValueError(
                 f"data.n_weak + data.n_transfer + data.n_test = {need} is larger than the "

@@ -5,9 +5,10 @@
 - test:     gold labels, for evaluation only
 
 Sources are a registry (`SOURCES`, keyed like the config's `data.source`). Their loaders use no
-Ray: MNIST-1D generation is split into seeded chunks (`mnist1d_chunk`) and `stage_data` maps
-them as parallel Ray tasks, starting Ray only then; user Parquet is read and validated in the
-driver, so bad data stops before Ray starts. Splits are stored as Parquet with columns `id`
+Ray. The generated sources (MNIST-1D, `synthetic`) are split into seeded chunks, and one Ray
+task (`build_splits`) maps the chunks as parallel tasks and writes the splits itself, so their
+rows never reach the driver; user Parquet is read and validated in the driver, so bad data
+stops before Ray starts. Splits are stored as Parquet with columns `id`
 (row in the source), `x` (fixed-size list of float32) and `y`.
 """
 
@@ -15,20 +16,24 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig, check_shapes
-from w2s_ray.errors import DataError
+from w2s_ray.errors import DataError, W2SError
+from w2s_ray import synthetic
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
+from w2s_ray.synthetic import load_synthetic
 from w2s_ray.raytools import parallel_map
 from w2s_ray.run import DataStage, RunContext, Split, SplitFiles
+from w2s_ray.storage import RunDir
 
 SPLITS = ("weak", "transfer", "test")
 
@@ -196,6 +201,7 @@ def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -
 SOURCES: dict[str, Callable[[DataConfig, Callable], tuple[np.ndarray, np.ndarray, list[str] | None]]] = {
     "mnist1d": lambda cfg, map_fn: (*load_mnist1d(cfg, map_fn), None),
     "digits": lambda cfg, map_fn: (*load_digits(), None),
+    "synthetic": lambda cfg, map_fn: (*load_synthetic(cfg, map_fn), None),
     "parquet": lambda cfg, map_fn: read_parquet_source(cfg),
 }
 
@@ -241,7 +247,7 @@ def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
 # --- the stage -----------------------------------------------------------------------------
 
 # (features, classes) of the built-in sources, known without generating them
-BUILTIN_SHAPES = {"mnist1d": (MNIST1D_FEATURES, 10), "digits": (64, 10)}
+BUILTIN_SHAPES = {"mnist1d": (MNIST1D_FEATURES, 10), "digits": (64, 10), "synthetic": (synthetic.FEATURES, synthetic.CLASSES)}
 
 
 def check_models(ctx: RunContext, in_dim: int, n_classes: int) -> None:
@@ -253,8 +259,32 @@ def check_models(ctx: RunContext, in_dim: int, n_classes: int) -> None:
             f"student {s.name} (width {s.width}, depth {s.depth}) {params['student.model']:,} parameters")
 
 
+GENERATED = ("mnist1d", "synthetic")
+"""Sources generated in chunks by Ray tasks: built in a Ray task that writes the splits itself."""
+
+
+def write_splits(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str] | None, run: RunDir, d: Path) -> dict[str, Any]:
+    """Split, standardize and write the three splits; return the manifest's fields."""
+    splits = make_splits(x, y, cfg, cfg.path or cfg.source)
+    scaling = standardize(splits) if cfg.standardize else None
+    for name, s in splits.items():
+        run.write_parquet(d / f"{name}.parquet", s.table(), artifacts.ROW_GROUP)
+    return {"n_classes": n_classes_of(cfg, y), "in_dim": int(x.shape[1]), "sizes": {k: len(s.y) for k, s in splits.items()},
+            "standardize": scaling, "classes": classes}
+
+
+def build_splits(cfg: DataConfig, run: RunDir, d: Path) -> dict[str, Any]:
+    """A generated source, from chunk generation to split files, in a Ray task: the rows stay
+    in this worker and the files it writes (published to the run's store); the driver gets the
+    manifest's fields. Measured with 1M synthetic rows on 2 CPUs: see benchmarks/README.md."""
+    x, y, classes = load_source(cfg, parallel_map)
+    return write_splits(cfg, x, y, classes, run, d)
+
+
 def stage_data(ctx: RunContext) -> DataStage:
-    """The three splits, built once per data key; Ray starts only if the source maps work over it."""
+    """The three splits, built once per data key. A generated source is built in a Ray task
+    (`build_splits`); digits and user Parquet are read here, user data validated before Ray
+    starts (its rows then pass through the driver once: memory grows with the file)."""
     cfg = ctx.cfg.data
     d = ctx.run.open_stage("data", ctx.keys.data)
     manifest = artifacts.read_manifest(d)
@@ -263,22 +293,22 @@ def stage_data(ctx: RunContext) -> DataStage:
         if shape:  # known without generating: the models are checked before Ray starts
             check_models(ctx, shape[0], cfg.n_classes or shape[1])
         ctx.log(f"data: building {cfg.source} splits → {d}")
-
-        def ray_map(fn: Callable, items) -> list:
+        if cfg.source in GENERATED:
             ctx.ray()
-            return parallel_map(fn, list(items))
-
-        x, y, classes = load_source(cfg, ray_map)
-        n_classes = n_classes_of(cfg, y)
-        if not shape:  # user data is read in this process: still before Ray starts
-            check_models(ctx, int(x.shape[1]), n_classes)
-        splits = make_splits(x, y, cfg, cfg.path or cfg.source)
-        scaling = standardize(splits) if cfg.standardize else None
-        ctx.run.reset(d)
-        for name, s in splits.items():
-            ctx.run.write_parquet(d / f"{name}.parquet", s.table(), artifacts.ROW_GROUP)
-        sizes = {k: len(s.y) for k, s in splits.items()}
-        manifest = ctx.run.write_manifest(d, ctx.keys.data, n_classes=n_classes, in_dim=int(x.shape[1]), sizes=sizes, standardize=scaling, classes=classes)
+            ctx.run.reset(d)
+            fields = ray.get(ray.remote(build_splits).options(num_cpus=1).remote(cfg, ctx.run, d))
+            for name in SPLITS:
+                if not ctx.run.fetch_file(d / f"{name}.parquet"):
+                    raise W2SError(f"data: {d / name}.parquet was written on another node and is not in the store; "
+                                   "on a cluster, output.root must be a filesystem every node mounts or a URI")
+        else:
+            x, y, classes = load_source(cfg)
+            if not shape:  # user data is read in this process: still before Ray starts
+                check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y))
+            ctx.run.reset(d)
+            fields = write_splits(cfg, x, y, classes, ctx.run, d)
+            del x, y
+        manifest = ctx.run.write_manifest(d, ctx.keys.data, **fields)
     else:
         ctx.log(f"data: cached {d}")
         check_models(ctx, manifest["in_dim"], manifest["n_classes"])

@@ -22,7 +22,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +64,8 @@ def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
     return np.ones(len(ids), dtype=bool)
 
 
-def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all") -> dict[str, Any]:
+def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all",
+               blocks: dict[str, Iterable[np.ndarray]] | None = None, y_test: np.ndarray | None = None) -> dict[str, Any]:
     """Write one trained pack's files where it was trained and return its metadata only.
 
     Per split: the posterior's sufficient statistics over the pack (float64 Σp, Σlog p, Σp·log p
@@ -72,31 +73,52 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
     teacher_id, row, logp[C]) as `keep` says: `all` (float32), `float16`, or `none` (the
     transfer split's predictions only for teachers with id < ALWAYS_KEPT, the candidates for the
     designated single teacher; the test split's are kept, for the bootstrap CIs and the variance
-    study). The metadata row is written last: the pack's marker of completion."""
+    study). The metadata row is written last: the pack's marker of completion.
+
+    The log-probs come per split as `blocks` of consecutive rows (`[k, rows, C]` each, written
+    as they come: memory is one block's, not `[k, N, C]`), or whole in `result["logp_<split>"]`.
+    With `y_test`, the teachers' test accuracies are counted from the test blocks."""
     ids = np.asarray(result["teacher_ids"], dtype=np.int32)
+    result = dict(result)
+    correct = np.zeros(len(ids))
     for split in PRED_SPLITS:
-        logp = np.asarray(result[f"logp_{split}"], dtype=np.float32)  # [k, N, C]
-        k, n, c = logp.shape
-        acc = PosteriorAccumulator(n, c)
-        acc.add(torch.from_numpy(logp))
-        sums = {name: t.numpy() for name, t in acc.sums().items()}
-        run.write_parquet(sums_path(stage, split, result["pack"]), pa.table(
-            {
-                "sum_p": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_p"].reshape(-1)), c),
-                "sum_logp": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_logp"].reshape(-1)), c),
-                "sum_neg_entropy": sums["sum_neg_entropy"],
-            },
-            metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
-        ), ROW_GROUP)
         mask = kept_teachers(split, ids, keep)
-        kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
-        run.write_parquet(pack_path(stage, split, result["pack"]), pa.table(
-            {
-                "teacher_id": np.repeat(ids[mask], n),
-                "row": np.tile(np.arange(n, dtype=np.int32), int(mask.sum())),
-                "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
-            }
-        ), ROW_GROUP)
+        r0 = 0
+        with run.atomic(sums_path(stage, split, result["pack"])) as sums_tmp, run.atomic(pack_path(stage, split, result["pack"])) as preds_tmp:
+            sums_w = preds_w = None
+            for logp in (blocks[split] if blocks is not None else [result[f"logp_{split}"]]):
+                logp = np.asarray(logp, dtype=np.float32)  # [k, rows, C]
+                k, n, c = logp.shape
+                acc = PosteriorAccumulator(n, c)
+                acc.add(torch.from_numpy(logp))
+                sums = {name: t.numpy() for name, t in acc.sums().items()}
+                table = pa.table(
+                    {
+                        "sum_p": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_p"].reshape(-1)), c),
+                        "sum_logp": pa.FixedSizeListArray.from_arrays(pa.array(sums["sum_logp"].reshape(-1)), c),
+                        "sum_neg_entropy": sums["sum_neg_entropy"],
+                    },
+                    metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
+                )
+                kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
+                preds = pa.table(
+                    {
+                        "teacher_id": np.repeat(ids[mask], n),
+                        "row": np.tile(np.arange(r0, r0 + n, dtype=np.int32), int(mask.sum())),
+                        "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
+                    }
+                )
+                sums_w = sums_w or pq.ParquetWriter(sums_tmp, table.schema)
+                preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema)
+                sums_w.write_table(table, ROW_GROUP)
+                preds_w.write_table(preds, ROW_GROUP)
+                if split == "test" and y_test is not None:
+                    correct += (logp.argmax(-1) == y_test[None, r0 : r0 + n]).sum(1)
+                r0 += n
+            sums_w.close()
+            preds_w.close()
+        if split == "test" and y_test is not None:
+            result["acc_test"] = (correct / r0).tolist()
     meta = pa.table(
         {
             "teacher_id": ids,
@@ -140,6 +162,9 @@ def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = Non
     if t.num_rows == 0:
         return np.zeros(0, dtype=np.int32), np.zeros((0, 0, c), dtype=np.float32)
     ids = t["teacher_id"].to_numpy()
+    if (np.diff(ids) < 0).any():  # written block by block of rows: teacher-major order again
+        order = np.lexsort((t["row"].to_numpy(), ids))
+        t, ids = t.take(order), ids[order]
     logp = t["logp"].combine_chunks().flatten().to_numpy().astype(np.float32, copy=False).reshape(-1, c)
     teacher_ids = np.unique(ids)
     return teacher_ids, logp.reshape(len(teacher_ids), -1, c)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -46,9 +46,14 @@ def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
     return out
 
 
-def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
-    """Train one pack in this process and return what the driver stores. Used by actors and benchmarks."""
-    t0 = time.perf_counter()
+PRED_ROWS = 65536
+"""Rows per block of a pack's predictions: a pack worker's memory is `[pack, PRED_ROWS, C]`
+(several times over, in float64 for the sums), not `[pack, N, C]`; a multiple of
+`TeacherPack.log_probs`'s own chunk, so the log-probs are the same as in one call."""
+
+
+def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> tuple[TeacherPack, dict[str, Any]]:
+    """Train one pack in this process: (the pack, its metadata: ids, seeds, steps, weak accuracy)."""
     # arrays from the object store are read-only; torch.tensor copies them into writable memory
     x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
     y_weak = torch.tensor(data["y_weak"])
@@ -64,12 +69,25 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(ids, seeds)]
     pack = TeacherPack(cfg.model, x_weak.shape[1], n_classes, seeds, device=device, compile=cfg.resources.compile)
     steps = pack.fit(x_weak, y_weak, index_sets, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) // len(ids) * k
-    out: dict[str, Any] = {"teacher_ids": list(teacher_ids), "seeds": seeds[:k], "steps": steps}
+    acc_weak = (pack.log_probs(x_weak).numpy()[:k].argmax(-1) == data["y_weak"][None]).mean(1).tolist()
+    return pack, {"teacher_ids": list(teacher_ids), "seeds": seeds[:k], "steps": steps, "acc_weak": acc_weak}
+
+
+def pack_log_probs(pack: TeacherPack, x: np.ndarray, cfg: TeachersConfig, k: int, rows: int = PRED_ROWS) -> Iterator[np.ndarray]:
+    """The pack's first `k` teachers' log-probs on `x`, `[k, rows, C]` block after block."""
+    for r0 in range(0, len(x), rows):
+        yield pack.log_probs(torch.tensor(teacher_view(x[r0 : r0 + rows], cfg))).numpy()[:k]
+
+
+def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
+    """Train one pack in this process and return it with its whole `[k, N, C]` log-probs per
+    split (tests and benchmarks; the actors write theirs block by block instead)."""
+    t0 = time.perf_counter()
+    pack, out = fit_pack(data, cfg, n_classes, teacher_ids, device)
+    k = len(teacher_ids)
     for split in PRED_SPLITS:
-        out[f"logp_{split}"] = pack.log_probs(torch.tensor(teacher_view(data[f"x_{split}"], cfg))).numpy()[:k]
-    y_test = data["y_test"]
-    out["acc_test"] = (out["logp_test"].argmax(-1) == y_test[None]).mean(1).tolist()
-    out["acc_weak"] = (pack.log_probs(x_weak).numpy()[:k].argmax(-1) == data["y_weak"][None]).mean(1).tolist()
+        out[f"logp_{split}"] = np.concatenate(list(pack_log_probs(pack, data[f"x_{split}"], cfg, k)), 1)
+    out["acc_test"] = (out["logp_test"].argmax(-1) == data["y_test"][None]).mean(1).tolist()
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -104,14 +122,17 @@ class PackTrainer:
         (ids, seeds, accuracies, timings: a few hundred bytes, never its predictions)."""
         data = self.data(run, data_dir)
         cfg = TeachersConfig.model_validate(cfg_json)
-        out = train_pack_local(data, cfg, n_classes, teacher_ids, self.device)
+        t0 = time.perf_counter()
+        pack, out = fit_pack(data, cfg, n_classes, teacher_ids, self.device)
         # provenance: a pack trained by an actor Ray restarted after losing it (a node died);
         # Ray 2.60 deprecates the property with a warning per actor but offers no replacement
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        return write_pack(run, stage, out, cfg.keep_predictions)
+        blocks = {split: pack_log_probs(pack, data[f"x_{split}"], cfg, len(teacher_ids)) for split in PRED_SPLITS}
+        out["seconds"] = time.perf_counter() - t0  # training; the blocks are predicted while written
+        return write_pack(run, stage, out, cfg.keep_predictions, blocks, data["y_test"])
 
 
 
