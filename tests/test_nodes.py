@@ -53,6 +53,15 @@ print(json.dumps(alive))
 """
 
 
+STORE_CREATED = """
+import sys, ray
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+ray.init(address=sys.argv[1], logging_level="ERROR")
+stats = get_memory_info_reply(get_state_from_address(sys.argv[1])).store_stats
+print(stats.cumulative_created_objects, stats.cumulative_created_bytes)
+"""
+
+
 @pytest.fixture
 def two_nodes():
     temp_dir = tempfile.mkdtemp(prefix="w2s-ray-nodes-", dir="/tmp")
@@ -116,6 +125,12 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_re
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+    # what Ray's object stores (on the nodes still alive) created for the whole run: objects
+    # under 100 KB travel inline, so a pack's `[4, 700, 10]` predictions (112 KB) would be here
+    out = subprocess.run([sys.executable, "-c", STORE_CREATED, address], env=env, capture_output=True, text=True, timeout=120)
+    n_objects, n_bytes = map(int, out.stdout.split()[-2:])
+    assert n_bytes < 100_000, (n_objects, n_bytes)
 
     packs = packs_on_disk(run)
     after_kill = [p for p in packs if p["pack"] not in before_kill]
