@@ -78,15 +78,17 @@ def test_a_smaller_k_than_the_stage_holds_reads_the_straddling_pack(kept):
 
 
 @pytest.mark.slow
-def test_bootstrap_counts_by_row_blocks_equal_one_block(kept, monkeypatch):
+def test_bootstrap_counts_by_row_blocks_and_teacher_groups_equal_one_block(kept, monkeypatch):
     cfg, st, post = kept
     y = st.data.splits["test"].y
     whole = labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
     assert whole == {"dual": post["ci_dual"], "arith": post["ci_arith"]}
     monkeypatch.setattr(labels_mod, "BOOT_BLOCK_BYTES", 2 * 4 * cfg.posterior.n_boot * st.data.n_classes * 37)  # blocks of 37 rows
+    monkeypatch.setattr(labels_mod, "BOOT_TEACHERS", 2)  # packs of 3 read as 2 + 1 teachers
     blocked = labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
     for name in whole:
-        assert np.allclose(blocked[name], whole[name], atol=1e-6), name
+        # float32 sums in another order: a replicate may flip a near-tie, moving a bound by 1/N
+        assert np.allclose(blocked[name], whole[name], atol=1 / len(y) + 1e-9), name
 
 
 @pytest.mark.slow

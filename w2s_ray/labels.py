@@ -55,6 +55,9 @@ def configure_ray_data() -> None:
 
 BOOT_BLOCK_BYTES = 256 * 2**20
 """Memory bound of the bootstrap's `[B, rows, C]` float32 sums (two of them) per row block."""
+BOOT_TEACHERS = 32
+"""Teachers read at a time by the bootstrap: its input is `[32, rows, C]`, whatever the pack size
+(the default run's packs hold 32 teachers, so its sums are added in the same order as before)."""
 
 
 def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: int, seed: int, ci: float) -> dict[str, list[float]]:
@@ -63,14 +66,16 @@ def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: 
     if not n_boot:
         return {}
     block = max(1, BOOT_BLOCK_BYTES // (2 * 4 * n_boot * n_classes))
-    packs = [p for p, ids in pack_ids(teachers).items() if ids.min() < teachers.k]
+    groups = [(p, t0, min(t0 + BOOT_TEACHERS, teachers.k))
+              for p, ids in pack_ids(teachers).items() for t0 in range(int(ids.min()), min(int(ids.max()) + 1, teachers.k), BOOT_TEACHERS)]
     total: dict[str, torch.Tensor] = {}
     for r0 in range(0, len(y), block):
         r1 = min(len(y), r0 + block)
         acc = PosteriorAccumulator(r1 - r0, n_classes, n_boot=n_boot, boot_seed=seed)
-        for p in packs:  # only the row groups holding the block are read
-            ids, logp = read_pack_logp(teachers.dir, "test", p, teachers.k, (r0, r1))
-            acc.add(torch.tensor(logp), ids.tolist())
+        for p, t0, t1 in groups:  # only the row groups holding these teachers' rows of the block are read
+            ids, logp = read_pack_logp(teachers.dir, "test", p, t1, (r0, r1), first=t0)
+            if len(ids):
+                acc.add(torch.tensor(logp), ids.tolist())
         _, correct = acc.bootstrap_correct(torch.from_numpy(y[r0:r1]))
         total = {name: total.get(name, 0) + c for name, c in correct.items()}
     return percentile_ci({name: c.float() / len(y) for name, c in total.items()}, ci)

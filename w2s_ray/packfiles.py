@@ -151,10 +151,12 @@ def pack_ids(teachers: TeacherStage) -> dict[int, np.ndarray]:
     return {int(p): np.sort(ids[packs == p]) for p in np.unique(packs)}
 
 
-def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None, rows: Rows = None) -> tuple[np.ndarray, np.ndarray]:
-    """(teacher ids, `[k, N, C]` log-probs) of one pack, only teachers below `k` when given,
-    only rows [r0, r1) when `rows` is given."""
+def read_pack_logp(stage: Path, split: str, pack_index: int, k: int | None = None, rows: Rows = None, first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher ids, `[k, N, C]` log-probs) of one pack, only teachers below `k` (and from
+    `first` on) when given, only rows [r0, r1) when `rows` is given."""
     filters = [("teacher_id", "<", k)] if k is not None else []
+    if first is not None:
+        filters.append(("teacher_id", ">=", first))
     if rows is not None:
         filters += [("row", ">=", rows[0]), ("row", "<", rows[1])]
     t = pq.read_table(pack_path(stage, split, pack_index), filters=filters or None)
