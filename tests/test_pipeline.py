@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_dir, small_config
 from w2s_ray import artifacts
-from w2s_ray.config import load_config
+from w2s_ray.config import ExperimentConfig, StageKeys, load_config
 from w2s_ray.labels import iter_label_batches, stage_labels
 from w2s_ray.packfiles import LabelSource
 from w2s_ray.pipeline import run_pipeline
@@ -214,3 +214,29 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
         except ProcessLookupError:
             pass
     assert "w2s-ray: interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_an_interrupted_student_stage_trains_only_the_students_it_had_not_finished(finished, tmp_path):
+    """A student counts as done when its manifest is written (last): a copy of the finished run
+    with two students' manifests gone (what an interrupt before they finished leaves) retrains
+    those two alone, to the same evaluation; the others are not touched."""
+    import shutil
+
+    cfg, st = finished
+    root = tmp_path / "copy"
+    shutil.copytree(cfg.output.root, root)
+    again = ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "output": {**cfg.output.model_dump(), "root": str(root)}})
+    run, keys = run_dir(again).path, StageKeys(again)
+    dirs = {tgt: run / "student" / keys.student(tgt) for tgt in again.student.targets} | {None: run / "ceiling" / keys.ceiling}
+    gone = [dirs[None], dirs[again.student.targets[0]]]
+    for d in gone:
+        (d / "manifest.json").unlink()
+    before = {name: (d / "metrics.json").stat().st_mtime_ns for name, d in dirs.items() if d not in gone}
+    resumed = run_pipeline(again)
+    after = {name: (dirs[name] / "metrics.json").stat().st_mtime_ns for name in before}
+    assert after == before
+    assert all((d / "manifest.json").is_file() for d in gone)
+    for tgt, res in st.students.students.items():
+        assert resumed.students.students[tgt].eval == res.eval, tgt
+    assert resumed.students.ceiling.eval == st.students.ceiling.eval
+
