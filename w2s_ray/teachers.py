@@ -3,7 +3,7 @@
 The driver starts a few `PackTrainer` actors (each reads the weak, transfer and test splits from
 the data stage's files once), hands each a pack of teacher ids at a time and waits on the packs with
 `ray.wait`. The actor that trained a pack writes its files into the run's store itself
-(`workers.write_pack`: the posterior's per-pack sums, the predictions `teachers.keep_predictions`
+(`packfiles.write_pack`: the posterior's per-pack sums, the predictions `teachers.keep_predictions`
 asks for, the metadata row last) and returns only metadata, so no `[k, N, C]` array reaches the
 driver, and an interrupted stage resumes with the teachers it has not trained yet.
 
