@@ -6,6 +6,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is on by defaul
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -41,3 +42,28 @@ def small_config(tmp_path: Path, **sections):
 def run_dir(cfg) -> RunDir:
     """The run directory a config's stages work in (the local copy, for a store)."""
     return RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache)
+
+
+@pytest.fixture(scope="session")
+def warm(ray_session, tmp_path_factory):
+    """`warm(tmp_path, make=small_config, until="report")`: the config `make(tmp_path)` with its
+    run directory already holding every stage up to `until`, as a cache hit. The stages are
+    computed once per session and per (`make`, `until`) and copied, so each test owns its files.
+    On 2 cores a fresh small pipeline costs about 30 s, most of it Ray worker processes
+    importing torch; tests about what a run does with its stages need not pay it each time."""
+    from w2s_ray.pipeline import run_pipeline
+
+    built: dict[tuple, Path] = {}
+
+    def make_warm(tmp_path: Path, make=small_config, until: str = "report"):
+        key = (make.__module__, make.__qualname__, until)
+        if key not in built:
+            root = tmp_path_factory.mktemp("warm")
+            run_pipeline(make(root), until=until)
+            built[key] = root
+        cfg = make(tmp_path)
+        src = run_dir(make(built[key])).path
+        shutil.copytree(src, run_dir(cfg).path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tune", "report", "results.*", "summary.png", "tensorboard"))
+        return cfg
+
+    return make_warm

@@ -35,8 +35,8 @@ def kept(ray_session, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, tmp_path):
-    cfg = small_config(tmp_path)
+def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, warm, tmp_path):
+    cfg = warm(tmp_path)
     st = run_pipeline(cfg, until="data")
     run, stage = run_dir(cfg), tmp_path / "stage"
     # the actor reads the splits from the data stage's files: only their directory crosses

@@ -27,8 +27,8 @@ def labels_of(cfg, st):
 
 
 @pytest.fixture(scope="module")
-def finished(ray_session, tmp_path_factory):
-    cfg = small_config(tmp_path_factory.mktemp("e2e"))
+def finished(warm, tmp_path_factory):
+    cfg = warm(tmp_path_factory.mktemp("e2e"))  # the session's first build is a run from nothing
     st = run_pipeline(cfg)
     return cfg, st
 
@@ -99,7 +99,8 @@ def test_rerun_uses_the_cache_and_a_student_change_keeps_teachers(finished, capf
     assert json.loads((run / "results.json").read_text())["config"]["student"]["rce_weight"] == 0.5
 
 
-def test_interrupted_teacher_stage_resumes_only_missing_packs(ray_session, tmp_path, capfd):
+def test_interrupted_teacher_stage_resumes_only_missing_packs(warm, tmp_path, capfd):
+    warm(tmp_path)  # the data stage from the session's cache
     cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "resources": {"num_actors": 2, "max_pack_size": 2}, "model": {"name": "mlp", "width": 8}})
     st = run_pipeline(cfg, until="labels")
     full = labels_of(cfg, st)
@@ -150,7 +151,8 @@ def test_parquet_source_end_to_end(ray_session, tmp_path):
     assert manifest["classes"] == ["ant", "bee", "cat"] and len(manifest["standardize"]["mean"]) == d
 
 
-def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path, capfd):
+def test_extending_an_ensemble_equals_training_it_at_once(warm, tmp_path, capfd):
+    warm(tmp_path / "a"), warm(tmp_path / "b")  # the data stage from the session's cache
     small = small_config(tmp_path / "a", teachers={"k": 4, "epochs": 3, "model": {"name": "mlp", "width": 8}})
     st_small = run_pipeline(small, until="labels")
     bigger = small.model_copy(update={"teachers": small.teachers.model_copy(update={"k": 8})})
@@ -170,7 +172,8 @@ def test_extending_an_ensemble_equals_training_it_at_once(ray_session, tmp_path,
 
 
 
-def test_damaged_pack_files_are_trained_again(ray_session, tmp_path, capfd):
+def test_damaged_pack_files_are_trained_again(warm, tmp_path, capfd):
+    warm(tmp_path)  # the data stage from the session's cache
     cfg = small_config(tmp_path, teachers={"k": 6, "epochs": 3, "resources": {"num_actors": 2, "max_pack_size": 2}, "model": {"name": "mlp", "width": 8}})
     st = run_pipeline(cfg, until="teachers")
     before = pd.read_parquet(st.teachers.dir / "teachers.parquet").drop(columns=["seconds", "node", "pack"]).sort_values("teacher_id").reset_index(drop=True)
@@ -187,7 +190,7 @@ def test_damaged_pack_files_are_trained_again(ray_session, tmp_path, capfd):
     assert artifacts.read_manifest(again.teachers.dir) is not None
 
 
-def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
+def test_ctrl_c_stops_with_one_line_and_exit_130(warm, tmp_path):
     import os
     import signal
     import subprocess
@@ -195,6 +198,7 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
 
     import yaml
 
+    warm(tmp_path)  # the data stage from the session's cache
     cfg = small_config(tmp_path, teachers={"k": 8, "epochs": 2000})  # long enough to be interrupted
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

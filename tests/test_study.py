@@ -59,8 +59,8 @@ def study_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_variance_study_report(ray_session, tmp_path):
-    out = run_study("variance", study_config(tmp_path))
+def test_variance_study_report(warm, tmp_path):
+    out = run_study("variance", warm(tmp_path, study_config, "labels"))
     table = pd.read_parquet(out / "scaling.parquet")
     assert table["K"].tolist() == [2, 4, 8, 16]
     assert table["kl_full_to_K"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
@@ -75,8 +75,8 @@ def test_variance_study_report(ray_session, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ensemble(ray_session, tmp_path_factory):
-    cfg = study_config(tmp_path_factory.mktemp("theory"))
+def ensemble(warm, tmp_path_factory):
+    cfg = warm(tmp_path_factory.mktemp("theory"), study_config, "labels")
     with RunContext.open(cfg) as ctx:
         yield ctx, run_stages(ctx, "labels")
 
@@ -96,11 +96,11 @@ def test_theory_students_section(ensemble, tmp_path):
 
 
 @pytest.mark.slow
-def test_theory_study_report_with_regimes(ray_session, tmp_path, monkeypatch):
+def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
     # the students section has its own test; here the report is composed with two regimes
     monkeypatch.setattr(theory, "REGIMES", {k: theory.REGIMES[k] for k in ("default", "teacher window 20, no shifts")})
     monkeypatch.setattr(theory, "students_section", lambda ctx, stages, out: ["", "## students (tested on its own)"])
-    out = run_study("theory", study_config(tmp_path))
+    out = run_study("theory", warm(tmp_path, study_config, "labels"))
     assert (out / "theory.png").stat().st_size > 0 and len(pd.read_parquet(out / "theory.parquet")) == len(TheoryConfig().widths)
     report = (out / "report.md").read_text()
     assert "squared-loss example" in report and "students (tested on its own)" in report and "Where the student generalizes" in report

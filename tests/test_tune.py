@@ -17,7 +17,7 @@ import yaml
 from conftest import run_dir, small_config
 from w2s_ray.config import load_config, to_yaml
 from w2s_ray.errors import ConfigError, W2SError
-from w2s_ray.pipeline import run_pipeline, run_tune
+from w2s_ray.pipeline import run_tune
 from w2s_ray.space import SearchSpace, load_space
 from w2s_ray.trial import TrialFault
 from w2s_ray.tune import check_placeable
@@ -49,10 +49,9 @@ def stage_files(run) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tuned(ray_session, tmp_path_factory):
+def tuned(warm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
-    cfg = small_config(tmp)
-    run_pipeline(cfg, until="student")  # the run the search starts from
+    cfg = warm(tmp)  # the run the search starts from
     run = run_dir(cfg).path
     before = stage_files(run)
     space_file = write_space(tmp / "space.yaml")
@@ -88,8 +87,8 @@ def test_the_search_trains_no_teacher_and_builds_no_labels(tuned):
 
 
 @pytest.mark.slow
-def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(ray_session, tmp_path):
-    cfg = small_config(tmp_path)
+def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(warm, tmp_path):
+    cfg = warm(tmp_path)
     marker = tmp_path / "failed-once"
     space_file = write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"})
     summary = run_tune(cfg, load_space(space_file, cfg), "retry", fault=TrialFault(epoch=3, marker=str(marker)))
@@ -131,8 +130,9 @@ def test_trial_resources_default_to_the_students(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(warm, tmp_path):
     # six points, two at a time: when the first finishes, two waves are left to interrupt
+    warm(tmp_path)  # data, teachers and labels cached (the CLI below starts its own Ray)
     cfg = small_config(tmp_path, student={"epochs": 30, "patience": 100})
     conf = tmp_path / "c.yaml"
     conf.write_text(to_yaml(cfg))
@@ -210,19 +210,19 @@ def test_a_search_name_cannot_leave_the_tune_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_where_every_trial_fails_ends_in_one_line(ray_session, tmp_path):
-    cfg = small_config(tmp_path)
+def test_a_search_where_every_trial_fails_ends_in_one_line(warm, tmp_path):
+    cfg = warm(tmp_path)
     space = load_space(write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, max_failures=0), cfg)
     with pytest.raises(W2SError, match=r"every trial failed; the first \(.+\): RuntimeError: injected failure \(TrialFault\) \(its log: .+\)"):
         run_tune(cfg, space, "allfail", fault=TrialFault(epoch=1))
 
 
 @pytest.mark.slow
-def test_a_resumed_search_that_lost_tune_state_trains_no_finished_point_again(ray_session, tmp_path):
+def test_a_resumed_search_that_lost_tune_state_trains_no_finished_point_again(warm, tmp_path):
     """A driver killed before Tune saved its state: on resume Tune starts those points again as
     new trials; each finds its finished record and reports it without training (a TrialFault
     makes any trial that trains fail), and the replaced trial folders are removed."""
-    cfg = small_config(tmp_path)
+    cfg = warm(tmp_path)
     space = load_space(write_space(tmp_path / "space.yaml", search="grid", num_samples=1, scheduler={"type": "none"},
                                    params={"student.model.width": {"type": "grid", "values": [4, 8]}}), cfg)
     run_tune(cfg, space, "lost")
