@@ -31,7 +31,7 @@ def small_config(tmp_path: Path, **sections):
         "data": {"source": "mnist1d", "num_samples": 1500, "chunk_size": 500, "n_weak": 300, "n_transfer": 600, "n_test": 500},
         "teachers": {"k": 8, "epochs": 20, "model": {"name": "mlp", "width": 16}},
         "posterior": {"n_boot": 20},
-        "student": {"model": {"name": "mlp", "width": 64, "depth": 2}, "epochs": 4, "patience": 10},
+        "student": {"model": {"name": "mlp", "width": 64, "depth": 2}, "epochs": 4, "patience": 10, "seeds": 1},
         "output": {"root": str(tmp_path / "runs"), "name": "t"},
     }
     for section, values in sections.items():

@@ -78,8 +78,15 @@ def test_stage_keys_depend_on_what_each_stage_reads():
     student_only = Keys(load_config(None, {"student.rce_weight": 0.5}))
     assert (student_only.teachers, student_only.labels, student_only.ceiling) == (k.teachers, k.labels, k.ceiling)
     assert student_only.student("dual_mean") != k.student("dual_mean")
+    lr = Keys(load_config(None, {"student.lr": 0.01}))
+    assert lr.ceiling != k.ceiling  # a training option of the student changes the ceiling
     shifted = Keys(load_config(None, {"student.augment_shift": 20}))
-    assert shifted.ceiling != k.ceiling  # a training option of the student changes the ceiling
+    assert shifted.ceiling == k.ceiling  # ... but not the student's augmentation, unless asked
+    assert Keys(load_config(None, {"student.augment_shift": 20, "student.ceiling_augment": True})).ceiling != k.ceiling
+    # replicates: one key per seed and per single teacher; the first replicate's is the one-seed key
+    assert k.student("dual_mean", 0) == k.student("dual_mean") != k.student("dual_mean", 1)
+    assert k.student("single", 0, 0) == k.student("single") != k.student("single", 0, 1)
+    assert k.ceiling_seed(0) == k.ceiling != k.ceiling_seed(1)
     more = Keys(load_config(None, {"teachers.k": 128}))
     assert more.teachers == k.teachers and more.labels != k.labels  # the ensemble is extended, not retrained
     window = Keys(load_config(None, {"teachers.view": {"kind": "window"}}))
@@ -91,7 +98,7 @@ def test_resources_and_the_run_plan_are_in_no_cache_key():
     elsewhere = Keys(load_config(None, {
         "teachers.resources": {"num_actors": 3, "max_pack_size": 7, "num_cpus_per_actor": 2, "num_gpus_per_actor": 0.25, "compile": True, "max_retries": 0},
         "student.resources": {"num_cpus": 4, "num_gpus": 0.5},
-        "student.targets": ["single"], "student.ceiling": False,
+        "student.targets": ["single"], "student.ceiling": False, "student.seeds": 2,
     }))
     assert (elsewhere.data, elsewhere.teachers, elsewhere.labels, elsewhere.ceiling) == (k.data, k.teachers, k.labels, k.ceiling)
     assert elsewhere.student("dual_mean") == k.student("dual_mean")

@@ -38,7 +38,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     (job_dir / "small.yaml").write_text(
         "data: {num_samples: 1500, chunk_size: 500, n_weak: 300, n_transfer: 600, n_test: 500}\n"
         "teachers: {k: 8, epochs: 5, model: {name: mlp, width: 16}}\n"
-        "student: {model: {name: mlp, width: 32}, epochs: 3, targets: [dual_mean]}\n"
+        "student: {model: {name: mlp, width: 32}, epochs: 3, seeds: 1, targets: [dual_mean]}\n"
         f"output: {{root: {runs}, name: job}}\n"
     )
     (job_dir / "grid.yaml").write_text(

@@ -83,15 +83,17 @@ def test_confidence_adaptive_switches_per_example():
     assert out[1].item() == pytest.approx(L.reverse_ce(z[1:], t[1:].log(), LOG_FLOOR).item(), abs=1e-6)
 
 
-def test_aux_confidence_alpha_zero_is_ce_on_teacher_hard_labels():
+def test_aux_confidence_alpha_zero_is_ce_on_the_teachers_soft_or_hard_labels():
     z = torch.randn(6, 3)
     t = torch.softmax(torch.randn(6, 3), -1)
-    out = L.aux_confidence(z, t, 0.0)
-    assert torch.allclose(out, L.cross_entropy(z, t.argmax(-1)))
+    assert torch.allclose(L.aux_confidence(z, t, 0.0), L.forward_ce(z, t))  # soft, as Burns et al.
+    assert torch.allclose(L.aux_confidence(z, t, 0.0, soft=False), L.cross_entropy(z, t.argmax(-1)))
     # with alpha = 1 the loss is the CE on the student's own hardened (argmax) predictions
-    assert torch.allclose(L.aux_confidence(z, t, 1.0), L.cross_entropy(z, z.argmax(-1)))
-    mixed = L.aux_confidence(z, t, 0.25)
+    for soft in (True, False):
+        assert torch.allclose(L.aux_confidence(z, t, 1.0, soft), L.cross_entropy(z, z.argmax(-1)))
+    mixed = L.aux_confidence(z, t, 0.25, soft=False)
     assert torch.allclose(mixed, 0.75 * L.cross_entropy(z, t.argmax(-1)) + 0.25 * L.cross_entropy(z, z.argmax(-1)))
+    assert torch.allclose(L.aux_confidence(z, t, 0.25), 0.75 * L.forward_ce(z, t) + 0.25 * L.cross_entropy(z, z.argmax(-1)))
 
 
 def test_student_loss_dispatch_rejects_unknown():

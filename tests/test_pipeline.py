@@ -244,3 +244,53 @@ def test_an_interrupted_student_stage_trains_only_the_students_it_had_not_finish
         assert resumed.students.students[tgt].eval == res.eval, tgt
     assert resumed.students.ceiling.eval == st.students.ceiling.eval
 
+
+
+def test_replicates_give_n_a_ci_and_paired_differences(warm, tmp_path):
+    """`student.seeds: 3` with `posterior.single_teachers: [0, 1, 2]`: three seeds per target and
+    ceiling, the single target's replicate i on teacher i; the report's numbers are recomputed
+    here from the saved per-seed test predictions."""
+    from scipy import stats
+
+    warm(tmp_path)  # data, teachers and labels from the session's cache
+    cfg = small_config(tmp_path, student={"seeds": 3, "targets": ["dual_mean", "single"]}, posterior={"single_teachers": [0, 1, 2]})
+    st = run_pipeline(cfg)
+    reps = st.students.replicates
+    assert [r.seed for r in reps["dual_mean"]] == [0, 1, 2] and [r.teacher for r in reps["single"]] == [0, 1, 2]
+    assert len(st.students.ceilings) == 3 and st.students.students["single"] is reps["single"][0]
+    y = st.data.splits["test"].y
+    for (tgt, i), d in st.students.dirs.items():  # what was saved gives what was reported
+        acc = float((st.students.test_logp(tgt, i).argmax(-1) == y).mean())
+        res = st.students.ceilings[i] if tgt is None else reps[tgt][i]
+        assert acc == pytest.approx(res.test_acc, abs=1e-6), (tgt, i)  # accuracy is computed in float32
+    rows = {r["model"]: r for r in st.results["rows"]}
+    dual, single = rows["student on dual_mean"], rows["student on single"]
+    accs = np.array([r.test_acc for r in reps["dual_mean"]])
+    half = stats.t.ppf(0.975, 2) * accs.std(ddof=1) / np.sqrt(3)
+    assert dual["n"] == 3 and dual["test_acc"] == pytest.approx(accs.mean()) and dual["ci"] == pytest.approx([accs.mean() - half, accs.mean() + half])
+    # the single-teacher students' PGR is against their own teachers
+    own = st.teachers.accuracies()[[0, 1, 2]]
+    ceil = np.array([c.test_acc for c in st.students.ceilings])
+    per = [(r.test_acc - w) / (c - w) if c - w > 1e-12 else np.nan for r, w, c in zip(reps["single"], own, ceil)]
+    if np.isfinite(per).any():  # a replicate whose ceiling is not above its teacher has no PGR
+        assert single["pgr_vs_teacher"] == pytest.approx(np.nanmean(per))
+    # a different teacher gives a different student
+    assert len({r.eval.agree_single_test for r in reps["single"]}) > 1 or len({r.test_acc for r in reps["single"]}) > 1
+    [c] = st.results["comparisons"]
+    d = np.array([a.test_acc - b.test_acc for a, b in zip(reps["dual_mean"], reps["single"])])
+    assert c["comparison"] == "dual_mean − single" and c["n"] == 3 and c["mean"] == pytest.approx(d.mean())
+    per_seed = pd.read_parquet(run_dir(cfg).path / "replicates.parquet")
+    assert len(per_seed) == 9 and set(per_seed["target"]) == {"dual_mean", "single", "ceiling"}
+    # every replicate is cached on its own key: a rerun trains nothing
+    again = run_pipeline(cfg)
+    assert [r.test_acc for r in again.students.replicates["single"]] == [r.test_acc for r in reps["single"]]
+
+
+def test_single_teachers_must_match_the_seeds():
+    from w2s_ray.config import parse_config
+    from w2s_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"posterior.single_teachers has 2 teachers for student.seeds=5"):
+        parse_config({"posterior": {"single_teachers": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"posterior.single_teachers=\[0, 0, 1, 2, 3\]: distinct"):
+        parse_config({"posterior": {"single_teachers": [0, 0, 1, 2, 3]}})

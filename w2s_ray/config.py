@@ -158,6 +158,10 @@ class PosteriorConfig(Strict):
     n_boot: int = Field(200, ge=0, description="bootstrap replicates over teachers (0: no CIs)")
     ci: float = Field(0.95, gt=0, lt=1)
     single_teacher: int = Field(0, ge=0, description="the designated single teacher's index")
+    single_teachers: list[int] | None = Field(
+        None, description="teachers for the single target's replicates: replicate i learns from teacher i of this list "
+        "(one per student seed), so single-teacher students vary over teacher draws; default: single_teacher for every seed",
+    )
 
 
 class LabelsConfig(Strict):
@@ -179,10 +183,10 @@ DEFAULT_STUDENT_MODEL = {"name": "cnn1d", "width": 32, "depth": 3}
 
 class StudentConfig(Strict):
     # what to run rather than how one student trains: left out of the student keys
-    PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources"})
+    PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources", "seeds", "ceiling_augment"})
     # what concerns teacher targets only: left out of the gold ceiling's key
     TEACHER_SIDE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "log_floor"}
+        {"loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "aux_target", "log_floor"}
     )
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**DEFAULT_STUDENT_MODEL))
@@ -199,6 +203,9 @@ class StudentConfig(Strict):
     adaptive_quantile: float | None = Field(None, ge=0, le=1, description="overrides the threshold")
     aux_alpha: float = Field(0.75, ge=0, le=1)
     aux_warmup: float = Field(0.2, ge=0, le=1, description="fraction of training before aux weight is full")
+    aux_target: Literal["soft", "hard"] = Field(
+        "soft", description="aux_conf's teacher term: CE to the teacher's probabilities (soft, as Burns et al. 2023) or to its argmax (hard)"
+    )
     log_floor: float = Field(math.log(1e-8), lt=0, description="floor on log teacher probs in RCE")
     epochs: int = Field(25, ge=1)
     augment_shift: int = Field(0, ge=0, description="random circular shifts of the student's inputs, up to this many positions")
@@ -207,11 +214,20 @@ class StudentConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     holdout_frac: float = Field(0.1, gt=0, lt=0.9, description="transfer slice held out for early stopping")
     patience: int = Field(5, ge=1)
-    selection: Literal["teacher", "oracle"] = Field(
-        "teacher", description="early stopping on teacher labels (realistic) or gold labels (oracle)"
+    selection: Literal["teacher", "oracle", "last"] = Field(
+        "teacher", description="early stopping on teacher labels (realistic), on gold labels (oracle), or none: "
+        "the weights after the last epoch (last), a rule that does not depend on the loss being compared",
     )
     seed: int = 0
+    seeds: int = Field(
+        5, ge=1, description="replicates: every target (and the ceiling) is trained with seeds seed, seed+1, ..., "
+        "and the report gives n, mean, sd and a 95% CI over them, and paired differences between targets",
+    )
     ceiling: bool = Field(True, description="also train the strong ceiling on gold transfer labels")
+    ceiling_augment: bool = Field(
+        False, description="train the ceiling with the student's augment_shift too; default: without, so the ceiling "
+        "is the student's recipe on gold labels, not lowered by an augmentation chosen for the teachers' weakness",
+    )
     workers: int = Field(
         1, ge=1, description="train one student across this many Ray Train workers (DDP; gloo on CPU, NCCL on GPUs), "
         "each fed its shard of the pseudo-label stream; 1: one task on the whole table",
@@ -265,6 +281,16 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher} must be < teachers.k={self.teachers.k}"
             )
+        singles = self.posterior.single_teachers
+        if singles is not None:
+            if len(singles) != self.student.seeds:
+                raise ValueError(f"posterior.single_teachers has {len(singles)} teachers for student.seeds={self.student.seeds}: "
+                                 "give one teacher per seed (replicate i learns from teacher i)")
+            if len(set(singles)) != len(singles) or min(singles) < 0 or max(singles) >= self.teachers.k:
+                raise ValueError(f"posterior.single_teachers={singles}: distinct teacher ids below teachers.k={self.teachers.k}")
+            if self.teachers.keep_predictions == "none" and max(singles) >= ALWAYS_KEPT:
+                raise ValueError(f"posterior.single_teachers={singles}: with teachers.keep_predictions='none' only teachers "
+                                 f"0..{ALWAYS_KEPT - 1} keep their transfer predictions")
         if self.student.workers > 1 and self.student.selection == "oracle":
             raise ValueError("student.workers > 1 needs student.selection: teacher (gold labels never enter the label stream the workers read)")
         if self.student.workers > 1 and self.student.adaptive_quantile is not None:
@@ -460,8 +486,10 @@ def source_fingerprint(path: str | None) -> list | None:
 
 def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
     out = s.model_dump(mode="json", exclude=exclude)
-    if out["workers"] == 1:  # the default, as before the key existed: caches stay valid
+    if out.get("workers") == 1:  # the default, as before the key existed: caches stay valid
         del out["workers"]
+    if out.get("loss") != "aux_conf":  # no effect on other losses: their caches stay valid
+        out.pop("aux_target", None)
     return out
 
 
@@ -491,10 +519,18 @@ class StageKeys:
 
     @property
     def labels(self) -> str:
-        return config_hash("labels", self.teachers, self.cfg.teachers.k, self.cfg.posterior)
+        # the label table holds the designated single teacher only: the replicates' teachers are
+        # read by their student tasks, so `single_teachers` is not part of the labels
+        return config_hash("labels", self.teachers, self.cfg.teachers.k, self.cfg.posterior.model_dump(mode="json", exclude={"single_teachers"}))
 
-    def student(self, target: str) -> str:
-        return config_hash("student", self.labels, _student_part(self.cfg.student, StudentConfig.PLAN_FIELDS), target)
+    def student(self, target: str, seed: int | None = None, teacher: int | None = None) -> str:
+        """One student: its target, its seed (default `student.seed`, the first replicate) and,
+        for the single target, its teacher (default `posterior.single_teacher`)."""
+        s = self.cfg.student
+        if seed is not None and seed != s.seed:
+            s = s.model_copy(update={"seed": seed})
+        who = target if teacher is None or teacher == self.cfg.posterior.single_teacher else f"{target}#{teacher}"
+        return config_hash("student", self.labels, _student_part(s, StudentConfig.PLAN_FIELDS), who)
 
     @property
     def report(self) -> str:
@@ -507,4 +543,11 @@ class StageKeys:
     def ceiling(self) -> str:
         """Everything about the student except what concerns teacher targets: new training
         options change the ceiling's key by default."""
-        return config_hash("ceiling", self.data, _student_part(self.cfg.student, StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS))
+        return self.ceiling_seed(self.cfg.student.seed)
+
+    def ceiling_seed(self, seed: int) -> str:
+        """The ceiling of one replicate: trained without the student's augmentation unless
+        `student.ceiling_augment` (configs without augmentation keep their key)."""
+        s = self.cfg.student
+        update = {"seed": seed} | ({} if s.ceiling_augment else {"augment_shift": 0})
+        return config_hash("ceiling", self.data, _student_part(s.model_copy(update=update), StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS))

@@ -131,7 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
             agree = float((logits.argmax(-1) == h_t.argmax(-1)).float().mean())
         rec = {"epoch": epoch, "train_loss": total / max(rows, 1), "holdout_loss": hold_loss, "holdout_agreement": agree}
         history.append(rec)
-        if hold_loss < best - 1e-6:
+        if hold_loss < best - 1e-6 or cfg.selection == "last":
             best, best_epoch, bad = hold_loss, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:

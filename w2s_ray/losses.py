@@ -62,14 +62,17 @@ def confidence_adaptive(logits, t, log_t, threshold: float, log_floor: float) ->
     return torch.where(confident, forward_ce(logits, t), reverse_ce(logits, log_t, log_floor))
 
 
-def aux_confidence(logits, t, alpha: float) -> torch.Tensor:
-    """Burns et al. 2023: (1−α)·CE(teacher's hard label) + α·CE(student's own hardened prediction).
+def aux_confidence(logits, t, alpha: float, soft: bool = True) -> torch.Tensor:
+    """Burns et al. 2023: (1−α)·CE(teacher) + α·CE(student's own hardened prediction).
 
-    Burns et al. harden binary predictions with a threshold that keeps the teacher's label
-    balance; for C classes we harden by argmax, the usual multiclass reading.
+    The teacher term is CE to the teacher's probabilities (`soft`, as Burns et al. train on the
+    weak model's soft labels) or to its argmax (hard). Burns et al. harden the student's binary
+    predictions with a threshold that keeps the teacher's label balance; for C classes we harden
+    by argmax, the usual multiclass reading.
     """
     own = logits.detach().argmax(-1)
-    return (1 - alpha) * cross_entropy(logits, t.argmax(-1)) + alpha * cross_entropy(logits, own)
+    teacher = forward_ce(logits, t) if soft else cross_entropy(logits, t.argmax(-1))
+    return (1 - alpha) * teacher + alpha * cross_entropy(logits, own)
 
 
 def kl_forward(logits, t, log_t) -> torch.Tensor:
@@ -92,6 +95,7 @@ class LossOptions:
     beta: float = 1.0
     threshold: float = 0.5
     aux_alpha: float = 0.0
+    aux_soft: bool = True
     log_floor: float = -18.420680743952367  # log(1e-8)
 
 
@@ -100,7 +104,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LossOption
     "mixture": lambda z, t, log_t, o: mixture(z, t, log_t, o.lam, o.log_floor),
     "symmetric": lambda z, t, log_t, o: symmetric(z, t, log_t, o.alpha, o.beta, o.log_floor),
     "adaptive": lambda z, t, log_t, o: confidence_adaptive(z, t, log_t, o.threshold, o.log_floor),
-    "aux_conf": lambda z, t, log_t, o: aux_confidence(z, t, o.aux_alpha),
+    "aux_conf": lambda z, t, log_t, o: aux_confidence(z, t, o.aux_alpha, o.aux_soft),
     "kl": lambda z, t, log_t, o: kl_forward(z, t, log_t),
     "rkl": lambda z, t, log_t, o: kl_reverse(z, log_t, o.log_floor),
 }

@@ -46,7 +46,7 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
     if last >= STAGES.index("labels") and s.labels is None:
         s.labels = stage_labels(ctx, s.data, s.teachers)
     if last >= STAGES.index("student") and s.students is None:
-        s.students = stage_students(ctx, s.data, s.labels)
+        s.students = stage_students(ctx, s.data, s.teachers, s.labels)
     if last >= STAGES.index("report") and s.results is None:
         s.results = stage_report(ctx, s.data, s.teachers, s.labels, s.students)
     return s
@@ -71,7 +71,8 @@ def run_pipeline(cfg: ExperimentConfig, until: str = "report") -> Stages:
 def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None) -> dict[str, Any]:
     """`w2s-ray tune`: teachers, labels, ceiling and baseline students from the cache (computed
     once if missing, never per trial), then the search. `fault` is for tests only."""
-    base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True})})
+    # one seed: a trial is one student, and the baseline and ceiling it is compared with are too
+    base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True, "seeds": 1})})
     with open_run(base) as ctx:
         data = run_stages(ctx, until="data")  # checks the models against the data, before Ray
         check_cluster(ctx, space)

@@ -20,7 +20,8 @@ from tensorboardX import SummaryWriter
 
 from w2s_ray.config import to_yaml
 from w2s_ray.metrics import pgr, wilson_interval
-from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, StudentStage, TeacherStage
+from w2s_ray.replicates import paired, summarize
+from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, StudentResult, StudentStage, TeacherStage
 from w2s_ray.storage import RunDir
 
 
@@ -49,35 +50,79 @@ def write_table(run: RunDir, path: Path, table: pd.DataFrame) -> None:
 # --- the run's report ----------------------------------------------------------------------
 
 
+def student_row(name: str, role: str, reps: list[StudentResult], weak: list[float] | None, ens: float, ceilings: list[StudentResult]) -> dict[str, Any]:
+    """A student's row over its replicates: every metric's mean, test accuracy's n, sd and 95%
+    CI over seeds, and PGR per replicate (against its own weak reference `weak[i]` and the
+    same seed's ceiling), then summarized the same way."""
+    evals = [r.to_json() for r in reps]
+    acc = summarize([r.test_acc for r in reps])
+    row: dict[str, Any] = {"model": name, "role": role, **{k: float(np.mean([e[k] for e in evals])) for k in EVAL_COLUMNS},
+                           "test_acc": acc["mean"], "n": acc["n"], "sd": acc["sd"], "ci": acc["ci"],
+                           "best_epoch": float(np.mean([r.best_epoch for r in reps])), "epochs_run": float(np.mean([r.epochs_run for r in reps])),
+                           "n_params": reps[0].n_params, "device": reps[0].device,
+                           "replicates": [{"seed": r.seed, "teacher": r.teacher, "test_acc": r.test_acc} for r in reps]}
+    if weak is not None:
+        cs = [c.test_acc for c in ceilings] if len(ceilings) == len(reps) else [math.nan] * len(reps)
+        for key, refs in (("pgr_vs_teacher", weak), ("pgr_vs_ensemble", [ens] * len(reps))):
+            per = [pgr(r.test_acc, w, c) for r, w, c in zip(reps, refs, cs)]
+            row[key] = summarize(per)["mean"]
+            row[f"{key}_ci"] = summarize(per)["ci"]
+    return row
+
+
+EVAL_COLUMNS = ("test_gold_ce", "misfit", "entropy_test", "agree_ensemble_test", "agree_single_test")
+
+
 def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students: StudentStage, single_id: int) -> list[dict[str, Any]]:
-    """One row per predictor; `role` says what it is (teachers, teacher, ensemble, student, ceiling)."""
+    """One row per predictor; `role` says what it is (teachers, teacher, ensemble, student, ceiling).
+    Student and ceiling rows summarize their replicates (n seeds); a single-teacher student's
+    PGR is against its own teacher, the other students' against the mean single teacher."""
     weak = float(teacher_acc.mean())
     ens = posterior.test_acc_dual
-    ceiling = students.ceiling.test_acc if students.ceiling else math.nan
+    ceilings = students.ceilings or ([students.ceiling] if students.ceiling else [])
+    ceiling = float(np.mean([c.test_acc for c in ceilings])) if ceilings else math.nan
     rows: list[dict[str, Any]] = [
         {"model": f"teachers (mean of {len(teacher_acc)})", "role": "teachers", "test_acc": weak, "sd": float(teacher_acc.std(ddof=1))},
         {"model": f"teacher #{single_id} (single)", "role": "teacher", "test_acc": posterior.test_acc_single},
         {"model": "ensemble: arithmetic mean", "role": "ensemble", "test_acc": posterior.test_acc_arith, "ci": posterior.ci_arith},
         {"model": "ensemble: dual mean", "role": "ensemble", "test_acc": ens, "ci": posterior.ci_dual},
     ]
+    replicates = students.replicates or {tgt: [r] for tgt, r in students.students.items()}
+    singles = sorted({r.teacher for r in replicates.get("single", []) if r.teacher is not None})
+    if len(singles) > 1:
+        accs = [float(teacher_acc[t]) for t in singles]
+        rows.insert(2, {"model": f"teachers #{', '.join(map(str, singles))} (the single students' own)", "role": "teacher",
+                        "test_acc": float(np.mean(accs)), "sd": float(np.std(accs, ddof=1))})
     no_gap = {name: f"n/a: the ceiling ({ceiling:.4f}) is not above the {name} ({ref:.4f})"
               for name, ref in (("teacher", weak), ("ensemble", ens)) if not ceiling - ref > 1e-12}
-    if students.ceiling is None:
+    if not ceilings:
         no_gap = {name: "n/a: no ceiling was trained (student.ceiling: false)" for name in ("teacher", "ensemble")}
-    for tgt, result in students.students.items():
-        m = {k: v for k, v in result.to_json().items() if k != "history"}
-        row = {"model": f"student on {tgt}", "role": "student", **m,
-               "pgr_vs_teacher": pgr(result.test_acc, weak, ceiling), "pgr_vs_ensemble": pgr(result.test_acc, ens, ceiling)}
+    for tgt, reps in replicates.items():
+        own = [float(teacher_acc[r.teacher if r.teacher is not None else single_id]) for r in reps] if tgt == "single" else [weak] * len(reps)
+        row = student_row(f"student on {tgt}", "student", reps, own, ens, ceilings)
         row.update({f"pgr_vs_{name}_note": note for name, note in no_gap.items()})
         rows.append(row)
-    if students.ceiling:
-        m = {k: v for k, v in students.ceiling.to_json().items() if k != "history"}
-        rows.append({"model": "ceiling: student on gold labels", "role": "ceiling", **m})
+    if ceilings:
+        rows.append(student_row("ceiling: student on gold labels", "ceiling", ceilings, None, ens, []))
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = [("test_acc", "test acc"), ("pgr_vs_teacher", "PGR/teacher"), ("pgr_vs_ensemble", "PGR/ensemble"), ("misfit", "misfit"), ("entropy_test", "entropy"), ("agree_ensemble_test", "agree ens")]
+def comparisons(students: StudentStage) -> list[dict[str, Any]]:
+    """Paired differences in test accuracy between the first (headline) target and each other
+    target, over replicates with the same seeds."""
+    reps = students.replicates
+    targets = list(reps)
+    out = []
+    for other in targets[1:]:
+        a, b = reps[targets[0]], reps[other]
+        if len(a) > 1 and len(a) == len(b):
+            d = paired([r.test_acc for r in a], [r.test_acc for r in b])
+            out.append({"comparison": f"{targets[0]} − {other}", "metric": "test_acc", **d})
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]] | None = None) -> str:
+    cols = [("test_acc", "test acc"), ("n", "n"), ("pgr_vs_teacher", "PGR/teacher"), ("pgr_vs_ensemble", "PGR/ensemble"), ("misfit", "misfit"), ("entropy_test", "entropy"), ("agree_ensemble_test", "agree ens")]
     width = max(len(r["model"]) for r in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{h:>14}" for _, h in cols)]
     for r in rows:
@@ -88,6 +133,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{'n/a':>14}")
             elif v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append(f"{'':>14}")
+            elif key == "n":
+                cells.append(f"{v:>14d}")
             elif key == "test_acc" and r.get("sd") is not None:
                 cells.append(f"{v:.4f}±{r['sd']:.3f}".rjust(14))
             else:
@@ -95,9 +142,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['model']:<{width}}" + "".join(cells))
         if r.get("ci"):
             lo, hi = r["ci"]
-            lines[-1] += f"   95% CI over teachers [{lo:.4f}, {hi:.4f}]"
+            over = "teachers (bootstrap)" if r["role"] == "ensemble" else f"{r['n']} seeds"
+            if r["role"] == "student" and len({x["teacher"] for x in r.get("replicates", [])}) > 1:
+                over += " and teacher draws"
+            lines[-1] += f"   95% CI over {over} [{lo:.4f}, {hi:.4f}]"
     notes = sorted({v for r in rows for k, v in r.items() if k.endswith("_note")})
-    return "\n".join(lines + [f"PGR {note}" for note in notes])
+    lines += [f"PGR {note}" for note in notes]
+    if any(r.get("n") == 1 for r in rows if r["role"] == "student"):
+        lines.append("students: one seed each (student.seeds: 1): no CI; differences between them may be seed noise")
+    for c in compared or []:
+        lo, hi = c["ci"]
+        lines.append(f"paired over {c['n']} seeds: {c['comparison']} test acc {c['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {c['p']:.3f}")
+    return "\n".join(lines)
 
 
 ROLE_COLORS = {"teachers": "#999999", "teacher": "#999999", "ensemble": "#4c72b0", "ceiling": "#55a868", "student": "#dd8452"}
@@ -162,22 +218,29 @@ def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, label
         if lo <= acc.mean():
             ctx.log(f"warning: the mean teacher ({acc.mean():.4f}) is within the ceiling's own 95% CI [{lo:.4f}, {hi:.4f}] "
                     f"over {n_test} test examples: there is no clear gap to recover, and PGR is not meaningful")
-    results = {"rows": rows, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json"), "classes": data.classes}
+    compared = comparisons(students)
+    results = {"rows": rows, "comparisons": compared, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json"), "classes": data.classes}
     d = run.reset(run.stage("report", ctx.keys.report))
     run.write_text(d / "config.yaml", to_yaml(cfg))
     run.write_json(d / "results.json", results)
-    flat = pd.DataFrame([{k: (v if k != "ci" else (str(v) if v else None)) for k, v in r.items()} for r in rows])
+    flat = pd.DataFrame([{k: (str(v) if isinstance(v, list) else v) for k, v in r.items() if k != "replicates"} for r in rows])
     write_table(run, d / "results.parquet", flat)
+    per_seed = [{"target": tgt, "seed": r.seed, "teacher": r.teacher, **{k: v for k, v in r.to_json().items() if k not in ("history", "target", "seed", "teacher")}}
+                for tgt, reps in [*students.replicates.items(), ("ceiling", students.ceilings)] for r in reps]
+    if per_seed:
+        write_table(run, d / "replicates.parquet", pd.DataFrame(per_seed))
     plot_summary(run, rows, acc, posterior, d / "summary.png")
     run.write_manifest(d, ctx.keys.report)
-    for name in ("results.json", "results.parquet", "summary.png"):  # the last run, where people look first
+    for name in ("results.json", "results.parquet", "summary.png", "replicates.parquet"):  # the last run, where people look first
+        if not (d / name).is_file():
+            continue
         with run.atomic(run / name) as tmp:
             shutil.copyfile(d / name, tmp)
     if cfg.output.tensorboard:
         write_tensorboard(run, table, posterior, students)
     if data.classes:
         print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.classes)))
-    print(format_table(rows))
+    print(format_table(rows, compared))
     print(
         f"\nteacher variance (mean KL(dual mean ‖ teacher), test): {posterior.variance_test:.4f}   "
         f"mutual information: {posterior.mutual_info_test:.4f}\nresults: {d / 'results.json'} (and {run / 'results.json'})"

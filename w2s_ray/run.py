@@ -206,6 +206,8 @@ class StudentResult:
     seconds: float
     device: str
     history: list[dict] = field(default_factory=list)
+    seed: int = 0  # the replicate's student seed
+    teacher: int | None = None  # for the single target: the teacher it learned from
 
     @property
     def test_acc(self) -> float:
@@ -227,8 +229,26 @@ class StudentResult:
 
 @dataclass(frozen=True)
 class StudentStage:
+    """The students of a run: every replicate (`student.seeds`) of every target and of the
+    ceiling, in seed order; `students` and `ceiling` are the first replicate's (seed
+    `student.seed`, the designated single teacher), as a run with one seed has."""
+
     students: dict[str, StudentResult]  # by target, in the config's order
     ceiling: StudentResult | None
+    replicates: dict[str, list[StudentResult]] = field(default_factory=dict)
+    ceilings: list[StudentResult] = field(default_factory=list)
+    dirs: dict[tuple[str | None, int], Path] = field(default_factory=dict)  # (target or None, replicate) → its directory
+
+    def test_logp(self, target: str | None, replicate: int) -> np.ndarray:
+        """`[n_test, C]` log-probabilities of one student on the test split, as saved."""
+        t = pq.read_table(self.dirs[(target, replicate)] / TEST_LOGP)
+        col = t["logp"].combine_chunks()
+        return col.flatten().to_numpy().reshape(-1, col.type.list_size)
+
+
+TEST_LOGP = "test_logp.parquet"
+"""Each student's log-probabilities on the test split (`id`, `logp`), beside its metrics: what a
+reader needs to recompute every number the report and the claims study state."""
 
 
 @dataclass

@@ -12,9 +12,11 @@ so they cannot starve it of CPUs. Studies fan out their students through the sam
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -22,9 +24,10 @@ from w2s_ray import artifacts
 from w2s_ray.config import StudentConfig
 from w2s_ray.ddp import fit_student
 from w2s_ray.labels import read_test_posterior
-from w2s_ray.packfiles import LabelSource
+from w2s_ray.errors import W2SError
+from w2s_ray.packfiles import LabelSource, fixed_list
 from w2s_ray.raytools import Progress, as_completed
-from w2s_ray.run import DataStage, LabelStage, RunContext, StudentResult, StudentStage
+from w2s_ray.run import TEST_LOGP, DataStage, LabelStage, RunContext, StudentResult, StudentStage, TeacherStage
 from w2s_ray.workers import evaluate_task, student_task
 
 
@@ -33,12 +36,13 @@ class StudentInputs:
     reads them itself) and the test split with its posterior (grows with the test split only),
     put in the object store once; `submit` starts one student task."""
 
-    def __init__(self, src: LabelSource, test: dict, n_classes: int):
+    def __init__(self, src: LabelSource, test: dict, n_classes: int, teachers: TeacherStage | None = None, single: int = 0):
         self.src, self.test, self.n_classes = src, test, n_classes
+        self.teachers, self.single = teachers, single  # the ensemble, and the teacher the labels' single column holds
         self.test_ref = ray.put(test)
 
     @classmethod
-    def load(cls, ctx: RunContext, data: DataStage, labels: LabelStage) -> "StudentInputs":
+    def load(cls, ctx: RunContext, data: DataStage, labels: LabelStage, teachers: TeacherStage | None = None) -> "StudentInputs":
         test_post = read_test_posterior(labels.dir)
         test = {
             "x": torch.from_numpy(data.splits["test"].x),
@@ -46,14 +50,21 @@ class StudentInputs:
             "dual_log": test_post["dual_log"],
             "single_log": test_post["single_log"],
         }
-        return cls(LabelSource(ctx.run, labels.dir, data.splits.path("transfer")), test, data.n_classes)
+        src = LabelSource(ctx.run, labels.dir, data.splits.path("transfer"))
+        return cls(src, test, data.n_classes, teachers, ctx.cfg.posterior.single_teacher)
 
-    def submit(self, scfg: StudentConfig, target: str | None, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None):
+    def submit(self, scfg: StudentConfig, target: str | None, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None, teacher: int | None = None):
         """Start one student task on a named target, on given probabilities `t` (with logs; then
-        `target` only names it), or with `target` None on the gold labels (the ceiling)."""
+        `target` only names it), with `target` None on the gold labels (the ceiling), or for the
+        single target on `teacher` (default: the designated one, in the labels table)."""
         res = scfg.resources
+        single = None
+        if target == "single" and teacher is not None and teacher != self.single:
+            if self.teachers is None:
+                raise ValueError("a single-teacher student on another teacher needs the teacher stage")
+            single = (self.teachers, teacher)
         task = ray.remote(student_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-        return task.remote(scfg.model_dump(mode="json"), target, self.src, self.n_classes, self.test_ref, max(1, int(res.num_cpus)), t, log_t)
+        return task.remote(scfg.model_dump(mode="json"), target, self.src, self.n_classes, self.test_ref, max(1, int(res.num_cpus)), t, log_t, single)
 
     def evaluate(self, scfg: StudentConfig, target: str, res) -> Any:
         """Evaluate a student trained across workers (`ddp.fit_student`), in one task."""
@@ -67,47 +78,80 @@ class StudentInputs:
             yield tag, ray.get(ref)
 
 
-def label(target: str | None) -> str:
-    return "ceiling" if target is None else f"student[{target}]"
+def label(target: str | None, replicate: int = 0, teacher: int | None = None) -> str:
+    name = "ceiling" if target is None else f"student[{target}]"
+    if teacher is not None:
+        name = f"student[{target} #{teacher}]"
+    return name if replicate == 0 else f"{name} seed +{replicate}"
 
 
-def stage_students(ctx: RunContext, data: DataStage, labels: LabelStage) -> StudentStage:
-    """One student per configured target, plus the gold-label ceiling; each cached on its own key."""
-    scfg = ctx.cfg.student
-    dirs: dict[str | None, Path] = {tgt: ctx.run.open_stage("student", ctx.keys.student(tgt)) for tgt in scfg.targets}
-    if scfg.ceiling:
-        dirs[None] = ctx.run.open_stage("ceiling", ctx.keys.ceiling)
-    results: dict[str | None, StudentResult] = {}
-    for tgt, d in dirs.items():
-        if artifacts.read_manifest(d) is not None:
-            results[tgt] = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
-            ctx.log(f"{label(tgt)}: cached {d}")
-    todo = [tgt for tgt in dirs if tgt not in results]
+def single_teachers(cfg) -> list[int]:
+    """The teacher of each replicate of the single target."""
+    return list(cfg.posterior.single_teachers or [cfg.posterior.single_teacher] * cfg.student.seeds)
+
+
+def stage_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage) -> StudentStage:
+    """`student.seeds` replicates of one student per configured target, plus the gold-label
+    ceiling: replicate i uses seed `student.seed + i` (and, for the single target, teacher
+    `posterior.single_teachers[i]`); each student is cached on its own key and saves its test
+    predictions (`test_logp.parquet`) beside its metrics."""
+    cfg = ctx.cfg
+    scfg = cfg.student
+    singles = single_teachers(cfg)
+    plan: dict[tuple[str | None, int], tuple[Path, int | None]] = {}
+    for i in range(scfg.seeds):
+        seed = scfg.seed + i
+        for tgt in scfg.targets:
+            teacher = singles[i] if tgt == "single" else None
+            plan[(tgt, i)] = (ctx.run.open_stage("student", ctx.keys.student(tgt, seed, teacher)), teacher)
+        if scfg.ceiling:
+            plan[(None, i)] = (ctx.run.open_stage("ceiling", ctx.keys.ceiling_seed(seed)), None)
+    results: dict[tuple[str | None, int], StudentResult] = {}
+    for (tgt, i), (d, teacher) in plan.items():
+        if artifacts.read_manifest(d) is not None and (d / TEST_LOGP).is_file():
+            results[(tgt, i)] = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
+    if results:
+        ctx.log(f"students: {len(results)} of {len(plan)} cached")
+    todo = [job for job in plan if job not in results]
     if todo:
         ctx.ray()
-        inputs = StudentInputs.load(ctx, data, labels)
-        for tgt in todo:
-            ctx.log(f"{label(tgt)}: training {scfg.model.name} (width {scfg.model.width}, depth {scfg.model.depth})")
+        inputs = StudentInputs.load(ctx, data, labels, teachers)
+        ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
+                f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")
         # a student across several workers takes them all: those run one after another, first
-        spread = [tgt for tgt in todo if tgt is not None and scfg.workers > 1]
-        alone = [tgt for tgt in todo if tgt not in spread]
+        spread = [job for job in todo if job[0] is not None and scfg.workers > 1]
+        alone = [job for job in todo if job not in spread]
 
-        def outputs() -> Iterator[tuple[str | None, dict[str, Any]]]:
-            for tgt in spread:
-                ctx.log(f"{label(tgt)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
-                res = fit_student(ctx.run, labels.dir, scfg, tgt, data.in_dim, data.n_classes, dirs[tgt] / "train")
-                yield tgt, ray.get(inputs.evaluate(scfg, tgt, res))
-            yield from inputs.train_all({tgt: (scfg, tgt) for tgt in alone})
+        def replicate_cfg(i: int) -> StudentConfig:
+            return scfg.model_copy(update={"seed": scfg.seed + i})
 
+        def outputs() -> Iterator[tuple[tuple[str | None, int], dict[str, Any]]]:
+            for tgt, i in spread:
+                d, teacher = plan[(tgt, i)]
+                if teacher is not None and teacher != cfg.posterior.single_teacher:
+                    raise W2SError(f"student.workers > 1 trains the single target on the designated teacher only; "
+                                   f"posterior.single_teachers {singles} needs student.workers: 1")
+                ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
+                res = fit_student(ctx.run, labels.dir, replicate_cfg(i), tgt, data.in_dim, data.n_classes, d / "train")
+                yield (tgt, i), ray.get(inputs.evaluate(replicate_cfg(i), tgt, res))
+            jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
+            yield from inputs.train_all(jobs)
+
+        test_ids = data.splits["test"].ids
         with Progress("students", len(todo), unit="student") as bar:
-            for tgt, out in outputs():
-                d = ctx.run.reset(dirs[tgt])
+            for (tgt, i), out in outputs():
+                d, teacher = plan[(tgt, i)]
+                d = ctx.run.reset(d)
                 with ctx.run.atomic(d / "weights.pt") as tmp:
                     torch.save(out["state_dict"], tmp)
-                result: StudentResult = out["result"]
+                ctx.run.write_parquet(d / TEST_LOGP, pa.table({"id": test_ids, "logp": fixed_list(out["log_test"].numpy())}))
+                result = dataclasses.replace(out["result"], seed=scfg.seed + i, teacher=teacher)
                 ctx.run.write_json(d / "metrics.json", result.to_json())
-                ctx.run.write_manifest(d, d.name, target=tgt)
-                results[tgt] = result
-                ctx.log(f"{label(tgt)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
+                ctx.run.write_manifest(d, d.name, target=tgt, seed=scfg.seed + i, teacher=teacher)
+                results[(tgt, i)] = result
+                ctx.log(f"{label(tgt, i, teacher)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
                 bar.update(1)
-    return StudentStage({tgt: results[tgt] for tgt in scfg.targets}, results.get(None))
+    replicates = {tgt: [results[(tgt, i)] for i in range(scfg.seeds)] for tgt in scfg.targets}
+    ceilings = [results[(None, i)] for i in range(scfg.seeds)] if scfg.ceiling else []
+    return StudentStage({tgt: r[0] for tgt, r in replicates.items()}, ceilings[0] if ceilings else None, replicates, ceilings,
+                        {job: d for job, (d, _) in plan.items()})

@@ -100,7 +100,7 @@ def train_student(
         aux_alpha = cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps))
         return student_loss(
             loss_name, logits, t[rows], log_t[rows], lam=cfg.rce_weight, alpha=cfg.sym_alpha,
-            beta=cfg.sym_beta, threshold=threshold, aux_alpha=aux_alpha, log_floor=cfg.log_floor,
+            beta=cfg.sym_beta, threshold=threshold, aux_alpha=aux_alpha, aux_soft=cfg.aux_target == "soft", log_floor=cfg.log_floor,
         ).mean()
 
     best_score, best_state, best_epoch, bad, step, start = float("inf"), None, 0, 0, 0, 1
@@ -148,7 +148,10 @@ def train_student(
                 rec["holdout_gold_acc"] = float((logits.argmax(-1).cpu() == y_gold[hold_rows]).float().mean())
         score = -rec["holdout_gold_acc"] if oracle else hold_loss
         history.append(rec)
-        if score < best_score - 1e-6:
+        if cfg.selection == "last":  # no selection: the last epoch's weights, whatever the loss says
+            best_score, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        elif score < best_score - 1e-6:
             best_score, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:

@@ -140,10 +140,12 @@ class PackTrainer:
 
 
 def student_task(cfg_json: dict, target: str | None, src: LabelSource, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1,
-                 t: torch.Tensor | None = None, log_t: torch.Tensor | None = None) -> dict[str, Any]:
+                 t: torch.Tensor | None = None, log_t: torch.Tensor | None = None, single: tuple[TeacherStage, int] | None = None) -> dict[str, Any]:
     """Train and evaluate one student, in a Ray task that reads its own labels (`src`): on the
-    named `target`, on given probabilities `t` (with logs; `target` then only names them), or
-    with `target` None on the gold labels (the ceiling)."""
+    named `target`, on given probabilities `t` (with logs; `target` then only names them), on
+    teacher `single = (stage, id)`'s own predictions (read here from its pack; a single-teacher
+    replicate other than the designated one), or with `target` None on the gold labels (the
+    ceiling: forward CE, without the students' augmentation unless `ceiling_augment`)."""
     torch.set_num_threads(max(1, threads))
     cfg = StudentConfig.model_validate(cfg_json)
     device = gpu_device()
@@ -151,9 +153,14 @@ def student_task(cfg_json: dict, target: str | None, src: LabelSource, n_classes
     ceiling = target is None
     gold = src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
     if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
-        cfg = cfg.model_copy(update={"rce_weight": 0.0})
+        cfg = cfg.model_copy(update={"rce_weight": 0.0} | ({} if cfg.ceiling_augment else {"augment_shift": 0}))
         t = torch.nn.functional.one_hot(gold, n_classes).float()
         log_t = t.clamp_min(1e-8).log()
+    elif single is not None:
+        stage, tid = single
+        log_t = single_teacher(stage, "transfer", tid, run=src.run)
+        t = log_t.exp()
+        test = {**test, "single_log": single_teacher(stage, "test", tid, run=src.run)}
     elif t is None:
         t, log_t = target_of(labels, target, cfg.log_floor)
     show = epoch_printer("ceiling" if ceiling else f"student[{target}]", cfg.epochs)

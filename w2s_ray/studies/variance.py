@@ -96,7 +96,7 @@ def sources_table(done: dict[str, Stages]) -> pd.DataFrame:
             {
                 "resample": resample, "K": s.teachers.k, "mean_teacher_acc": float(s.teachers.accuracies().mean()),
                 "teacher_variance": post.variance_test, "mutual_info": post.mutual_info_test,
-                "ensemble_acc_dual": post.test_acc_dual, "student_acc": s.students.students["dual_mean"].test_acc,
+                "ensemble_acc_dual": post.test_acc_dual, "student_acc": float(np.mean([r.test_acc for r in s.students.replicates["dual_mean"]])), "student_n": len(s.students.replicates["dual_mean"]),
             }
         )
     return pd.DataFrame(rows)
