@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import run_dir, small_config
 from w2s_ray.pipeline import run_stages, run_study
 from w2s_ray.run import RunContext
 from w2s_ray.studies import STUDIES, theory, variance
@@ -108,3 +108,34 @@ def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
     assert len(regimes) == 2 and regimes["pgr_dual_mean_vs_teacher"].notna().all()
     # the window regime's teachers see less than the default's
     assert regimes["mean_teacher_acc"].iloc[1] != regimes["mean_teacher_acc"].iloc[0]
+
+
+@pytest.mark.slow
+def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
+    """C1, C2, C5, C6 over 5 seeds; the effects recomputed here from the saved per-seed test
+    predictions, the C2 identity exact, each verdict the one its CI implies."""
+    from w2s_ray.studies import claims
+
+    out = run_study("claims", warm(tmp_path, study_config, "labels"))
+    table = pd.read_parquet(out / "claims.parquet").set_index("claim")
+    assert list(table.index) == ["C1", "C2", "C5", "C6"] and (table["n"] == 5).all()
+    for c in ("C1", "C6"):
+        lo, hi = table.loc[c, ["ci_lo", "ci_hi"]]
+        assert table.loc[c, "verdict"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive")
+    students = pd.read_parquet(out / "students.parquet")
+    y = pd.read_parquet(next(run_dir(study_config(tmp_path)).path.glob("data/*/test.parquet")))["y"].to_numpy()
+
+    def acc(run, target, i):
+        d = students[(students["run"] == run) & (students["target"] == target) & (students["replicate"] == i)]["dir"].item()
+        logp = np.stack(pd.read_parquet(f"{d}/test_logp.parquet")["logp"].to_numpy())
+        return float((logp.argmax(-1) == y).mean())
+
+    c1 = [acc("main", "dual_mean", i) - acc("main", "single", i) for i in range(5)]
+    assert table.loc["C1", "effect"] == pytest.approx(np.mean(c1), abs=1e-6)
+    dec = pd.read_parquet(out / "c2_decomposition.parquet")
+    assert len(dec) == 10 and dec["identity_error"].max() < 1e-6 and sorted(set(dec["teacher"].dropna())) == [0, 1, 2, 3, 4]
+    lam = pd.read_parquet(out / "c5_rce.parquet")
+    assert lam["lambda"].tolist() == list(claims.LAMBDAS) and (lam["n"] == 5).all()
+    c5 = [acc("rce 0.5", "dual_mean", i) - acc("rce 0.0", "dual_mean", i) for i in range(5)]
+    assert lam.set_index("lambda").loc[0.5, "acc_minus_lambda0"] == pytest.approx(np.mean(c5), abs=1e-6)
+    assert table.loc["C5", "verdict"] in ("supported", "not supported", "inconclusive") and "C3" in (out / "report.md").read_text()

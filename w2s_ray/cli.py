@@ -3,7 +3,7 @@
     w2s-ray run [CONFIG.yaml] [--set key=value ...]
     w2s-ray data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
-    w2s-ray study variance|theory [CONFIG.yaml]               (a study with report.md)
+    w2s-ray study variance|theory|claims [CONFIG.yaml]        (a study with report.md)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -18,7 +18,7 @@ from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml
 from w2s_ray.errors import W2SError
 from w2s_ray.space import load_space
 
-STUDY_KINDS = ("variance", "theory")
+STUDY_KINDS = ("variance", "theory", "claims")
 SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)
 
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/capacity_x_rce.yaml")
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
-    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling) or theory (squared-loss example)")
+    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example) or claims (the paper's claims over seeds, with CIs and verdicts)")
     study.add_argument("kind", choices=STUDY_KINDS)
     study.add_argument("config", nargs="?")
     show = sub.add_parser("config", help="print the resolved config")

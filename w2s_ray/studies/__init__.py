@@ -8,6 +8,6 @@
 `STUDIES` maps the CLI's `w2s-ray study KIND` to the module.
 """
 
-from w2s_ray.studies import theory, variance
+from w2s_ray.studies import claims, theory, variance
 
-STUDIES = {"variance": variance, "theory": theory}
+STUDIES = {"variance": variance, "theory": theory, "claims": claims}
