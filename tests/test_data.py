@@ -9,7 +9,7 @@ import pytest
 from w2s_ray.config import DataConfig
 from w2s_ray.data import load_parquet, make_splits
 from w2s_ray.mnist1d_gen import mnist1d_plan
-from w2s_ray.errors import DataError
+from w2s_ray.errors import ConfigError, DataError
 
 
 def write(tmp_path, x, y, name="d.parquet", **extra):
@@ -188,7 +188,7 @@ def test_string_labels_map_to_classes_in_sorted_order(tmp_path, encode):
     x, _ = good(n=6)
     names = ["setosa", "virginica", "versicolor", "setosa", "virginica", "versicolor"]
     path = write(tmp_path, x, None, label=encode(pa.array(names)))
-    xs, ys, classes = read_parquet_source(cfg(path, label_column="label"))
+    xs, ys, classes, _ = read_parquet_source(cfg(path, label_column="label"))
     assert classes == ["setosa", "versicolor", "virginica"]
     assert ys.tolist() == [0, 2, 1, 0, 2, 1] and xs.shape == (6, 5)
     with pytest.raises(DataError, match="3 classes, more than data.n_classes = 2"):
@@ -219,3 +219,46 @@ def test_the_synthetic_source_is_seeded_shaped_like_mnist1d_and_learnable():
     means = np.stack([x[:3000][y[:3000] == c].mean(0) for c in range(10)])
     acc = float(((x[3000:, None, :] - means[None]) ** 2).sum(-1).argmin(1).__eq__(y[3000:]).mean())
     assert 0.2 < acc < 0.95, acc
+
+
+def test_teachers_can_read_their_own_feature_columns(tmp_path):
+    from w2s_ray.data import read_parquet_source, standardize
+
+    x, y = good()
+    small = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(x[:, :2] * 10 + 3, np.float32).reshape(-1)), 2)
+    path = write(tmp_path, x, y, xt=small, a=pa.array(x[:, 0]), b=pa.array(x[:, 1]))
+    xs, ys, _, xt = read_parquet_source(cfg(path, teacher_features="xt"))
+    assert xs.shape == (40, 5) and xt.shape == (40, 2) and np.allclose(xt, x[:, :2] * 10 + 3, atol=1e-4)
+    assert np.array_equal(read_parquet_source(cfg(path, teacher_feature_columns=["a", "b"]))[3], x[:, :2].astype(np.float32))
+    # split row for row with the student's features; each scaled by its own weak-split statistics
+    c = cfg(path, teacher_features="xt")
+    splits = make_splits(xs, ys, c, xt=xt)
+    stats = standardize(splits)
+    assert len(stats["mean"]) == 5 and len(stats["teacher"]["mean"]) == 2
+    assert np.allclose(splits["weak"].xt.mean(0), 0, atol=1e-5) and splits["test"].xt.shape == (10, 2)
+    back = splits["test"].table()
+    assert back.column_names == ["id", "x", "y", "xt"]
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda x: {"xt": pa.array([[1.0, 2.0]] * 39 + [[1.0]])}, "column 'xt' is ragged"),
+        (lambda x: {"xt": pa.array([[1.0, float("nan")]] * 40)}, "column 'xt' has NaN or inf in 40 rows"),
+        (lambda x: {"xt": pa.array(["a"] * 40)}, "column 'xt' must be a list of numbers per row \\(or set data.teacher_feature_columns\\)"),
+        (lambda x: {}, "teachers' feature column 'xt' is missing"),
+    ],
+)
+def test_bad_teacher_features_name_the_column(tmp_path, make, needle):
+    from w2s_ray.data import read_parquet_source
+
+    x, y = good()
+    with pytest.raises(DataError, match=needle):
+        read_parquet_source(cfg(write(tmp_path, x, y, **make(x)), teacher_features="xt"))
+
+
+def test_teacher_features_are_for_user_parquet():
+    from w2s_ray.config import parse_config
+
+    with pytest.raises(ConfigError, match="data.teacher_features / data.teacher_feature_columns name columns of user Parquet"):
+        parse_config({"data": {"teacher_features": "small"}})

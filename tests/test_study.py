@@ -118,7 +118,15 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
 
     out = run_study("claims", warm(tmp_path, study_config, "labels"))
     table = pd.read_parquet(out / "claims.parquet").set_index("claim")
-    assert list(table.index) == ["C1", "C2", "C5", "C6"] and (table["n"] == 5).all()
+    assert list(table.index) == ["C1", "C2", "C2b", "C3", "C4", "C5", "C6"] and (table.drop(index="C4")["n"] == 5).all()
+    widths = pd.read_parquet(out / "widths.parquet")
+    assert sorted(set(widths["width"])) == claims.widths(study_config(tmp_path)) and table.loc["C4", "n"] == 5 * len(set(widths["width"]))
+    d = widths[widths["target"] == "dual_mean"]
+    lo_w, hi_w = (d[d["width"] == w].sort_values("seed")["kl_to_dual_mean"].to_numpy() for w in (d["width"].min(), d["width"].max()))
+    assert table.loc["C3", "effect"] == pytest.approx(np.mean(hi_w - lo_w))
+    for c, sign in (("C3", -1), ("C2b", -1), ("C4", -1)):
+        lo, hi = sorted(sign * table.loc[c, ["ci_lo", "ci_hi"]].to_numpy())
+        assert table.loc[c, "verdict"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive"), c
     for c in ("C1", "C6"):
         lo, hi = table.loc[c, ["ci_lo", "ci_hi"]]
         assert table.loc[c, "verdict"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive")

@@ -76,6 +76,11 @@ class DataConfig(Strict):
         None, min_length=1, description="numeric feature columns; default: the list column named by `features`"
     )
     features: str = "x"
+    teacher_features: str | None = Field(
+        None, description="user Parquet: the teachers' own list column of features (e.g. a small model's embeddings), "
+        "while the student reads `features`; default: teachers and student read the same features",
+    )
+    teacher_feature_columns: list[str] | None = Field(None, min_length=1, description="user Parquet: the teachers' own numeric feature columns")
     label_column: str = "y"
     n_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
     num_samples: int = Field(12000, ge=30, le=50_000_000, description="mnist1d and synthetic only")
@@ -100,6 +105,10 @@ class DataConfig(Strict):
             )
         if self.source == "parquet" and not self.path:
             raise ValueError("data.path is required when data.source is 'parquet'")
+        if (self.teacher_features or self.teacher_feature_columns) and self.source != "parquet":
+            raise ValueError(f"data.teacher_features / data.teacher_feature_columns name columns of user Parquet; data.source is {self.source!r}")
+        if self.teacher_features and self.teacher_feature_columns:
+            raise ValueError("data.teacher_features and data.teacher_feature_columns: give one of them")
         if self.standardize is None:
             self.standardize = self.source == "parquet"
         return self
@@ -322,21 +331,23 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_shapes(cfg: ExperimentConfig, in_dim: int, n_classes: int) -> dict[str, int]:
+def check_shapes(cfg: ExperimentConfig, in_dim: int, n_classes: int, teacher_dim: int | None = None) -> dict[str, int]:
     """What the config can only be checked against once the data's shape is known: the teacher
     view, and every model built (on the meta device) with its training memory estimated.
-    Returns the parameter count per model key. Run before Ray starts."""
+    `teacher_dim`: the teachers' own features' width, when they have their own. Returns the
+    parameter count per model key. Run before Ray starts."""
+    t_dim = teacher_dim or in_dim
     view = cfg.teachers.view
-    if view.kind == "window" and view.start + view.length > in_dim:
+    if view.kind == "window" and view.start + view.length > t_dim:
         raise ConfigError(
-            f"teachers.view: the window [{view.start}, {view.start + view.length}) does not fit in the data's "
-            f"{in_dim} features"
+            f"teachers.view: the window [{view.start}, {view.start + view.length}) does not fit in the teachers' "
+            f"{t_dim} features"
         )
     pack = min(cfg.teachers.k, cfg.teachers.resources.max_pack_size)
     params, limit = {}, memory_bytes()
-    for key, model, copies in (("teachers.model", cfg.teachers.model, pack), ("student.model", cfg.student.model, 1)):
+    for key, model, copies, dim in (("teachers.model", cfg.teachers.model, pack, t_dim), ("student.model", cfg.student.model, 1, in_dim)):
         try:
-            params[key] = models.check_model(model, in_dim, n_classes)
+            params[key] = models.check_model(model, dim, n_classes)
         except ConfigError as err:
             raise ConfigError(f"{key}: {err}") from None
         need = params[key] * TRAINING_BYTES_PER_PARAM * copies
@@ -503,7 +514,11 @@ class StageKeys:
     @property
     def data(self) -> str:
         d = self.cfg.data
-        return config_hash("data", d, source_fingerprint(d.path) if d.source == "parquet" else None)
+        part = d.model_dump(mode="json")
+        for key in ("teacher_features", "teacher_feature_columns"):
+            if part[key] is None:  # the default, as before the keys existed: caches stay valid
+                del part[key]
+        return config_hash("data", part, source_fingerprint(d.path) if d.source == "parquet" else None)
 
     @property
     def teachers(self) -> str:

@@ -91,12 +91,14 @@ def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> None:
 
 def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate user data; every error names the file and the column."""
-    x, y, _ = read_parquet_source(cfg)
+    x, y, _, _ = read_parquet_source(cfg)
     return x, y
 
 
-def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """Features, integer labels, and the class names of a string label column."""
+def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str] | None, np.ndarray | None]:
+    """Features, integer labels, the class names of a string label column, and the teachers'
+    own features when `data.teacher_features` / `teacher_feature_columns` name them (validated
+    the same way: missing, null, ragged, non-numeric, NaN)."""
     path = cfg.path or ""
     table = _open_parquet(path)
     if table.num_rows == 0:
@@ -104,43 +106,46 @@ def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[s
     names = table.column_names
     if cfg.label_column not in names:
         raise DataError(f"{path}: label column {cfg.label_column!r} is missing (columns: {names})")
-    x = _features(table, cfg, path)
+    x = _features(table, cfg.features, cfg.feature_columns, path, "data.feature_columns")
+    xt = None
+    if cfg.teacher_features or cfg.teacher_feature_columns:
+        xt = _features(table, cfg.teacher_features or "", cfg.teacher_feature_columns, path, "data.teacher_feature_columns", "teachers' ")
     y, classes = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
-    return x, y, classes
+    return x, y, classes, xt
 
 
-def _features(table: pa.Table, cfg: DataConfig, path: str) -> np.ndarray:
-    cols = cfg.feature_columns or [cfg.features]
+def _features(table: pa.Table, features: str, feature_columns: list[str] | None, path: str, columns_key: str, whose: str = "") -> np.ndarray:
+    cols = feature_columns or [features]
     for c in cols:
         if c not in table.column_names:
-            raise DataError(f"{path}: feature column {c!r} is missing (columns: {table.column_names})")
-    if cfg.feature_columns is None:
-        col = table[cfg.features].combine_chunks()
+            raise DataError(f"{path}: {whose}feature column {c!r} is missing (columns: {table.column_names})")
+    if feature_columns is None:
+        col = table[features].combine_chunks()
         if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type)):
             raise DataError(
-                f"{path}: column {cfg.features!r} must be a list of numbers per row (or set data.feature_columns)"
+                f"{path}: column {features!r} must be a list of numbers per row (or set {columns_key})"
             )
         if col.null_count:
-            raise DataError(f"{path}: column {cfg.features!r} has {col.null_count} null rows")
+            raise DataError(f"{path}: column {features!r} has {col.null_count} null rows")
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         if len(set(lengths.tolist())) == 1 and lengths[0] == 0:
-            raise DataError(f"{path}: column {cfg.features!r} holds empty lists: no features")
+            raise DataError(f"{path}: column {features!r} holds empty lists: no features")
         if len(set(lengths.tolist())) != 1:
             raise DataError(
-                f"{path}: column {cfg.features!r} is ragged: rows have {sorted(set(lengths.tolist()))[:5]} features"
+                f"{path}: column {features!r} is ragged: rows have {sorted(set(lengths.tolist()))[:5]} features"
             )
         if not pa.types.is_integer(col.type.value_type) and not pa.types.is_floating(col.type.value_type):
-            raise DataError(f"{path}: column {cfg.features!r} holds {col.type.value_type}, not numbers")
+            raise DataError(f"{path}: column {features!r} holds {col.type.value_type}, not numbers")
         x = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
-        _check_finite(x, cfg.features, path)
+        _check_finite(x, features, path)
         return x
     arrays = []
     for c in cols:
         col = table[c]
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-            raise DataError(f"{path}: feature column {c!r} has type {col.type}, not numeric")
+            raise DataError(f"{path}: {whose}feature column {c!r} has type {col.type}, not numeric")
         if col.null_count:
-            raise DataError(f"{path}: feature column {c!r} has {col.null_count} null values")
+            raise DataError(f"{path}: {whose}feature column {c!r} has {col.null_count} null values")
         a = col.to_numpy().astype(np.float32)
         _check_finite(a, c, path)
         arrays.append(a)
@@ -206,14 +211,16 @@ SOURCES: dict[str, Callable[[DataConfig, Callable], tuple[np.ndarray, np.ndarray
 }
 
 
-def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    return SOURCES[cfg.source](cfg, map_fn)
+def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray, list[str] | None, np.ndarray | None]:
+    """(features, labels, class names, the teachers' own features or None)."""
+    out = SOURCES[cfg.source](cfg, map_fn)
+    return out if len(out) == 4 else (*out, None)
 
 
 # --- splits --------------------------------------------------------------------------------
 
 
-def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "data") -> dict[str, Split]:
+def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "data", xt: np.ndarray | None = None) -> dict[str, Split]:
     need = cfg.n_weak + cfg.n_transfer + cfg.n_test
     if need > len(y):
         raise DataError(
@@ -224,20 +231,30 @@ def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "da
     out = {}
     for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
         ids = np.sort(perm[lo:hi])
-        out[name] = Split(ids=ids.astype(np.int64), x=np.ascontiguousarray(x[ids], dtype=np.float32), y=y[ids].astype(np.int64))
+        xt_ids = None if xt is None else np.ascontiguousarray(xt[ids], dtype=np.float32)
+        out[name] = Split(ids=ids.astype(np.int64), x=np.ascontiguousarray(x[ids], dtype=np.float32), y=y[ids].astype(np.int64), xt=xt_ids)
     return out
 
 
-def standardize(splits: dict[str, Split]) -> dict[str, list[float]]:
+def standardize(splits: dict[str, Split]) -> dict[str, Any]:
     """Scale every split's features in place by the weak-gold split's per-feature mean and sd
     (the only split whose statistics a weak teacher may see); a constant feature keeps sd 1.
-    Returns the statistics, which the data manifest records."""
-    weak = splits["weak"].x.astype(np.float64)
-    mean, sd = weak.mean(0), weak.std(0)
-    sd[sd < 1e-12] = 1.0
-    for s in splits.values():
-        s.x[:] = ((s.x - mean) / sd).astype(np.float32)
-    return {"mean": mean.tolist(), "sd": sd.tolist()}
+    The teachers' own features, when there are, are scaled by their own statistics. Returns
+    the statistics, which the data manifest records."""
+
+    def scale(get) -> dict[str, list[float]]:
+        weak = get(splits["weak"]).astype(np.float64)
+        mean, sd = weak.mean(0), weak.std(0)
+        sd[sd < 1e-12] = 1.0
+        for s in splits.values():
+            a = get(s)
+            a[:] = ((a - mean) / sd).astype(np.float32)
+        return {"mean": mean.tolist(), "sd": sd.tolist()}
+
+    out: dict[str, Any] = scale(lambda s: s.x)
+    if splits["weak"].xt is not None:
+        out["teacher"] = scale(lambda s: s.xt)
+    return out
 
 
 def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
@@ -250,10 +267,10 @@ def n_classes_of(cfg: DataConfig, y: np.ndarray) -> int:
 BUILTIN_SHAPES = {"mnist1d": (MNIST1D_FEATURES, 10), "digits": (64, 10), "synthetic": (synthetic.FEATURES, synthetic.CLASSES)}
 
 
-def check_models(ctx: RunContext, in_dim: int, n_classes: int) -> None:
+def check_models(ctx: RunContext, in_dim: int, n_classes: int, teacher_dim: int | None = None) -> None:
     """The config against the data's shape (teacher view, both models built on the meta device,
     their training memory), then the models and their sizes in the log."""
-    params = check_shapes(ctx.cfg, in_dim, n_classes)
+    params = check_shapes(ctx.cfg, in_dim, n_classes, teacher_dim)
     t, s = ctx.cfg.teachers.model, ctx.cfg.student.model
     ctx.log(f"models: teachers {t.name} (width {t.width}, depth {t.depth}) {params['teachers.model']:,} parameters; "
             f"student {s.name} (width {s.width}, depth {s.depth}) {params['student.model']:,} parameters")
@@ -263,22 +280,26 @@ GENERATED = ("mnist1d", "synthetic")
 """Sources generated in chunks by Ray tasks: built in a Ray task that writes the splits itself."""
 
 
-def write_splits(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str] | None, run: RunDir, d: Path) -> dict[str, Any]:
+def write_splits(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str] | None, run: RunDir, d: Path,
+                 xt: np.ndarray | None = None) -> dict[str, Any]:
     """Split, standardize and write the three splits; return the manifest's fields."""
-    splits = make_splits(x, y, cfg, cfg.path or cfg.source)
+    splits = make_splits(x, y, cfg, cfg.path or cfg.source, xt)
     scaling = standardize(splits) if cfg.standardize else None
     for name, s in splits.items():
         run.write_parquet(d / f"{name}.parquet", s.table(), artifacts.ROW_GROUP)
-    return {"n_classes": n_classes_of(cfg, y), "in_dim": int(x.shape[1]), "sizes": {k: len(s.y) for k, s in splits.items()},
-            "standardize": scaling, "classes": classes}
+    fields = {"n_classes": n_classes_of(cfg, y), "in_dim": int(x.shape[1]), "sizes": {k: len(s.y) for k, s in splits.items()},
+              "standardize": scaling, "classes": classes}
+    if xt is not None:
+        fields["teacher_dim"] = int(xt.shape[1])
+    return fields
 
 
 def build_splits(cfg: DataConfig, run: RunDir, d: Path) -> dict[str, Any]:
     """A generated source, from chunk generation to split files, in a Ray task: the rows stay
     in this worker and the files it writes (published to the run's store); the driver gets the
     manifest's fields. Measured with 1M synthetic rows on 2 CPUs: see benchmarks/README.md."""
-    x, y, classes = load_source(cfg, parallel_map)
-    return write_splits(cfg, x, y, classes, run, d)
+    x, y, classes, xt = load_source(cfg, parallel_map)
+    return write_splits(cfg, x, y, classes, run, d, xt)
 
 
 def stage_data(ctx: RunContext) -> DataStage:
@@ -302,14 +323,15 @@ def stage_data(ctx: RunContext) -> DataStage:
                     raise W2SError(f"data: {d / name}.parquet was written on another node and is not in the store; "
                                    "on a cluster, output.root must be a filesystem every node mounts or a URI")
         else:
-            x, y, classes = load_source(cfg)
+            x, y, classes, xt = load_source(cfg)
             if not shape:  # user data is read in this process: still before Ray starts
-                check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y))
+                check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y), None if xt is None else int(xt.shape[1]))
             ctx.run.reset(d)
-            fields = write_splits(cfg, x, y, classes, ctx.run, d)
-            del x, y
+            fields = write_splits(cfg, x, y, classes, ctx.run, d, xt)
+            del x, y, xt
         manifest = ctx.run.write_manifest(d, ctx.keys.data, **fields)
     else:
         ctx.log(f"data: cached {d}")
-        check_models(ctx, manifest["in_dim"], manifest["n_classes"])
-    return DataStage(d, SplitFiles(d, SPLITS), manifest["n_classes"], manifest["in_dim"], manifest.get("classes"), manifest["sizes"])
+        check_models(ctx, manifest["in_dim"], manifest["n_classes"], manifest.get("teacher_dim"))
+    return DataStage(d, SplitFiles(d, SPLITS), manifest["n_classes"], manifest["in_dim"], manifest.get("classes"), manifest["sizes"],
+                     manifest.get("teacher_dim"))

@@ -89,21 +89,37 @@ class RunContext:
 @dataclass(frozen=True)
 class Split:
     ids: np.ndarray  # int64 [n], row in the source
-    x: np.ndarray  # float32 [n, d]
+    x: np.ndarray  # float32 [n, d]: the student's features (and the teachers', unless `xt`)
     y: np.ndarray  # int64 [n]
+    xt: np.ndarray | None = None  # float32 [n, d_t]: the teachers' own features (`data.teacher_features`)
+
+    @property
+    def teacher_x(self) -> np.ndarray:
+        return self.x if self.xt is None else self.xt
 
     def table(self) -> pa.Table:
-        """The split's Parquet form: `id`, `x` (fixed-size list of float32), `y`."""
-        flat = pa.array(self.x.reshape(-1), type=pa.float32())
-        return pa.table({"id": self.ids, "x": pa.FixedSizeListArray.from_arrays(flat, self.x.shape[1]), "y": self.y})
+        """The split's Parquet form: `id`, `x` (fixed-size list of float32), `y`, and `xt` when
+        the teachers have features of their own."""
+        cols = {"id": self.ids, "x": _fixed(self.x), "y": self.y}
+        if self.xt is not None:
+            cols["xt"] = _fixed(self.xt)
+        return pa.table(cols)
 
     @classmethod
     def read(cls, path: str | Path, rows: tuple[int, int] | None = None) -> "Split":
         """A split file, or its rows [r0, r1)."""
         t = artifacts.read_rows(path, rows)
-        x = t["x"].combine_chunks()
-        xs = x.flatten().to_numpy().reshape(-1, x.type.list_size).astype(np.float32, copy=False)
-        return cls(ids=t["id"].to_numpy(), x=np.ascontiguousarray(xs), y=t["y"].to_numpy().astype(np.int64))
+        xt = _matrix(t["xt"]) if "xt" in t.column_names else None
+        return cls(ids=t["id"].to_numpy(), x=_matrix(t["x"]), y=t["y"].to_numpy().astype(np.int64), xt=xt)
+
+
+def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), a.shape[1])
+
+
+def _matrix(col) -> np.ndarray:
+    x = col.combine_chunks()
+    return np.ascontiguousarray(x.flatten().to_numpy().reshape(-1, x.type.list_size).astype(np.float32, copy=False))
 
 
 class SplitFiles(Mapping):
@@ -144,6 +160,7 @@ class DataStage:
     in_dim: int
     classes: list[str] | None = None  # names of classes 0..C-1, for a string label column
     sizes: dict[str, int] = field(default_factory=dict)  # rows per split
+    teacher_dim: int | None = None  # the teachers' own features' width (`data.teacher_features`); None: in_dim
 
 
 @dataclass(frozen=True)

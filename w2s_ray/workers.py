@@ -113,7 +113,7 @@ class PackTrainer:
                 if not run.fetch_file(path):
                     raise FileNotFoundError(f"{path}: the data stage's {name} split is neither here nor in the run's store")
                 split = Split.read(path)
-                out[f"x_{name}"], out[f"y_{name}"] = split.x, split.y
+                out[f"x_{name}"], out[f"y_{name}"] = split.teacher_x, split.y  # the teachers' features
             self.inputs = {data_dir: out}
         return self.inputs[data_dir]
 
