@@ -294,3 +294,36 @@ def test_single_teachers_must_match_the_seeds():
         parse_config({"posterior": {"single_teachers": [0, 1]}})
     with pytest.raises(ConfigError, match=r"posterior.single_teachers=\[0, 0, 1, 2, 3\]: distinct"):
         parse_config({"posterior": {"single_teachers": [0, 0, 1, 2, 3]}})
+
+
+def test_teachers_on_their_own_features_and_the_student_on_its_own(warm, tmp_path):
+    """The shipped two-view digits table (`configs/make_digits_views.py`): teachers read the
+    16 low-resolution features, the student the 64 pixels, through the whole pipeline; a teacher
+    retrained here on the low-resolution split columns matches the actor's."""
+    import importlib.util
+
+    from w2s_ray.run import Split
+    from w2s_ray.workers import train_pack_local
+
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_digits_views", Path(__file__).parent.parent / "configs" / "make_digits_views.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(str(tmp_path / "views.parquet"))
+    cfg = small_config(
+        tmp_path,
+        data={"source": "parquet", "path": str(tmp_path / "views.parquet"), "features": "pixels", "teacher_features": "lowres",
+              "label_column": "label", "n_weak": 200, "n_transfer": 400, "n_test": 300},
+        student={"targets": ["dual_mean"], "epochs": 20},
+    )
+    st = run_pipeline(cfg)
+    assert st.data.in_dim == 64 and st.data.teacher_dim == 16
+    transfer = Split.read(st.data.splits.path("transfer"))
+    assert transfer.x.shape[1] == 64 and transfer.xt.shape[1] == 16
+    assert labels_of(cfg, st)["x"].shape[1] == 64  # the student's features in its labels
+    splits = {name: Split.read(st.data.splits.path(name)) for name in ("weak", "transfer", "test")}
+    data = {f"{k}_{name}": v for name, s in splits.items() for k, v in (("x", s.xt), ("y", s.y))}
+    local = train_pack_local(data, cfg.teachers, st.data.n_classes, [0, 1, 2])
+    assert np.allclose(local["acc_test"], st.teachers.accuracies()[:3])
+    assert st.students.students["dual_mean"].test_acc > 0.5 and st.students.ceiling.test_acc > 0.8
