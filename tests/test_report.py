@@ -27,3 +27,20 @@ def test_wilson_interval_matches_its_closed_form():
     lo, hi = wilson_interval(0.8, 100)
     assert (lo, hi) == pytest.approx((0.7111, 0.8666), abs=1e-4)  # the textbook values for 80/100
     assert wilson_interval(0.0, 50)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(1.0, 50)[1] == pytest.approx(1.0)
+
+
+def test_replicate_summaries_and_verdicts():
+    from scipy import stats
+
+    from w2s_ray.replicates import paired, summarize, verdict
+
+    a = np.array([0.50, 0.52, 0.49, 0.55, 0.51])
+    b = a - np.array([0.01, 0.02, 0.015, 0.01, 0.02])
+    s = summarize(a)
+    lo, hi = stats.t.interval(0.95, 4, loc=a.mean(), scale=stats.sem(a))
+    assert s["n"] == 5 and s["ci"] == pytest.approx([lo, hi]) and s["sd"] == pytest.approx(a.std(ddof=1))
+    d = paired(a, b)
+    assert d["mean"] == pytest.approx(0.015) and d["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert verdict(d["ci"]) == "supported" and verdict(d["ci"], direction=-1) == "not supported"
+    assert verdict([-0.01, 0.02]) == "inconclusive" and verdict(None) == "inconclusive"
+    assert summarize([0.5, float("nan")])["n"] == 1 and summarize([0.5])["ci"] is None  # one value: no CI

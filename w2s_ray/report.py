@@ -124,7 +124,8 @@ def comparisons(students: StudentStage) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]] | None = None) -> str:
     cols = [("test_acc", "test acc"), ("n", "n"), ("pgr_vs_teacher", "PGR/teacher"), ("pgr_vs_ensemble", "PGR/ensemble"), ("misfit", "misfit"), ("entropy_test", "entropy"), ("agree_ensemble_test", "agree ens")]
     width = max(len(r["model"]) for r in rows) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{h:>14}" for _, h in cols)]
+    w = {"n": 4}  # every other column 14 characters wide
+    lines = [f"{'':<{width}}" + "".join(f"{h:>{w.get(k, 14)}}" for k, h in cols)]
     for r in rows:
         cells = []
         for key, _ in cols:
@@ -132,9 +133,9 @@ def format_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]] | No
             if r.get(f"{key}_note"):
                 cells.append(f"{'n/a':>14}")
             elif v is None or (isinstance(v, float) and math.isnan(v)):
-                cells.append(f"{'':>14}")
+                cells.append(" " * w.get(key, 14))
             elif key == "n":
-                cells.append(f"{v:>14d}")
+                cells.append(f"{v:>4d}")
             elif key == "test_acc" and r.get("sd") is not None:
                 cells.append(f"{v:.4f}±{r['sd']:.3f}".rjust(14))
             else:
@@ -152,7 +153,8 @@ def format_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]] | No
         lines.append("students: one seed each (student.seeds: 1): no CI; differences between them may be seed noise")
     for c in compared or []:
         lo, hi = c["ci"]
-        lines.append(f"paired over {c['n']} seeds: {c['comparison']} test acc {c['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {c['p']:.3f}")
+        pval = "p < 0.001" if c["p"] < 0.001 else f"p = {c['p']:.3f}"
+        lines.append(f"paired over {c['n']} seeds: {c['comparison']} test acc {c['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], {pval}")
     return "\n".join(lines)
 
 
