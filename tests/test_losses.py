@@ -99,3 +99,14 @@ def test_aux_confidence_alpha_zero_is_ce_on_the_teachers_soft_or_hard_labels():
 def test_student_loss_dispatch_rejects_unknown():
     with pytest.raises(ValueError):
         L.student_loss("nope", torch.zeros(1, 2), torch.ones(1, 2) / 2, torch.ones(1, 2).log())
+
+
+def test_reverse_ce_starts_after_the_warm_up_and_the_holdout_loss_uses_the_full_weight():
+    from w2s_ray.config import StudentConfig
+    from w2s_ray.training import loss_options
+
+    cfg = StudentConfig(rce_weight=0.5, rce_warmup=0.25, aux_alpha=0.8, aux_warmup=0.5)
+    assert loss_options(cfg, 0, 100, 0.5)["lam"] == 0.0 and loss_options(cfg, 24, 100, 0.5)["lam"] == 0.0
+    assert loss_options(cfg, 25, 100, 0.5)["lam"] == 0.5 and loss_options(cfg, 100, 100, 0.5)["lam"] == 0.5
+    assert loss_options(cfg, 25, 100, 0.5)["aux_alpha"] == pytest.approx(0.4) and loss_options(cfg, 100, 100, 0.5)["aux_alpha"] == pytest.approx(0.8)
+    assert loss_options(StudentConfig(rce_weight=0.3), 0, 100, 0.5)["lam"] == 0.3  # no warm-up: λ from the first step

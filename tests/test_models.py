@@ -62,7 +62,7 @@ def shaped(**sections):
         ({"student": {"model": {"name": "cnn1d", "width": 8, "depth": 10}}}, "student.model: 'cnn1d' (width 8, depth 10, kwargs {}) cannot be built for 40 features and 10 classes: ValueError: depth 10 leaves no positions of 40 input features"),
         ({"student": {"model": {"name": "cnn1d", "width": 1_000_000, "depth": 3}}}, "student.model: 6,000,058,000,010 parameters; training needs about 96,000.9 GB"),
         ({"teachers": {"k": 64, "model": {"name": "mlp", "width": 1_000_000}}}, "teachers.model: 51,000,010 parameters; training a pack of 64 needs"),
-        ({"teachers": {"view": {"kind": "window", "start": 30, "length": 20}}}, "teachers.view: the window [30, 50) does not fit in the data's 40 features"),
+        ({"teachers": {"view": {"kind": "window", "start": 30, "length": 20}}}, "teachers.view: the window [30, 50) does not fit in the teachers' 40 features"),
     ],
     ids=["unknown-kwarg", "init-raises", "no-width", "cnn-too-deep", "cnn-too-wide", "teacher-pack-too-big", "view-outside"],
 )

@@ -118,7 +118,7 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
 
     out = run_study("claims", warm(tmp_path, study_config, "labels"))
     table = pd.read_parquet(out / "claims.parquet").set_index("claim")
-    assert list(table.index) == ["C1", "C2", "C2b", "C3", "C4", "C5", "C6"] and (table.drop(index="C4")["n"] == 5).all()
+    assert list(table.index) == ["C1", "C2", "C2b", "C3", "C4", "C5", "C5b", "C6"] and (table.drop(index="C4")["n"] == 5).all()
     widths = pd.read_parquet(out / "widths.parquet")
     assert sorted(set(widths["width"])) == claims.widths(study_config(tmp_path)) and table.loc["C4", "n"] == 5 * len(set(widths["width"]))
     d = widths[widths["target"] == "dual_mean"]

@@ -29,6 +29,7 @@ SPACE = {
     "scheduler": {"type": "asha", "grace_period": 2},
     "resources": {"cpu": 1},
     "baseline": {"student.rce_weight": 0.0, "student.target": "dual_mean"},
+    "confirm_seeds": 0,
     "params": {
         "student.model.width": {"type": "logint", "low": 4, "high": 64},
         "student.rce_weight": {"type": "uniform", "low": 0.0, "high": 1.0},
@@ -54,7 +55,7 @@ def tuned(warm, tmp_path_factory):
     cfg = warm(tmp)  # the run the search starts from
     run = run_dir(cfg).path
     before = stage_files(run)
-    space_file = write_space(tmp / "space.yaml")
+    space_file = write_space(tmp / "space.yaml", confirm_seeds=3)
     summary = run_tune(cfg, load_space(space_file, cfg), "s4")
     return cfg, summary, run / "tune" / "s4", before
 
@@ -77,6 +78,12 @@ def test_search_outputs_are_consistent(tuned):
     assert best.student.targets == [summary["chosen"]["student.target"]]
     assert best.student.model.width == summary["chosen"]["student.model.width"]
     assert summary["gap_test_acc"] >= 0
+    # the chosen point and the baseline again, on 3 fresh seeds each (paired)
+    conf = pd.read_parquet(d / "confirm.parquet")
+    assert sorted(conf["seed"].unique()) == [1000, 1001, 1002] and len(conf) == 6
+    c = summary["confirmed"]
+    diff = conf[conf["point"] == "chosen"]["test_acc"].to_numpy() - conf[conf["point"] == "baseline"]["test_acc"].to_numpy()
+    assert c["chosen"]["n"] == 3 and c["chosen_minus_baseline"]["mean"] == pytest.approx(diff.mean())
 
 
 @pytest.mark.slow

@@ -195,7 +195,7 @@ class StudentConfig(Strict):
     PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources", "seeds", "ceiling_augment"})
     # what concerns teacher targets only: left out of the gold ceiling's key
     TEACHER_SIDE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"loss", "rce_weight", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "aux_target", "log_floor"}
+        {"loss", "rce_weight", "rce_warmup", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "aux_target", "log_floor"}
     )
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**DEFAULT_STUDENT_MODEL))
@@ -206,6 +206,8 @@ class StudentConfig(Strict):
     )
     loss: LossName = "mixture"
     rce_weight: float = Field(0.0, ge=0, le=1, description="λ in (1-λ)·CE + λ·RCE")
+    rce_warmup: float = Field(0.0, ge=0, lt=1, description="fraction of training steps with λ = 0 (forward CE) before λ applies: "
+                              "reverse CE as a fine-tuning phase")
     sym_alpha: float = Field(1.0, ge=0)
     sym_beta: float = Field(1.0, ge=0)
     adaptive_threshold: float = Field(0.5, ge=0, le=1, description="teacher confidence threshold")
@@ -501,6 +503,8 @@ def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
         del out["workers"]
     if out.get("loss") != "aux_conf":  # no effect on other losses: their caches stay valid
         out.pop("aux_target", None)
+    if out.get("rce_warmup") == 0:  # the default, as before the key existed
+        out.pop("rce_warmup")
     return out
 
 

@@ -42,7 +42,7 @@ from w2s_ray.models import build_model, count_params
 from w2s_ray.raytools import epoch_printer
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import holdout_split, random_roll, target_of
+from w2s_ray.training import holdout_split, loss_options, random_roll, target_of
 
 LABEL_COLUMNS = ["id", "x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single"]
 
@@ -98,9 +98,7 @@ def train_loop(config: dict[str, Any]) -> None:
     h_x, h_t, h_log_t = held["x"].to(device), h_t.to(device), h_log_t.to(device)
 
     def loss_of(logits, t, log_t, step):
-        aux_alpha = cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps))
-        return student_loss(cfg.loss, logits, t, log_t, lam=cfg.rce_weight, alpha=cfg.sym_alpha, beta=cfg.sym_beta,
-                            threshold=cfg.adaptive_threshold, aux_alpha=aux_alpha, log_floor=cfg.log_floor).mean()
+        return student_loss(cfg.loss, logits, t, log_t, **loss_options(cfg, step, total_steps, cfg.adaptive_threshold)).mean()
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     show = epoch_printer(f"student[{target}] (rank {rank}/{world})", cfg.epochs) if rank == 0 else (lambda rec: None)

@@ -54,6 +54,7 @@ class StudentEval:
     entropy_test: float
     agree_ensemble_test: float
     agree_single_test: float
+    misfit_holdout: float = math.nan  # mean KL(student ‖ its target) on the held-out transfer slice (rows it never trained on)
 
 
 def evaluate_student(
@@ -63,9 +64,11 @@ def evaluate_student(
     target_log_transfer: torch.Tensor,
     ensemble_log_test: torch.Tensor,
     single_log_test: torch.Tensor,
+    holdout: torch.Tensor | None = None,
 ) -> StudentEval:
     """A student's log-probs on test (gold `y_test`) and on transfer (against the target it
-    learned from), and its agreement with the dual posterior mean and the single teacher."""
+    learned from; `holdout`: the transfer rows it was not trained on, where the misfit is also
+    measured), and its agreement with the dual posterior mean and the single teacher."""
     return StudentEval(
         test_acc=accuracy(log_test, y_test),
         test_gold_ce=gold_ce(log_test, y_test),
@@ -73,4 +76,5 @@ def evaluate_student(
         entropy_test=mean_entropy(log_test),
         agree_ensemble_test=agreement(log_test, ensemble_log_test),
         agree_single_test=agreement(log_test, single_log_test),
+        misfit_holdout=misfit(log_transfer[holdout], target_log_transfer[holdout]) if holdout is not None else math.nan,
     )

@@ -70,10 +70,10 @@ def student_row(name: str, role: str, reps: list[StudentResult], weak: list[floa
     return row
 
 
-EVAL_COLUMNS = ("test_gold_ce", "misfit", "entropy_test", "agree_ensemble_test", "agree_single_test")
+EVAL_COLUMNS = ("test_gold_ce", "misfit", "misfit_holdout", "entropy_test", "agree_ensemble_test", "agree_single_test")
 
 
-def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students: StudentStage, single_id: int) -> list[dict[str, Any]]:
+def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students: StudentStage, single_id: int, ceiling_note: str = "") -> list[dict[str, Any]]:
     """One row per predictor; `role` says what it is (teachers, teacher, ensemble, student, ceiling).
     Student and ceiling rows summarize their replicates (n seeds); a single-teacher student's
     PGR is against its own teacher, the other students' against the mean single teacher."""
@@ -103,7 +103,7 @@ def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students:
         row.update({f"pgr_vs_{name}_note": note for name, note in no_gap.items()})
         rows.append(row)
     if ceilings:
-        rows.append(student_row("ceiling: student on gold labels", "ceiling", ceilings, None, ens, []))
+        rows.append(student_row(f"ceiling: student on gold labels{ceiling_note}", "ceiling", ceilings, None, ens, []))
     return rows
 
 
@@ -122,7 +122,7 @@ def comparisons(students: StudentStage) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], compared: list[dict[str, Any]] | None = None) -> str:
-    cols = [("test_acc", "test acc"), ("n", "n"), ("pgr_vs_teacher", "PGR/teacher"), ("pgr_vs_ensemble", "PGR/ensemble"), ("misfit", "misfit"), ("entropy_test", "entropy"), ("agree_ensemble_test", "agree ens")]
+    cols = [("test_acc", "test acc"), ("n", "n"), ("pgr_vs_teacher", "PGR/teacher"), ("pgr_vs_ensemble", "PGR/ensemble"), ("misfit_holdout", "misfit(held)"), ("entropy_test", "entropy"), ("agree_ensemble_test", "agree ens")]
     width = max(len(r["model"]) for r in rows) + 2
     w = {"n": 4}  # every other column 14 characters wide
     lines = [f"{'':<{width}}" + "".join(f"{h:>{w.get(k, 14)}}" for k, h in cols)]
@@ -213,7 +213,10 @@ def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, label
     table = teachers.table().to_pandas()
     acc = table["acc_test"].to_numpy()
     posterior = labels.posterior
-    rows = results_rows(acc, posterior, students, cfg.posterior.single_teacher)
+    note = ""
+    if cfg.student.augment_shift:  # say which recipe the ceiling used
+        note = " (with the student's shifts)" if cfg.student.ceiling_augment else " (without the student's shifts)"
+    rows = results_rows(acc, posterior, students, cfg.posterior.single_teacher, note)
     if students.ceiling is not None:
         n_test = len(data.splits["test"].y)
         lo, hi = wilson_interval(students.ceiling.test_acc, n_test)

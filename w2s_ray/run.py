@@ -241,7 +241,7 @@ class StudentResult:
         rest = {k: v for k, v in d.items() if k not in names}
         if rest.get("target") == "gold":  # written before the ceiling had a result type of its own
             rest["target"] = None
-        return cls(eval=StudentEval(**{k: d[k] for k in names}), **rest)
+        return cls(eval=StudentEval(**{k: d[k] for k in names if k in d}), **rest)  # misfit_holdout: NaN before it existed
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,10 @@ class SearchSpace(Strict):
         description="optuna: evaluated first (the forward-CE baseline)",
     )
     params: dict[str, Param] = Field(min_length=1)
+    confirm_seeds: int = Field(
+        5, ge=0, description="after the search, train the chosen point and the baseline with this many fresh seeds "
+        "(seed + 1000, + 1001, ...) and report both with 95% CIs and their paired difference; 0: skip",
+    )
 
     @model_validator(mode="after")
     def _grid_is_discrete(self) -> "SearchSpace":

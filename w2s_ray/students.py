@@ -13,6 +13,7 @@ so they cannot starve it of CPUs. Studies fan out their students through the sam
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
@@ -109,7 +110,9 @@ def stage_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     results: dict[tuple[str | None, int], StudentResult] = {}
     for (tgt, i), (d, teacher) in plan.items():
         if artifacts.read_manifest(d) is not None and (d / TEST_LOGP).is_file():
-            results[(tgt, i)] = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
+            cached = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
+            if not math.isnan(cached.eval.misfit_holdout):  # else written before it was measured: trained again
+                results[(tgt, i)] = cached
     if results:
         ctx.log(f"students: {len(results)} of {len(plan)} cached")
     todo = [job for job in plan if job not in results]

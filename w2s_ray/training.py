@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,6 +58,19 @@ def predict_log(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> t
     return torch.cat(out)
 
 
+def loss_options(cfg: StudentConfig, step: int, total_steps: int, threshold: float) -> dict[str, Any]:
+    """The loss knobs at a training step (one place for the single-process and the Ray Train
+    loops): the aux weight ramps up over `aux_warmup` of training, and the reverse-CE weight is
+    0 for the first `rce_warmup` (a forward-CE warm-up; the holdout loss, at `total_steps`, uses
+    the full λ)."""
+    return {
+        "lam": cfg.rce_weight if step >= cfg.rce_warmup * total_steps else 0.0,
+        "alpha": cfg.sym_alpha, "beta": cfg.sym_beta, "threshold": threshold,
+        "aux_alpha": cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps)),
+        "aux_soft": cfg.aux_target == "soft", "log_floor": cfg.log_floor,
+    }
+
+
 def train_student(
     cfg: StudentConfig,
     x: torch.Tensor,
@@ -97,11 +110,7 @@ def train_student(
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def objective(logits, rows, step):
-        aux_alpha = cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps))
-        return student_loss(
-            loss_name, logits, t[rows], log_t[rows], lam=cfg.rce_weight, alpha=cfg.sym_alpha,
-            beta=cfg.sym_beta, threshold=threshold, aux_alpha=aux_alpha, aux_soft=cfg.aux_target == "soft", log_floor=cfg.log_floor,
-        ).mean()
+        return student_loss(loss_name, logits, t[rows], log_t[rows], **loss_options(cfg, step, total_steps, threshold)).mean()
 
     best_score, best_state, best_epoch, bad, step, start = float("inf"), None, 0, 0, 0, 1
     history: list[dict] = []

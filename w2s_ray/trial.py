@@ -101,7 +101,7 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
             model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
             log_test = predict_log(model, data["test_x"])
             log_tr = predict_log(model, x)
-            evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"])
+            evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"], hold)
             current.update(
                 val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
                 val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),

@@ -32,12 +32,13 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from w2s_ray import metrics
-from w2s_ray.config import to_yaml
+from w2s_ray.config import ExperimentConfig, to_yaml, with_values
 from w2s_ray.errors import W2SError
 from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
 from w2s_ray.run import RunContext, Stages
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
-from w2s_ray.students import StudentInputs
+from w2s_ray.replicates import paired, summarize, verdict
+from w2s_ray.students import StudentInputs, stage_students
 from w2s_ray.trial import FinishedTrials, TrialFault, student_trial
 
 REALISTIC = ("val_teacher_ce", "min")
@@ -179,7 +180,41 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
             f"continue it with: w2s-ray tune ... --space ... --resume"
         )
     table = trials_table(grid, list(space.params))
-    return write_outputs(ctx, space, search_dir, table, refs)
+    summary = write_outputs(ctx, space, search_dir, table, refs)
+    if space.confirm_seeds:
+        best = apply_params(ctx.cfg, {k: summary["chosen"][k] for k in space.params})  # best.yaml
+        summary["confirmed"] = confirm(ctx, stages, space, search_dir, best)
+        ctx.run.write_json(search_dir / "summary.json", summary)
+    return summary
+
+
+CONFIRM_SEED_OFFSET = 1000
+"""Confirmation seeds start here, away from the seed every trial used: the chosen point was
+picked for how it did on that seed (the winner's curse), so it is measured again on others."""
+
+
+def confirm(ctx: RunContext, stages: Stages, space: SearchSpace, search_dir: Path, best: ExperimentConfig) -> dict[str, Any]:
+    """The chosen point and the space's baseline, each trained with `space.confirm_seeds` fresh
+    seeds (the student stage, each student cached on its key), compared on the same seeds."""
+    n = space.confirm_seeds
+    fresh = {"student.seeds": n, "student.seed": ctx.cfg.student.seed + CONFIRM_SEED_OFFSET, "student.ceiling": False, "posterior.single_teachers": None}
+    runs = {"chosen": with_values(best, fresh, "tune confirmation"),
+            "baseline": with_values(apply_params(ctx.cfg, space.baseline, "search space baseline"), fresh, "tune confirmation")}
+    accs = {}
+    for name, cfg in runs.items():
+        ctx.log(f"tune: confirming the {name} point with {n} fresh seeds")
+        st = stage_students(ctx.derive(cfg), stages.data, stages.teachers, stages.labels)
+        accs[name] = [r.test_acc for r in st.replicates[cfg.student.targets[0]]]
+    out = {name: summarize(a) for name, a in accs.items()}
+    out["chosen_minus_baseline"] = paired(accs["chosen"], accs["baseline"])
+    rows = [{"point": name, "seed": runs[name].student.seed + i, "test_acc": a} for name, v in accs.items() for i, a in enumerate(v)]
+    write_table(ctx.run, search_dir / "confirm.parquet", pd.DataFrame(rows))
+    d = out["chosen_minus_baseline"]
+    if d["ci"]:
+        print(f"confirmed over {n} fresh seeds: chosen {out['chosen']['mean']:.4f} [{out['chosen']['ci'][0]:.4f}, {out['chosen']['ci'][1]:.4f}], "
+              f"baseline {out['baseline']['mean']:.4f} [{out['baseline']['ci'][0]:.4f}, {out['baseline']['ci'][1]:.4f}]; "
+              f"paired difference {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]: {verdict(d['ci'])} that the chosen point is better")
+    return out
 
 
 def drop_orphan_trials(ctx: RunContext, search_dir: Path, grid) -> None:

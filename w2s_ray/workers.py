@@ -28,7 +28,7 @@ from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import Split, StudentResult, TeacherStage
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import load_student, predict_log, target_of, train_student
+from w2s_ray.training import holdout_split, load_student, predict_log, target_of, train_student
 
 MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
 
@@ -182,7 +182,8 @@ def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, l
     log_test = predict_log(model, test["x"])
     log_transfer = predict_log(model, x)
     # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
-    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, labels["logt_dual"] if target is None else log_t, test["dual_log"], test["single_log"])
+    holdout = holdout_split(len(x), cfg.holdout_frac, cfg.seed)[1]
+    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, labels["logt_dual"] if target is None else log_t, test["dual_log"], test["single_log"], holdout)
     result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
     return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
 
