@@ -43,7 +43,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     )
     (job_dir / "grid.yaml").write_text(
         "search: grid\nscheduler: {type: none}\nresources: {cpu: 1}\n"
-        "params: {student.model.width: {type: grid, values: [8, 32]}}\n"
+        "params: {student.model.width: {type: grid, values: [8, 32]}}\nconfirm_seeds: 0\n"
     )
 
     def submit(*command: str) -> str:

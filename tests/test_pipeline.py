@@ -89,7 +89,7 @@ def test_rerun_uses_the_cache_and_a_student_change_keeps_teachers(finished, capf
     st2 = run_pipeline(changed)
     assert st2.teachers.dir == st.teachers.dir and st2.labels.dir == st.labels.dir
     assert (st.teachers.dir / "teachers.parquet").stat().st_mtime_ns == mtime
-    assert "student[dual_mean]: training" in capfd.readouterr().err
+    assert "students: training 1 mlp students" in capfd.readouterr().err  # the λ = 0.5 student alone (no ceiling asked)
     # both configs keep their own report; the run's top level shows the last one
     run = run_dir(cfg).path
     reports = {d.name: load_config(d / "config.yaml") for d in (run / "report").iterdir()}

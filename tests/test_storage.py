@@ -66,8 +66,9 @@ def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
     capfd.readouterr()
     again = run_pipeline(cfg)
     log = capfd.readouterr().err
-    for stage in ("data", "teachers", "labels", "student[dual_mean]", "ceiling"):
+    for stage in ("data", "teachers", "labels"):
         assert f"{stage}: cached" in log, (stage, log[-2000:])
+    assert "students: 4 of 4 cached" in log and "students: training" not in log, log[-2000:]  # 3 targets + the ceiling
     assert json.loads((run_dir(cfg) / "results.json").read_text())["rows"] == results
 
     # the store holds half a teacher stage (an interrupted run elsewhere): only the rest is trained
@@ -121,7 +122,7 @@ def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({
         "search": "optuna", "num_samples": 2, "seed": 0, "resources": {"cpu": 1},
-        "params": {"student.model.width": {"type": "choice", "values": [8, 32]}},
+        "params": {"student.model.width": {"type": "choice", "values": [8, 32]}}, "confirm_seeds": 0,
     }))
     summary = run_tune(cfg, load_space(space_file, cfg), "s3tune")
     assert summary["n_trials"] == 2
