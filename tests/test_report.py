@@ -44,3 +44,17 @@ def test_replicate_summaries_and_verdicts():
     assert verdict(d["ci"]) == "supported" and verdict(d["ci"], direction=-1) == "not supported"
     assert verdict([-0.01, 0.02]) == "inconclusive" and verdict(None) == "inconclusive"
     assert summarize([0.5, float("nan")])["n"] == 1 and summarize([0.5])["ci"] is None  # one value: no CI
+
+
+def test_fisher_interval_of_a_correlation():
+    from scipy import stats
+
+    from w2s_ray.replicates import fisher_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20)
+    y = -x + rng.normal(size=20)
+    c = fisher_ci(x, y)
+    r = stats.pearsonr(x, y)
+    lo, hi = r.confidence_interval(0.95)  # scipy's own Fisher interval
+    assert c["n"] == 20 and c["mean"] == pytest.approx(r.statistic) and c["ci"] == pytest.approx([lo, hi])

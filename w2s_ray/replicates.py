@@ -54,6 +54,15 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[
     return out
 
 
+def fisher_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dict[str, float | int | list[float] | None]:
+    """Pearson r of paired points with its Fisher-z CI (n = the number of points)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    r = float(np.corrcoef(x, y)[0, 1])
+    z, se = np.arctanh(r), 1 / math.sqrt(len(x) - 3)
+    q = stats.norm.ppf(0.5 + level / 2)
+    return {"n": len(x), "mean": r, "sd": None, "ci": [float(np.tanh(z - q * se)), float(np.tanh(z + q * se))]}
+
+
 def verdict(ci: Sequence[float] | None, direction: int = 1) -> Verdict:
     """From a CI of an effect whose predicted sign is `direction`: supported when the CI excludes
     0 on that side, not supported when it excludes 0 on the other side, else inconclusive."""

@@ -64,9 +64,8 @@ def student_row(name: str, role: str, reps: list[StudentResult], weak: list[floa
     if weak is not None:
         cs = [c.test_acc for c in ceilings] if len(ceilings) == len(reps) else [math.nan] * len(reps)
         for key, refs in (("pgr_vs_teacher", weak), ("pgr_vs_ensemble", [ens] * len(reps))):
-            per = [pgr(r.test_acc, w, c) for r, w, c in zip(reps, refs, cs)]
-            row[key] = summarize(per)["mean"]
-            row[f"{key}_ci"] = summarize(per)["ci"]
+            per = summarize([pgr(r.test_acc, w, c) for r, w, c in zip(reps, refs, cs)])
+            row[key], row[f"{key}_ci"] = per["mean"], per["ci"]
     return row
 
 

@@ -25,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from w2s_ray.config import ExperimentConfig, with_values
 from w2s_ray.errors import ConfigError
 from w2s_ray.labels import read_test_posterior
 from w2s_ray.packfiles import single_teacher
 from w2s_ray.posterior import gold_ce, kl
-from w2s_ray.replicates import paired, summarize, verdict
+from w2s_ray.replicates import fisher_ci, paired, summarize, verdict
 from w2s_ray.report import md_section, write_table
 from w2s_ray.run import RunContext, StageRequest, Stages
 
@@ -141,14 +140,6 @@ def single_students_mean(s: Stages) -> float:
     logs = torch.stack([torch.from_numpy(s.students.test_logp("single", i)).double() for i in range(len(s.students.replicates["single"]))])
     mean = torch.log_softmax(logs.mean(0), -1)
     return float(kl(mean, read_test_posterior(s.labels.dir)["dual_log"].double()).mean())
-
-
-def fisher_ci(x: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict:
-    """Pearson r with its Fisher-z CI (n = number of points)."""
-    r = float(np.corrcoef(x, y)[0, 1])
-    z, se = np.arctanh(r), 1 / np.sqrt(len(x) - 3)
-    q = stats.norm.ppf(0.5 + level / 2)
-    return {"n": len(x), "mean": r, "sd": None, "ci": [float(np.tanh(z - q * se)), float(np.tanh(z + q * se))]}
 
 
 def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
