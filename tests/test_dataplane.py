@@ -4,8 +4,10 @@ sum of per-pack sums; `teachers.keep_predictions` decides which predictions exis
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,9 +17,10 @@ from w2s_ray import labels as labels_mod
 from w2s_ray import packfiles
 from w2s_ray.config import ExperimentConfig, parse_config
 from w2s_ray.errors import ConfigError, W2SError
-from w2s_ray.pipeline import run_pipeline
+from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.run import TeacherStage
+from w2s_ray.space import load_space
 from w2s_ray.packfiles import pack_path, read_pack_logp, sums_path
 from w2s_ray.teachers import iter_pack_logp
 from w2s_ray.workers import PackTrainer
@@ -120,22 +123,48 @@ def test_keep_predictions_none_needs_a_kept_single_teacher():
 
 
 @pytest.mark.slow
-def test_a_student_across_two_workers_streams_its_labels_and_matches_one_worker(kept, capfd):
+def test_a_student_across_two_workers_in_a_run_and_in_a_tune_trial(kept, tmp_path, capfd):
     """`student.workers: 2`: Ray Train (DDP, gloo) on the label stream; same held-out rows, a
-    global batch of the same size; its accuracy within 0.05 of the single-process student's."""
+    global batch of the same size; its accuracy within 0.05 of the single-process student's.
+    The same through `w2s-ray tune`: the search's baseline student (the run's student stage) and
+    then one trial, whose Ray Train run holds the space's resources per worker (the trial itself
+    holds no CPU, so 2 workers fit 2 CPUs); every epoch reaches Tune through the Train→Tune
+    callback, and the final report carries the metrics. One search point: a Ray Train run starts
+    in about 30 s on 2 CPUs, so a second point would only cost time."""
     cfg, st, _ = kept
     student = {**cfg.student.model_dump(mode="json"), "targets": ["dual_mean"], "ceiling": False, "epochs": 4}
     one = run_pipeline(ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "student": student}), until="student")
-    two = run_pipeline(ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "student": {**student, "workers": 2}}), until="student")
-    err = capfd.readouterr().err
-    assert "across 2 Ray Train workers" in err
+    cfg2 = ExperimentConfig.model_validate({**cfg.model_dump(mode="json"), "student": {**student, "workers": 2}})
+    f = tmp_path / "grid.yaml"
+    f.write_text("search: grid\nscheduler: {type: none}\nresources: {cpu: 1}\nconfirm_seeds: 0\n"
+                 "params: {student.rce_weight: {type: grid, values: [0.5]}}\n")
+    capfd.readouterr()
+    summary = run_tune(cfg2, load_space(f, cfg2), "ddp")
+    assert "student[dual_mean]: across 2 Ray Train workers" in capfd.readouterr().err
+    two = run_pipeline(cfg2, until="student")  # the search's student stage, from the cache
     a, b = one.students.students["dual_mean"], two.students.students["dual_mean"]
     assert b.epochs_run == 4 and abs(a.test_acc - b.test_acc) <= 0.05, (a.test_acc, b.test_acc)
     # the student tasks read their labels themselves: the driver never read the transfer split
     assert "transfer" not in one.data.splits.loaded() and "transfer" not in two.data.splits.loaded()
-    assert one.students.students is not two.students.students
     # a different cache entry: the students differ, so do their keys
-    assert run_dir(cfg).path.joinpath("student").is_dir() and len(list((run_dir(cfg).path / "student").iterdir())) >= 2
+    assert len(list((run_dir(cfg).path / "student").iterdir())) >= 2
+
+    d = run_dir(cfg2).path / "tune" / "ddp"
+    table = pd.read_parquet(d / "trials.parquet")
+    assert len(table) == 1 == summary["n_trials"] and (table["status"] == "TERMINATED").all(), table
+    row = table.iloc[0]
+    assert row["student.rce_weight"] == 0.5 and 0 < row["test_acc"] <= 1 and row["epoch"] == 4 and np.isfinite(row["val_teacher_ce"])
+    epochs = [json.loads(line)["epoch"] for line in Path(row["path"], "result.json").read_text().splitlines()]
+    assert epochs[:4] == [1, 2, 3, 4], epochs  # one report per epoch from the workers, then the final ones
+    assert (d / "train" / row["trial_id"] / "student-dual_mean").is_dir(), "no Ray Train run inside the trial"
+
+
+@pytest.mark.parametrize("param", ["student.workers", "student.resources.num_cpus"])
+def test_a_search_cannot_vary_what_a_trial_holds(tmp_path, param):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"search: grid\nparams: {{{param}: {{type: grid, values: [1, 2]}}}}\n")
+    with pytest.raises(ConfigError, match=f"parameter '{param}' cannot be searched"):
+        load_space(f, parse_config({}))
 
 
 def test_workers_above_one_refuse_what_the_stream_cannot_give():

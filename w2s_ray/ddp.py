@@ -21,7 +21,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -42,9 +42,7 @@ from w2s_ray.models import build_model, count_params
 from w2s_ray.raytools import epoch_printer
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import holdout_split, loss_options, random_roll, target_of
-
-LABEL_COLUMNS = ["id", "x", "t_dual", "logt_dual", "t_arith", "t_single", "logt_single"]
+from w2s_ray.training import holdout_split, label_columns, loss_options, random_roll, target_of
 
 
 def _rows(batch: pa.Table, hold_ids: pa.Array, held_out: bool) -> pa.Table:
@@ -52,9 +50,10 @@ def _rows(batch: pa.Table, hold_ids: pa.Array, held_out: bool) -> pa.Table:
     return batch.filter(mask if held_out else pc.invert(mask))
 
 
-def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
-    """(training rows, held-out rows, number of training rows) as Ray Datasets. The driver reads
-    the labels' `id` column alone (8 bytes a row) to name the held-out rows."""
+def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: str) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
+    """(training rows, held-out rows, number of training rows) as Ray Datasets, with the columns
+    a student on `target` reads (`training.label_columns`). The driver reads the labels' `id`
+    column alone (8 bytes a row) to name the held-out rows."""
     configure_ray_data()
     ids = pq.read_table(labels_dir / "parts", columns=["id"])["id"].to_numpy()
     remote = run.remote(labels_dir / "parts")
@@ -64,16 +63,26 @@ def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig) -> tuple[r
         ds = ray.data.read_parquet(remote[1], filesystem=remote[0], num_cpus=0)
     else:
         ds = ray.data.read_parquet(str(labels_dir / "parts"), num_cpus=0)
-    ds = ds.select_columns(LABEL_COLUMNS)
+    ds = ds.select_columns(label_columns(target, "t_dual"))
     _, hold = holdout_split(len(ids), cfg.holdout_frac, cfg.seed)
     hold_ids = pa.array(np.sort(ids[hold.numpy()]))
     split = {"batch_format": "pyarrow", "zero_copy_batch": True, "num_cpus": 0}
     # read once into the object store (blocks stay on the nodes that read them, spilled to disk
     # beyond its size; the driver holds references only): re-reading the Parquet parts every
-    # epoch cost 17 s per epoch for 3,600 rows on 2 CPUs, mostly Ray Data's start-up per execution
+    # epoch cost 17 s per epoch for 3,600 rows on 2 CPUs, mostly Ray Data's start-up per execution;
+    # leaving the held-out slice for each worker to read made a 4-epoch student 5× slower
     train = ds.map_batches(_rows, fn_kwargs={"hold_ids": hold_ids, "held_out": False}, **split).materialize()
     held = ds.map_batches(_rows, fn_kwargs={"hold_ids": hold_ids, "held_out": True}, **split).materialize()
     return train, held, len(ids) - len(hold)
+
+
+def epoch_batches(shard, per_worker: int, seed: int, epoch: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of a worker's input: its shard of the label stream through a local shuffle
+    buffer (seeded per epoch and rank), `per_worker` rows at a time, as tensors."""
+    batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True,
+                                 local_shuffle_buffer_size=max(4 * per_worker, 2048), local_shuffle_seed=seed * 100_003 + epoch * 101 + rank)
+    for b in batches:
+        yield batch_to_torch(b)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -96,6 +105,7 @@ def train_loop(config: dict[str, Any]) -> None:
     held = {k: torch.cat([b[k] for b in held]) for k in held[0]}
     h_t, h_log_t = target_of(held, target, cfg.log_floor)
     h_x, h_t, h_log_t = held["x"].to(device), h_t.to(device), h_log_t.to(device)
+    h_dual = held["t_dual"].to(device)
 
     def loss_of(logits, t, log_t, step):
         return student_loss(cfg.loss, logits, t, log_t, **loss_options(cfg, step, total_steps, cfg.adaptive_threshold)).mean()
@@ -103,14 +113,11 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     show = epoch_printer(f"student[{target}] (rank {rank}/{world})", cfg.epochs) if rank == 0 else (lambda rec: None)
     shard = ray.train.get_dataset_shard("train")
-    best, best_state, best_epoch, bad, step, history = float("inf"), None, 0, 0, 0, []
+    best, best_state, best_epoch, bad, step, history, best_ce = float("inf"), None, 0, 0, 0, [], float("nan")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         total, rows = 0.0, 0
-        batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True,
-                                     local_shuffle_buffer_size=max(4 * per_worker, 2048), local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
-        for b in batches:
-            d = batch_to_torch(b)
+        for d in epoch_batches(shard, per_worker, cfg.seed, epoch, rank):
             t, log_t = target_of(d, target, cfg.log_floor)
             xb = d["x"].to(device)
             if cfg.augment_shift:
@@ -127,19 +134,23 @@ def train_loop(config: dict[str, Any]) -> None:
             logits = model(h_x)
             hold_loss = float(loss_of(logits, h_t, h_log_t, step))
             agree = float((logits.argmax(-1) == h_t.argmax(-1)).float().mean())
+            teacher_ce = float(-(h_dual * torch.log_softmax(logits, -1)).sum(-1).mean())
         rec = {"epoch": epoch, "train_loss": total / max(rows, 1), "holdout_loss": hold_loss, "holdout_agreement": agree}
         history.append(rec)
         if hold_loss < best - 1e-6 or cfg.selection == "last":
-            best, best_epoch, bad = hold_loss, epoch, 0
+            best, best_epoch, bad, best_ce = hold_loss, epoch, 0, teacher_ce
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             bad += 1
         rec["best_epoch"] = best_epoch
         show(rec)
+        if config.get("report_epochs"):  # every rank reports (Ray Train waits for all); Tune gets rank 0's
+            ray.train.report({"epoch": epoch, "holdout_loss": best, "val_teacher_ce": best_ce, "best_epoch": best_epoch})
         if bad >= cfg.patience:
             break
     out = TrainResult(best_state, best_epoch, len(history), count_params(_unwrap(model)), time.perf_counter() - t0, history)
-    metrics = {"best_epoch": best_epoch, "epochs_run": len(history), "holdout_loss": best}
+    # with per-epoch reports (a Tune trial) the last one carries the same keys as the others
+    metrics = {"epoch": len(history), "holdout_loss": best, "val_teacher_ce": best_ce, "best_epoch": best_epoch, "epochs_run": len(history)}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             torch.save(out, Path(d) / "student.pt")
@@ -152,20 +163,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def fit_student(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: str, in_dim: int, n_classes: int, storage: Path) -> TrainResult:
-    """Train one student on `target` across `cfg.workers` Ray Train workers; its best weights."""
-    train, held, n_train = label_datasets(run, labels_dir, cfg)
+def fit_student(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: str, in_dim: int, n_classes: int, storage: Path,
+                callbacks: list | None = None) -> TrainResult:
+    """Train one student on `target` across `cfg.workers` Ray Train workers; its best weights.
+    With `callbacks` (a Tune trial's `TuneReportCallback`), every epoch is reported to them."""
+    train, held, n_train = label_datasets(run, labels_dir, cfg, target)
     res = cfg.resources
     fs, path = run.remote(storage) or (None, str(storage.resolve()))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "target": target, "n_classes": n_classes, "in_dim": in_dim,
-                           "n_train": n_train, "threads": max(1, int(res.num_cpus))},
+                           "n_train": n_train, "threads": max(1, int(res.num_cpus)), "report_epochs": bool(callbacks)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=res.num_gpus > 0,
                                      resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}),
         datasets={"train": train, "holdout": held},
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"student-{target}", storage_path=path, storage_filesystem=fs),
+        run_config=RunConfig(name=f"student-{target}", storage_path=path, storage_filesystem=fs, callbacks=callbacks),
     )
     result = trainer.fit()
     if result.error is not None or result.checkpoint is None:

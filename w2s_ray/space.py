@@ -69,7 +69,7 @@ class SearchSpace(Strict):
     max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
     seed: int = 0
     scheduler: Scheduler = Field(default_factory=Scheduler)
-    resources: Resources | None = Field(None, description="per trial; default: the config's student.resources")
+    resources: Resources | None = Field(None, description="per trial (per Ray Train worker with student.workers > 1); default: the config's student.resources")
     max_failures: int = Field(2, ge=0)
     baseline: dict[str, Any] = Field(
         default_factory=lambda: {"student.rce_weight": 0.0},
@@ -108,9 +108,6 @@ def load_space(path: str | Path, base: ExperimentConfig, allow_local_code: bool 
     """Read and check a search space against the base config: every point it can produce (and
     its baseline) must validate, and model import paths follow the config's rule on local code."""
     path = Path(path)
-    if base.student.workers > 1:
-        raise ConfigError(f"student.workers={base.student.workers}: a Tune trial trains its student in one process (a trial across "
-                          "Ray Train workers is not built yet); search with student.workers: 1")
     raw = read_yaml(path, "search space")
     if not isinstance(raw, dict):
         raise ConfigError(f"search space {path}: the top level must be a mapping, got {type(raw).__name__}")
@@ -124,6 +121,9 @@ def load_space(path: str | Path, base: ExperimentConfig, allow_local_code: bool 
                 f"{path}: parameter {name!r}: only student.* keys can be searched "
                 "(teachers and pseudo-labels are computed once for the whole search)"
             )
+        if name in ("student.workers", "student.resources.num_cpus", "student.resources.num_gpus"):
+            raise ConfigError(f"{path}: parameter {name!r} cannot be searched: every trial of a search holds the same "
+                              "resources (the space's `resources` per worker, times the base config's student.workers)")
         for value in param.candidates():
             if not allow_local_code:
                 _check_code(name, value, f"{path}: parameter {name!r}")

@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,6 +69,14 @@ def loss_options(cfg: StudentConfig, step: int, total_steps: int, threshold: flo
         "aux_alpha": cfg.aux_alpha * min(1.0, step / max(1.0, cfg.aux_warmup * total_steps)),
         "aux_soft": cfg.aux_target == "soft", "log_floor": cfg.log_floor,
     }
+
+
+def epoch_rows(train_rows: torch.Tensor, batch_size: int, gen: torch.Generator, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """One epoch of a single-process student's input: the training rows in a fresh random order
+    (drawn from `gen`), `batch_size` at a time; the loop gathers its batch with these indices."""
+    perm = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
+    for s in range(0, len(perm), batch_size):
+        yield perm[s : s + batch_size]
 
 
 def train_student(
@@ -133,10 +141,8 @@ def train_student(
 
     for epoch in range(start, cfg.epochs + 1):
         model.train()
-        perm = train_rows[torch.randperm(len(train_rows), generator=gen)].to(device)
-        total = 0.0
-        for s in range(0, len(perm), cfg.batch_size):
-            rows = perm[s : s + cfg.batch_size]
+        total, seen = 0.0, 0
+        for rows in epoch_rows(train_rows, cfg.batch_size, gen, device):
             opt.zero_grad(set_to_none=True)
             xb = x[rows]
             if cfg.augment_shift:
@@ -145,6 +151,7 @@ def train_student(
             batch_loss.backward()
             opt.step()
             total += float(batch_loss.detach()) * len(rows)
+            seen += len(rows)
             step += 1
         with torch.no_grad():
             model.eval()
@@ -152,7 +159,7 @@ def train_student(
             logits = model(x[hold])
             hold_loss = float(objective(logits, hold, total_steps))
             hold_agree = float((logits.argmax(-1) == t[hold].argmax(-1)).float().mean())
-            rec = {"epoch": epoch, "train_loss": total / len(perm), "holdout_loss": hold_loss, "holdout_agreement": hold_agree}
+            rec = {"epoch": epoch, "train_loss": total / seen, "holdout_loss": hold_loss, "holdout_agreement": hold_agree}
             if oracle:
                 rec["holdout_gold_acc"] = float((logits.argmax(-1).cpu() == y_gold[hold_rows]).float().mean())
         score = -rec["holdout_gold_acc"] if oracle else hold_loss
@@ -201,6 +208,22 @@ TARGETS: dict[str, Callable[[dict[str, torch.Tensor], float], tuple[torch.Tensor
     "single": lambda labels, log_floor: (labels["t_single"], labels["logt_single"]),
     "hard": _hard,  # the dual mean's argmax, one-hot
 }
+
+
+# the label-table columns each target reads: a student task reads only these, with `id`, `x`
+# and `logt_dual` (misfit against the dual mean); the whole table is about 3× that at C = 10
+TARGET_COLUMNS: dict[str, tuple[str, ...]] = {
+    "dual_mean": ("t_dual", "logt_dual"),
+    "arith_mean": ("t_arith",),
+    "single": ("t_single", "logt_single"),
+    "hard": ("t_dual",),
+}
+
+
+def label_columns(target: str | None, *extra: str) -> list[str]:
+    """The label-table columns a student on `target` needs (None: the ceiling, or a target given
+    as tensors), and `extra` ones, each once."""
+    return list(dict.fromkeys(["id", "x", "logt_dual", *TARGET_COLUMNS.get(target or "", ()), *extra]))
 
 
 def target_of(labels: dict[str, torch.Tensor], target: str, log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,11 +18,13 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from w2s_ray import metrics
 from w2s_ray.config import ExperimentConfig
+from w2s_ray.ddp import fit_student
 from w2s_ray.space import apply_params
-from w2s_ray.training import holdout_split, load_student, predict_log, target_of, train_student
+from w2s_ray.training import holdout_split, label_columns, load_student, predict_log, target_of, train_student
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,35 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
         tune.report(done)
         return
     cfg = apply_params(ExperimentConfig.model_validate(base), config)
+    if cfg.student.workers > 1:
+        last = spread_trial(cfg, data, refs)
+    else:
+        last = process_trial(cfg, data, refs, fault)
+    if finished is not None and last:
+        finished.put(config, last)
+
+
+def trial_metrics(log_test: torch.Tensor, log_tr: torch.Tensor, labels: dict, log_t: torch.Tensor, hold: torch.Tensor, data: dict, refs: dict) -> dict[str, Any]:
+    """What a trial reports of the student it would return now: its selection metrics on the
+    held-out transfer slice (no gold label) and its test metrics."""
+    evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"], hold)
+    return dict(
+        val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
+        val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
+        **asdict(evaluation),
+        pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
+        pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
+    )
+
+
+def process_trial(cfg: ExperimentConfig, data: dict, refs: dict, fault: TrialFault | None) -> dict[str, Any]:
+    """The student in this trial's process: a Tune report and checkpoint after every epoch
+    (resumed from the last checkpoint when the trial is restarted). Returns the last report."""
     s = cfg.student
     torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
     target = s.targets[0]
     src = data["src"]
-    labels = src.read()  # in this trial's worker, from the labels stage's parts
+    labels = src.read(label_columns(target, "t_dual"))  # in this trial's worker, from the labels stage's parts (its columns only)
     t, log_t = target_of(labels, target, s.log_floor)
     x = labels["x"]
     _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
@@ -99,17 +125,7 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
         state = checkpoint()
         if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
             model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
-            log_test = predict_log(model, data["test_x"])
-            log_tr = predict_log(model, x)
-            evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"], hold)
-            current.update(
-                val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
-                val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
-                **asdict(evaluation),
-                pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
-                pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
-                best_epoch=rec["epoch"],
-            )
+            current.update(trial_metrics(predict_log(model, data["test_x"]), predict_log(model, x), labels, log_t, hold, data, refs), best_epoch=rec["epoch"])
         if fault and rec["epoch"] == fault.epoch and not (fault.marker and os.path.exists(fault.marker)):
             if fault.marker:
                 Path(fault.marker).write_text("failed once\n")
@@ -121,7 +137,30 @@ def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: Trial
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(d))
 
     train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
-    if finished is not None and last:
-        finished.put(config, last)
+    return last
 
 
+def spread_trial(cfg: ExperimentConfig, data: dict, refs: dict) -> dict[str, Any]:
+    """The student across `student.workers` Ray Train workers (`ddp.fit_student`), each holding
+    the space's per-trial resources; this trial's own process holds none and only waits and
+    evaluates. Rank 0's report after every epoch (epoch, best held-out loss and teacher CE so
+    far) reaches Tune through `TuneReportCallback`, so ASHA can stop the trial; the full metrics
+    of the best epoch follow once, at the end. A restarted trial trains again from its start
+    (the Ray Train run keeps no Tune checkpoint)."""
+    s = cfg.student
+    s = s.model_copy(update={"resources": s.resources.model_copy(update={"num_cpus": refs.get("cpus", 1), "num_gpus": refs.get("gpus", 0)})})
+    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
+    target, src, n_classes = s.targets[0], data["src"], refs["n_classes"]
+    in_dim = data["test_x"].shape[1]
+    storage = Path(refs["train_dir"]) / tune.get_context().get_trial_id()
+    res = fit_student(src.run, src.labels, s, target, in_dim, n_classes, storage, callbacks=[TuneReportCallback()])
+    labels = src.read(label_columns(target, "t_dual"))
+    _, log_t = target_of(labels, target, s.log_floor)
+    _, hold = holdout_split(len(labels["x"]), s.holdout_frac, s.seed)
+    model = load_student(s, res.state_dict, in_dim, n_classes)
+    best = res.history[res.best_epoch - 1]
+    last = {"epoch": res.epochs_run, "holdout_loss": best["holdout_loss"],
+            **trial_metrics(predict_log(model, data["test_x"]), predict_log(model, labels["x"]), labels, log_t, hold, data, refs),
+            "best_epoch": res.best_epoch}
+    tune.report(dict(last))
+    return last

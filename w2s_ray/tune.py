@@ -67,21 +67,21 @@ def check_cluster(ctx: RunContext, space: SearchSpace) -> None:
     """Start or join the configured Ray (`ray.address`, `ray.num_cpus`: also when every stage is
     cached) and refuse trials the cluster cannot place, which would otherwise wait forever."""
     ctx.ray()
-    check_placeable(space, ray.cluster_resources())
+    check_placeable(space, ray.cluster_resources(), ctx.cfg.student.workers)
 
 
-def check_placeable(space: SearchSpace, cluster: dict[str, float]) -> None:
-    need = {"CPU": space.resources.cpu, "GPU": space.resources.gpu}
+def check_placeable(space: SearchSpace, cluster: dict[str, float], workers: int = 1) -> None:
+    need = {"CPU": space.resources.cpu * workers, "GPU": space.resources.gpu * workers}
     short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0)}
     if short:
         asked = ", ".join(f"{k} {v:g} per trial (the cluster has {have:g})" for k, (v, have) in short.items())
         raise W2SError(f"search space resources: {asked}; no trial could start (on an autoscaling cluster, start the nodes first)")
 
 
-def max_concurrent(space: SearchSpace, resources: dict[str, float]) -> int:
-    n = int(resources.get("CPU", 1) // space.resources.cpu)
+def max_concurrent(space: SearchSpace, resources: dict[str, float], workers: int = 1) -> int:
+    n = int(resources.get("CPU", 1) // (space.resources.cpu * workers))
     if space.resources.gpu > 0:
-        n = min(n, int(resources.get("GPU", 0) / space.resources.gpu + 1e-9))
+        n = min(n, int(resources.get("GPU", 0) / (space.resources.gpu * workers) + 1e-9))
     return max(1, min(space.max_concurrent or n, n))
 
 
@@ -93,7 +93,7 @@ def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     param_space = {k: tune_param(p) for k, p in space.params.items()}
-    limit = max_concurrent(space, ray.cluster_resources())
+    limit = max_concurrent(space, ray.cluster_resources(), cfg.student.workers)
     search_alg = None
     if space.search == "optuna":
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -159,14 +159,19 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     # and warn about it on every snapshot; the snapshot is cheap on local disk
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     data, refs = trial_data(ctx, stages)
-    refs["cpus"] = space.resources.cpu
+    refs["cpus"], refs["gpus"] = space.resources.cpu, space.resources.gpu
+    refs["train_dir"] = str(search_dir / "train")  # a trial across workers keeps its Ray Train run here, by trial id
     fs, experiment = ctx.run.remote(search_dir) or (pafs.LocalFileSystem(), str(search_dir.resolve()))
     finished = FinishedTrials(fs, f"{experiment}/finished")
+    workers = ctx.cfg.student.workers
+    # a trial across Ray Train workers holds no CPU itself (its workers ask for theirs; holding
+    # one would leave 2 workers no room on 2 CPUs); Tune refuses an empty bundle, so it holds a
+    # token 1 MiB of Ray's logical `memory` resource
+    own = {"cpu": space.resources.cpu, "gpu": space.resources.gpu} if workers == 1 else {"cpu": 0, "memory": 2**20}
     trainable = tune.with_resources(
-        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault, finished=finished),
-        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
-    )
-    ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU per trial → {search_dir}")
+        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault, finished=finished), own)
+    per = "per trial" if workers == 1 else f"per worker, {workers} Ray Train workers per trial"
+    ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU {per} → {search_dir}")
     t0 = time.perf_counter()
     grid = build_tuner(ctx, space, name, search_dir, trainable, resume).fit()
     if (search_dir / "optuna.db").is_file():

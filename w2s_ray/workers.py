@@ -28,7 +28,7 @@ from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import Split, StudentResult, TeacherStage
 from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import holdout_split, load_student, predict_log, target_of, train_student
+from w2s_ray.training import holdout_split, label_columns, load_student, predict_log, target_of, train_student
 
 MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
 
@@ -149,7 +149,7 @@ def student_task(cfg_json: dict, target: str | None, src: LabelSource, n_classes
     torch.set_num_threads(max(1, threads))
     cfg = StudentConfig.model_validate(cfg_json)
     device = gpu_device()
-    labels = src.read()
+    labels = src.read(label_columns(None if t is not None else target))
     ceiling = target is None
     gold = src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
     if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
@@ -172,7 +172,7 @@ def evaluate_task(cfg_json: dict, target: str, res: TrainResult, src: LabelSourc
     """Evaluate a student trained elsewhere (across Ray Train workers); runs in a Ray task."""
     torch.set_num_threads(max(1, threads))
     cfg = StudentConfig.model_validate(cfg_json)
-    labels = src.read()
+    labels = src.read(label_columns(target))
     return evaluate_trained(cfg, target, res, labels, target_of(labels, target, cfg.log_floor)[1], n_classes, test, "cpu")
 
 
