@@ -7,7 +7,9 @@ rows, a fixed 2,000-row weak split and 4,000-row test split, K teachers with
 `keep_predictions: none`, one MLP student on the dual mean. Each N runs in a fresh child
 process with its own embedded Ray, stage after stage (`run_pipeline(until=...)` on the cached
 earlier stages), and reports the wall time per stage, the driver's peak RSS (the child's own,
-not its workers') and the bytes each stage wrote.
+not its workers'), the object store's peak use per stage (every node's plasma bytes, sampled
+twice a second; the sum over the run of what was created in it, and what was spilled) and the
+bytes each stage wrote.
 
 `--ks` (teacher and labels stages on the default data): driver memory vs K and what each
 `keep_predictions` setting writes.
@@ -23,6 +25,7 @@ import multiprocessing as mp
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,9 +42,43 @@ def du(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
+class StoreUse(threading.Thread):
+    """The object store's use, sampled twice a second from the raylets (`store_stats`, summed
+    over nodes): the peak of `object_store_bytes_used` since the last `reset()`."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._stats = lambda: get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        self.peak, self.last, self._stop = 0, None, threading.Event()
+
+    def sample(self) -> None:
+        self.last = self._stats()
+        self.peak = max(self.peak, self.last.object_store_bytes_used)
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.sample()
+            except Exception:  # a sample missed while Ray is busy; the next one counts
+                pass
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self.join()
+        self.sample()
+        return {"created_mb": self.last.cumulative_created_bytes / 2**20, "spilled_mb": self.last.spilled_bytes_total / 2**20}
+
+
 def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
     from w2s_ray.config import load_config
     from w2s_ray.pipeline import run_pipeline
+    from w2s_ray.raytools import init_ray
 
     root, n, k, pack, epochs = args
     cfg = load_config(None, {
@@ -53,15 +90,22 @@ def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
         "student.model.name": "mlp", "student.model.width": 64, "student.model.depth": 2, "student.epochs": epochs,
         "student.targets": ["dual_mean"], "student.ceiling": False, "output.tensorboard": False,
     })
-    walls, rss = {}, {}
+    walls, rss, store = {}, {}, {}
+    init_ray(cfg.ray)  # the pipeline joins this Ray; started here so the store can be sampled from the start
+    use = StoreUse()
+    use.start()
     for stage in STAGES:
+        use.reset()
         t0 = time.perf_counter()
         st = run_pipeline(cfg, until=stage)
         walls[stage], rss[stage] = time.perf_counter() - t0, peak_mb()
+        use.sample()
+        store[stage] = use.peak / 2**20
+    totals = use.stop()
     run = Path(root) / f"n{n}"
     written = {s: du(run / s) for s in ("data", "teachers", "labels", "student")}
     read = sorted(st.data.splits.loaded())
-    queue.put((n, k, walls, rss, written, read))
+    queue.put((n, k, walls, rss, store, totals, written, read))
 
 
 def teachers_and_labels(args: tuple[str, int, str], queue) -> None:
@@ -104,9 +148,11 @@ def main() -> None:
         print(f"{'N':>9} {'K':>5} | wall s: " + " ".join(f"{s:>8}" for s in STAGES) + f" {'total':>7} | driver peak RSS MB after: "
               + " ".join(f"{s:>8}" for s in STAGES) + " | MB written: data teachers labels student | splits read by driver")
         for n in a.ns:
-            n_, k, walls, rss, written, read = child(end_to_end, (root, n, a.k, a.pack, a.epochs), ctx, queue)
+            n_, k, walls, rss, store, totals, written, read = child(end_to_end, (root, n, a.k, a.pack, a.epochs), ctx, queue)
             print(f"{n_:>9,} {k:>5} | " + " ".join(f"{walls[s]:>8.1f}" for s in STAGES) + f" {sum(walls.values()):>7.1f} | "
                   + " ".join(f"{rss[s]:>8,.0f}" for s in STAGES) + " | " + " ".join(f"{written[s]:,.0f}" for s in written) + f" | {read}", flush=True)
+            print(f"{'':>15} object store peak MB per stage: " + " ".join(f"{s} {store[s]:,.1f}" for s in STAGES)
+                  + f"; created over the run {totals['created_mb']:,.1f} MB, spilled {totals['spilled_mb']:,.1f} MB", flush=True)
             if not a.keep_runs:
                 shutil.rmtree(Path(root) / f"n{n}", ignore_errors=True)
     if a.ks:

@@ -58,15 +58,21 @@ def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: st
     ids = pq.read_table(labels_dir / "parts", columns=["id"])["id"].to_numpy()
     remote = run.remote(labels_dir / "parts")
     # the stream's tasks ask for no CPU: the trainers may hold every CPU (2 workers on 2 CPUs
-    # here), and Ray Data tasks waiting for one would never run (the Tune/Train + Ray Data hang)
+    # here), and Ray Data tasks waiting for one would never run (the Tune/Train + Ray Data hang).
+    # Zero-CPU tasks are not limited by the CPUs either: without `concurrency` a 500,000-row
+    # table started 120 worker processes on 2 CPUs, so at most one task per cluster CPU runs
+    # One read task per part (the labels stage writes one per `rows_per_file` rows): left to
+    # choose, Ray Data cut 5 parts of 500,000 rows into some 200 tiny read tasks.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    read = {"columns": label_columns(target, "t_dual"), "num_cpus": 0, "concurrency": cpus,
+            "override_num_blocks": max(1, len(list((labels_dir / "parts").glob("*.parquet"))))}
     if remote:
-        ds = ray.data.read_parquet(remote[1], filesystem=remote[0], num_cpus=0)
+        ds = ray.data.read_parquet(remote[1], filesystem=remote[0], **read)
     else:
-        ds = ray.data.read_parquet(str(labels_dir / "parts"), num_cpus=0)
-    ds = ds.select_columns(label_columns(target, "t_dual"))
+        ds = ray.data.read_parquet(str(labels_dir / "parts"), **read)
     _, hold = holdout_split(len(ids), cfg.holdout_frac, cfg.seed)
     hold_ids = pa.array(np.sort(ids[hold.numpy()]))
-    split = {"batch_format": "pyarrow", "zero_copy_batch": True, "num_cpus": 0}
+    split = {"batch_format": "pyarrow", "zero_copy_batch": True, "num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=cpus)}
     # read once into the object store (blocks stay on the nodes that read them, spilled to disk
     # beyond its size; the driver holds references only): re-reading the Parquet parts every
     # epoch cost 17 s per epoch for 3,600 rows on 2 CPUs, mostly Ray Data's start-up per execution;
@@ -76,13 +82,28 @@ def label_datasets(run: RunDir, labels_dir: Path, cfg: StudentConfig, target: st
     return train, held, len(ids) - len(hold)
 
 
+STREAM_ROWS = 8192
+"""Rows a worker takes from its shard at a time; it cuts them into its training batches. Asking
+Ray Data for 64-row batches delivered 0.22× of pyarrow's in-process rate at the same batch size
+(`benchmarks/bench_labels.py`, 500,000 rows, 2 workers on 2 CPUs): each batch pays Ray Data's
+per-batch cost."""
+
+
 def epoch_batches(shard, per_worker: int, seed: int, epoch: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of a worker's input: its shard of the label stream through a local shuffle
-    buffer (seeded per epoch and rank), `per_worker` rows at a time, as tensors."""
-    batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True,
-                                 local_shuffle_buffer_size=max(4 * per_worker, 2048), local_shuffle_seed=seed * 100_003 + epoch * 101 + rank)
+    buffer (seeded per epoch and rank), `STREAM_ROWS` rows at a time, shuffled again within
+    those and cut into batches of `per_worker` rows, as tensors (a last short batch is dropped:
+    every worker then takes the same number of steps, its shard being of equal size)."""
+    chunk = max(per_worker, STREAM_ROWS // per_worker * per_worker)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch * 101 + rank)
+    batches = shard.iter_batches(batch_size=chunk, batch_format="pyarrow", drop_last=False,
+                                 local_shuffle_buffer_size=2 * chunk, local_shuffle_seed=seed * 100_003 + epoch * 101 + rank)
     for b in batches:
-        yield batch_to_torch(b)
+        d = batch_to_torch(b)
+        order = torch.randperm(len(d["id"]), generator=gen)
+        for s in range(0, len(order) - per_worker + 1, per_worker):
+            rows = order[s : s + per_worker]
+            yield {k: v[rows] for k, v in d.items()}
 
 
 def train_loop(config: dict[str, Any]) -> None:
