@@ -52,7 +52,7 @@ class StoreUse(threading.Thread):
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
         self._stats = lambda: get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
-        self.peak, self.last, self._stop = 0, None, threading.Event()
+        self.peak, self.last, self._halt = 0, None, threading.Event()
 
     def sample(self) -> None:
         self.last = self._stats()
@@ -62,14 +62,14 @@ class StoreUse(threading.Thread):
         self.peak = 0
 
     def run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._halt.wait(0.5):
             try:
                 self.sample()
             except Exception:  # a sample missed while Ray is busy; the next one counts
                 pass
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
         return {"created_mb": self.last.cumulative_created_bytes / 2**20, "spilled_mb": self.last.spilled_bytes_total / 2**20}

@@ -183,17 +183,19 @@ def read_pack_sums(stage: Path, split: str, pack: int, rows: Rows = None) -> Pos
     )
 
 
-def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, rows: Rows = None, run: RunDir | None = None) -> PosteriorAccumulator:
+def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, rows: Rows = None, run: RunDir | None = None,
+                    packs: dict[int, np.ndarray] | None = None) -> PosteriorAccumulator:
     """The posterior sums over the first k teachers on rows [r0, r1) of `split` (all `n` rows by
     default): each pack's stored sums when the pack lies wholly below k, its predictions
     otherwise (a stage trained with a larger K and used with a smaller one). Memory: a few
     `[rows, C]` float64 arrays, whatever K is. With `run`, files a worker on another node does
-    not have are fetched from the run's store first."""
+    not have are fetched from the run's store first. `packs`: the stage's `pack_ids`, when the
+    caller has read them already."""
     r0, r1 = rows or (0, n)
     acc, seen = PosteriorAccumulator(r1 - r0, n_classes), set()
-    if run is not None:
+    if packs is None and run is not None:
         run.fetch_file(teachers.dir / "teachers.parquet")
-    for p, ids in pack_ids(teachers).items():
+    for p, ids in (packs if packs is not None else pack_ids(teachers)).items():
         inside = ids[ids < teachers.k]
         twice = seen.intersection(inside.tolist())
         if twice:
@@ -213,11 +215,13 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, 
     return acc
 
 
-def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows = None, run: RunDir | None = None) -> torch.Tensor:
-    """`[rows, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case)."""
-    if run is not None:
+def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows = None, run: RunDir | None = None,
+                   packs: dict[int, np.ndarray] | None = None) -> torch.Tensor:
+    """`[rows, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case).
+    `packs`: the stage's `pack_ids`, when the caller has read them already."""
+    if packs is None and run is not None:
         run.fetch_file(teachers.dir / "teachers.parquet")
-    pack = next(p for p, ids in pack_ids(teachers).items() if teacher in ids)
+    pack = next(p for p, ids in (packs if packs is not None else pack_ids(teachers)).items() if teacher in ids)
     path = pack_path(teachers.dir, split, pack)
     if run is not None:
         run.fetch_file(path)

@@ -106,9 +106,11 @@ class Split:
         return pa.table(cols)
 
     @classmethod
-    def read(cls, path: str | Path, rows: tuple[int, int] | None = None) -> "Split":
-        """A split file, or its rows [r0, r1)."""
-        t = artifacts.read_rows(path, rows)
+    def read(cls, path: str | Path, rows: tuple[int, int] | None = None, teacher_features: bool = True) -> "Split":
+        """A split file, or its rows [r0, r1); without the teachers' own features (`xt`) when
+        `teacher_features` is False."""
+        columns = None if teacher_features else ["id", "x", "y"]
+        t = artifacts.read_rows(path, rows, columns)
         xt = _matrix(t["xt"]) if "xt" in t.column_names else None
         return cls(ids=t["id"].to_numpy(), x=_matrix(t["x"]), y=t["y"].to_numpy().astype(np.int64), xt=xt)
 

@@ -22,7 +22,7 @@ import torch
 from w2s_ray import metrics
 from w2s_ray.config import StudentConfig, TeachersConfig
 from w2s_ray.artifacts import ROW_GROUP
-from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, LabelSource, labels_table, single_teacher, split_posterior, write_pack
+from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, LabelSource, labels_table, pack_ids, single_teacher, split_posterior, write_pack
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import Split, StudentResult, TeacherStage
@@ -200,9 +200,11 @@ def label_block(run: RunDir, data_dir: Path, teachers: TeacherStage, single: int
     split = data_dir / "transfer.parquet"
     if not run.fetch_file(split):
         raise FileNotFoundError(f"{split}: the data stage's transfer split is neither here nor in the run's store")
-    tr = Split.read(split, rows)
-    acc = split_posterior(teachers, "transfer", rows[1], n_classes, rows, run)
+    tr = Split.read(split, rows, teacher_features=False)
+    run.fetch_file(teachers.dir / "teachers.parquet")
+    packs = pack_ids(teachers)  # read once for both
+    acc = split_posterior(teachers, "transfer", rows[1], n_classes, rows, run, packs)
     post = acc.finalize()
-    post["single_log"] = single_teacher(teachers, "transfer", single, rows, run)
+    post["single_log"] = single_teacher(teachers, "transfer", single, rows, run, packs)
     run.write_parquet(out, labels_table(tr.ids, tr.x, post), ROW_GROUP)
     return {"rows": len(tr.ids), "k": acc.k, **{f"sum_{s}": float(post[s].numpy().astype(np.float64).sum()) for s in STAT_COLUMNS}}  # as labels.label_parts sums a kept part
