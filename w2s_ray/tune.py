@@ -1,9 +1,12 @@
 """Ray Tune search over the student: capacity × reverse-CE weight × target × learning rate.
 
 The teachers, pseudo-labels, gold ceiling and baseline students come from the pipeline's cache
-(computed once, never per trial). The driver streams the pseudo-labels through Ray Data once
-and hands them to trials through the object store (`tune.with_parameters`); trials start no
-Ray Data work, so trials holding every CPU cannot starve it (the known Tune + Ray Data hang).
+(computed once, never per trial). Every trial reads the label columns it needs from the labels
+stage's parts itself (`packfiles.LabelSource`); the driver hands trials where they are and the
+test split (`tune.with_parameters`). With `student.workers > 1` a trial runs a Ray Train run
+(`trial.spread_trial`): its workers hold the space's resources, the trial itself no CPU, and the
+label stream's Ray Data tasks ask for no CPU, so trials holding every CPU cannot starve it (the
+known Tune + Ray Data hang).
 
 Every trial reports, after each epoch, the metrics of the student it would return now (its
 best epoch so far): `val_teacher_ce` (cross-entropy against the dual posterior mean on the
