@@ -81,7 +81,7 @@ def test_a_smaller_k_than_the_stage_holds_reads_the_straddling_pack(kept):
 
 
 @pytest.mark.slow
-def test_bootstrap_counts_by_row_blocks_and_teacher_groups_equal_one_block(kept, monkeypatch):
+def test_bootstrap_counts_by_row_blocks_and_teacher_groups_equal_one_block_in_process_or_in_ray_tasks(kept, monkeypatch):
     cfg, st, post = kept
     y = st.data.splits["test"].y
     whole = labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
@@ -92,6 +92,8 @@ def test_bootstrap_counts_by_row_blocks_and_teacher_groups_equal_one_block(kept,
     for name in whole:
         # float32 sums in another order: a replicate may flip a near-tie, moving a bound by 1/N
         assert np.allclose(blocked[name], whole[name], atol=1 / len(y) + 1e-9), name
+    # the same blocks as Ray tasks (what the labels stage does): the same counts, so the same CIs
+    assert labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, run_dir(cfg)) == blocked
 
 
 @pytest.mark.slow

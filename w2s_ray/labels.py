@@ -6,9 +6,9 @@ pack's stored posterior sums, computes the posterior and writes its part of the 
 (`parts/part-<first row>.parquet`) into the run's store itself, returning only counts and summed
 statistics. The driver holds no transfer row, whatever N and K are; an interrupted stage keeps
 the parts it finished. The test split's posterior (`test_posterior.parquet`), the designated
-single teacher's rows and the bootstrap CIs (counted block by block of test rows,
-`bootstrap_ci`) are built in the driver: their memory grows with the test split, not with the
-transfer split or K. `posterior_summary` condenses them into the typed `posterior.json`.
+single teacher's rows are built in the driver, and the bootstrap CIs are counted block by block
+of test rows (`bootstrap_ci`; blocks beyond the first in Ray tasks that return `[B]` counts):
+their memory grows with the test split, not with the transfer split or K. `posterior_summary` condenses them into the typed `posterior.json`.
 Students read the parts with Ray Data (`iter_label_batches`) or pyarrow, in their own workers.
 
 The labels table holds no gold label: the student stage cannot see one by accident.
@@ -30,8 +30,8 @@ from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
-from w2s_ray.packfiles import STAT_COLUMNS, batch_to_torch, fixed_list_to_numpy, part_path, pack_ids, read_pack_logp, single_teacher, split_posterior, test_table
-from w2s_ray.posterior import PosteriorAccumulator, percentile_ci
+from w2s_ray.packfiles import STAT_COLUMNS, batch_to_torch, bootstrap_block, fixed_list_to_numpy, part_path, pack_ids, single_teacher, split_posterior, test_table
+from w2s_ray.posterior import percentile_ci
 from w2s_ray.raytools import Progress, alive_nodes, as_completed
 from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
@@ -60,34 +60,39 @@ BOOT_TEACHERS = 32
 (the default run's packs hold 32 teachers, so its sums are added in the same order as before)."""
 
 
-def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: int, seed: int, ci: float) -> dict[str, list[float]]:
+def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: int, seed: int, ci: float,
+                 run: RunDir | None = None) -> dict[str, list[float]]:
     """Percentile CIs of both posterior means' test accuracy over Poisson resamples of the
-    teachers, counted block by block of test rows: memory `[B, block, C]`, never `[B, N, C]`."""
+    teachers, counted block by block of test rows (`packfiles.bootstrap_block`): memory
+    `[B, block, C]`, never `[B, N, C]`. With `run` and Ray started, blocks beyond the first run
+    as Ray tasks (one CPU each), which return `[B]` counts: the driver adds integers, so the CIs
+    are those of one process. One block (the default run's test split) runs here."""
     if not n_boot:
         return {}
     block = max(1, BOOT_BLOCK_BYTES // (2 * 4 * n_boot * n_classes))
     groups = [(p, t0, min(t0 + BOOT_TEACHERS, teachers.k))
               for p, ids in pack_ids(teachers).items() for t0 in range(int(ids.min()), min(int(ids.max()) + 1, teachers.k), BOOT_TEACHERS)]
-    total: dict[str, torch.Tensor] = {}
-    for r0 in range(0, len(y), block):
-        r1 = min(len(y), r0 + block)
-        acc = PosteriorAccumulator(r1 - r0, n_classes, n_boot=n_boot, boot_seed=seed)
-        for p, t0, t1 in groups:  # only the row groups holding these teachers' rows of the block are read
-            ids, logp = read_pack_logp(teachers.dir, "test", p, t1, (r0, r1), first=t0)
-            if len(ids):
-                acc.add(torch.tensor(logp), ids.tolist())
-        _, correct = acc.bootstrap_correct(torch.from_numpy(y[r0:r1]))
-        total = {name: total.get(name, 0) + c for name, c in correct.items()}
+    blocks = [(r0, min(len(y), r0 + block)) for r0 in range(0, len(y), block)]
+    args = (groups, n_classes, n_boot, seed)
+    if run is not None and len(blocks) > 1 and ray.is_initialized():
+        task = ray.remote(bootstrap_block).options(num_cpus=1)
+        running = {task.remote(teachers, y[r0:r1], (r0, r1), *args, run): (r0, r1) for r0, r1 in blocks}
+        counts = [ray.get(ref) for _, ref in as_completed(running)]
+    else:
+        counts = [bootstrap_block(teachers, y[r0:r1], (r0, r1), *args) for r0, r1 in blocks]
+    total = {name: sum(c[name] for c in counts) for name in counts[0]}
     return percentile_ci({name: c.float() / len(y) for name, c in total.items()}, ci)
 
 
-def test_posterior(cfg: ExperimentConfig, y_test: np.ndarray, n_classes: int, teachers: TeacherStage) -> tuple[dict[str, torch.Tensor], int, dict[str, list[float]]]:
+def test_posterior(cfg: ExperimentConfig, y_test: np.ndarray, n_classes: int, teachers: TeacherStage,
+                   run: RunDir | None = None) -> tuple[dict[str, torch.Tensor], int, dict[str, list[float]]]:
     """(the test split's posterior with the single teacher's rows, K, bootstrap CIs), from the
-    packs' stored sums: the driver never holds a `[k, N, C]` array."""
+    packs' stored sums: the driver never holds a `[k, N, C]` array. With `run`, the bootstrap's
+    row blocks beyond the first run as Ray tasks."""
     acc = split_posterior(teachers, "test", len(y_test), n_classes)
     post = acc.finalize()
     post["single_log"] = single_teacher(teachers, "test", cfg.posterior.single_teacher)
-    ci = bootstrap_ci(teachers, y_test, n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci)
+    ci = bootstrap_ci(teachers, y_test, n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, run)
     return post, acc.k, ci
 
 
@@ -192,7 +197,7 @@ def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> La
             ctx.run.remove(d / artifacts.MANIFEST)
             totals = label_parts(ctx, data, teachers, d)
             y_test = data.splits["test"].y
-            te, k, ci = test_posterior(ctx.cfg, y_test, data.n_classes, teachers)
+            te, k, ci = test_posterior(ctx.cfg, y_test, data.n_classes, teachers, ctx.run)
             if k != totals["k"]:
                 raise W2SError(f"labels stage {d}: the transfer split saw {totals['k']} teachers, the test split {k}")
             summary = posterior_summary(te, k, ci, totals["sum_variance"] / totals["rows"], y_test)

@@ -215,6 +215,24 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, 
     return acc
 
 
+def bootstrap_block(teachers: TeacherStage, y: np.ndarray, rows: tuple[int, int], groups: list[tuple[int, int, int]], n_classes: int,
+                    n_boot: int, seed: int, run: RunDir | None = None) -> dict[str, torch.Tensor]:
+    """Per-replicate counts of correct test predictions of both posterior means on test rows
+    [r0, r1) (`y` their gold labels) over Poisson resamples of the teachers: `groups` are
+    (pack, first teacher, end teacher) read one at a time, so memory is `[B, rows, C]` plus one
+    group's predictions for these rows. Rows are independent, so blocks add up
+    (`labels.bootstrap_ci`). With `run`, files a worker on another node lacks are fetched first."""
+    r0, r1 = rows
+    acc = PosteriorAccumulator(r1 - r0, n_classes, n_boot=n_boot, boot_seed=seed)
+    for p, t0, t1 in groups:  # only the row groups holding these teachers' rows of the block are read
+        if run is not None:
+            run.fetch_file(pack_path(teachers.dir, "test", p))
+        ids, logp = read_pack_logp(teachers.dir, "test", p, t1, (r0, r1), first=t0)
+        if len(ids):
+            acc.add(torch.tensor(logp), ids.tolist())
+    return acc.bootstrap_correct(torch.tensor(y))[1]  # a copy: in a Ray task `y` arrives read-only
+
+
 def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows = None, run: RunDir | None = None,
                    packs: dict[int, np.ndarray] | None = None) -> torch.Tensor:
     """`[rows, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case).
