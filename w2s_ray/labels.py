@@ -8,7 +8,8 @@ statistics. The driver holds no transfer row, whatever N and K are; an interrupt
 the parts it finished. The test split's posterior (`test_posterior.parquet`), the designated
 single teacher's rows are built in the driver, and the bootstrap CIs are counted block by block
 of test rows (`bootstrap_ci`; blocks beyond the first in Ray tasks that return `[B]` counts):
-their memory grows with the test split, not with the transfer split or K. `posterior_summary` condenses them into the typed `posterior.json`.
+their memory grows with the test split, not with the transfer split or K. `posterior_summary`
+condenses them into the typed `posterior.json`.
 Students read the parts with Ray Data (`iter_label_batches`) or pyarrow, in their own workers.
 
 The labels table holds no gold label: the student stage cannot see one by accident.
