@@ -28,6 +28,17 @@ from w2s_ray.errors import ConfigError
         ({"student": {"targets": ["dual_mean", "median"]}}, "student.targets.1"),
         ({"posterior": {"single_teacher": 64}}, "posterior.single_teacher"),
         ({"nonsense": 1}, "nonsense: unknown key"),
+        ({"output": {"name": "../escape"}}, "output.name: '../escape' is not a folder name"),
+        ({"output": {"name": "a/b"}}, "output.name"),
+        ({"teachers": {"k": 10**9}}, "teachers.k: Input should be less than or equal to 100000"),
+        ({"teachers": {"k": True}}, "teachers.k: true is a boolean; a number is expected"),
+        ({"student": {"lr": False}}, "student.lr: false is a boolean"),
+        ({"data": {"source": "parquet", "path": "d.parquet", "feature_columns": ["a", "b", "a"]}}, "data.feature_columns names ['a'] more than once"),
+        ({"data": {"source": "parquet", "path": "d.parquet", "feature_columns": ["a", "label"], "label_column": "label"}}, "data.feature_columns includes the label column 'label'"),
+        ({"data": {"source": "parquet", "path": "d.parquet", "features": "y"}}, "data.features is the label column 'y'"),
+        ({"data": {"source": "parquet", "path": "d.parquet", "teacher_feature_columns": ["y"]}}, "data.teacher_feature_columns includes the label column"),
+        ({"ray": {"address": "not-an-address"}}, "ray.address: 'not-an-address' is not a Ray address"),
+        ({"data": {"missing": "fill"}}, "data.missing"),
     ],
 )
 def test_bad_configs_name_the_key(data, key):
@@ -189,3 +200,26 @@ def test_an_empty_config_file_says_the_defaults_are_used(tmp_path, capsys):
 def test_tuning_the_default_student_keeps_its_family():
     assert load_config(None, {"student.model.depth": 4}).student.model.model_dump() == {"name": "cnn1d", "width": 32, "depth": 4, "kwargs": {}}
     assert load_config(None, {"student.model": {"name": "mlp"}}).student.model.depth == 1  # a named family: its own defaults
+
+
+def test_numbers_in_overrides_read_as_a_user_means_them(tmp_path):
+    from w2s_ray.cli import parse_overrides
+
+    cfg = load_config(None, parse_overrides(["teachers.k=1e3", "student.lr=3e-4"]))
+    assert cfg.teachers.k == 1000 and cfg.student.lr == 3e-4
+    with pytest.raises(ConfigError, match="teachers.k: Input should be a valid integer, got a number with a fractional part"):
+        load_config(None, parse_overrides(["teachers.k=2.5e0"]))
+
+
+def test_a_bad_override_is_blamed_on_its_set_not_on_the_file(tmp_path):
+    from w2s_ray.cli import parse_overrides
+
+    conf = tmp_path / "my.yaml"
+    conf.write_text("teachers: {k: 16}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, parse_overrides(["teachers.k=1"]))
+    assert "teachers.k: Input should be greater than or equal to 2 (from --set teachers.k=1)" in str(err.value)
+    conf.write_text("teachers: {k: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, parse_overrides(["student.epochs=3"]))
+    assert "teachers.k" in str(err.value) and "--set" not in str(err.value)  # the file's own mistake

@@ -46,7 +46,7 @@ def test_valid_parquet_with_feature_columns(tmp_path):
 @pytest.mark.parametrize(
     "mutate, needle",
     [
-        (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x), y), "column 'x' has NaN or inf in 1 rows (first rows: [1])"),
+        (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x), y), "missing values (null, NaN or inf) in 1 column(s): 'x' (1 rows, first [1])"),
         (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 3, np.inf, x), y), "NaN or inf"),
         (lambda x, y: (x, np.where(np.arange(len(y)) == 2, 7, y)), "label column 'y' has labels outside 0..C-1"),
         (lambda x, y: (x, np.where(np.arange(len(y)) == 2, -1, y)), "labels outside 0..C-1"),
@@ -126,8 +126,9 @@ def test_cli_stops_on_bad_data_before_ray_starts(tmp_path):
     conf.write_text(f"data:\n  source: parquet\n  path: {path}\n  n_weak: 10\n  n_transfer: 10\n  n_test: 10\noutput:\n  root: {tmp_path}/runs\n")
     out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", str(conf)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert f"{path}: column 'x' has NaN or inf" in out.stderr
+    assert f"{path}: missing values (null, NaN or inf) in 1 column(s): 'x' (1 rows, first [4])" in out.stderr
     assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "d.parquet"]  # no run folder, config.yaml or empty stage left
 
 
 def test_editing_user_data_changes_the_cache_key(tmp_path):
@@ -244,7 +245,7 @@ def test_teachers_can_read_their_own_feature_columns(tmp_path):
     "make, needle",
     [
         (lambda x: {"xt": pa.array([[1.0, 2.0]] * 39 + [[1.0]])}, "column 'xt' is ragged"),
-        (lambda x: {"xt": pa.array([[1.0, float("nan")]] * 40)}, "column 'xt' has NaN or inf in 40 rows"),
+        (lambda x: {"xt": pa.array([[1.0, float("nan")]] * 40)}, "'xt' \\(40 rows"),
         (lambda x: {"xt": pa.array(["a"] * 40)}, "column 'xt' must be a list of numbers per row \\(or set data.teacher_feature_columns\\)"),
         (lambda x: {}, "teachers' feature column 'xt' is missing"),
     ],
@@ -262,3 +263,52 @@ def test_teacher_features_are_for_user_parquet():
 
     with pytest.raises(ConfigError, match="data.teacher_features / data.teacher_feature_columns name columns of user Parquet"):
         parse_config({"data": {"teacher_features": "small"}})
+
+
+def test_every_column_with_missing_values_is_named_at_once_or_its_rows_dropped(tmp_path, capsys):
+    from w2s_ray.data import read_parquet_source
+
+    n = 40
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=n)
+    a[[3, 9]] = np.nan
+    b = pa.array([None if i == 5 else float(i) for i in range(n)])
+    label = pa.array([None if i == 7 else str(i % 3) for i in range(n)])
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"a": a, "b": b, "c": np.arange(n, dtype=np.float64), "label": label}), path)
+    conf = dict(feature_columns=["a", "b", "c"], label_column="label")
+    with pytest.raises(DataError) as err:
+        read_parquet_source(cfg(str(path), **conf))
+    msg = str(err.value)
+    assert "in 3 column(s): 'label' (1 rows, first [7]), 'a' (2 rows, first [3, 9]), 'b' (1 rows, first [5])" in msg
+    assert "4 of 40 rows" in msg and "data.missing: drop" in msg and str(path) in msg
+    x, y, classes, _ = read_parquet_source(cfg(str(path), missing="drop", **conf))
+    assert x.shape == (36, 3) and len(y) == 36 and classes == ["0", "1", "2"]
+    assert not np.isin(x[:, 2], [3, 5, 7, 9]).any()  # the dropped rows, by their `c` value
+    assert "4 of 40 rows dropped" in capsys.readouterr().err
+
+
+def test_a_null_inside_a_list_of_features_is_a_missing_value(tmp_path):
+    path = tmp_path / "l.parquet"
+    rows = [[1.0, 2.0]] * 39 + [[1.0, None]]
+    pq.write_table(pa.table({"x": pa.array(rows, pa.list_(pa.float64())), "y": np.arange(40) % 2}), path)
+    with pytest.raises(DataError, match=r"'x' \(1 rows, first \[39\]\)"):
+        load_parquet(cfg(str(path)))
+    assert load_parquet(cfg(str(path), missing="drop"))[0].shape == (39, 2)
+
+
+def test_boolean_labels_are_two_classes(tmp_path):
+    from w2s_ray.data import read_parquet_source
+
+    x, _ = good()
+    path = write(tmp_path, x, pa.array([i % 3 == 0 for i in range(40)]))
+    _, y, classes, _ = read_parquet_source(cfg(path))
+    assert classes == ["false", "true"] and y.tolist() == [int(i % 3 == 0) for i in range(40)]
+
+
+def test_fewer_classes_than_a_built_in_source_has_stops_before_ray(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", "--set", "data.source=digits", "--set", "data.n_classes=3",
+                          "--set", f"output.root={tmp_path}", "--set", "data.n_weak=300", "--set", "data.n_transfer=500", "--set", "data.n_test=500"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "data.n_classes: 3 is fewer than the 10 classes of data.source='digits'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "ray" not in out.stderr.lower().replace("w2s-ray", "")
+    assert not any(tmp_path.iterdir())  # a failed run leaves nothing: no config.yaml, no empty stage folder

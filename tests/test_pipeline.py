@@ -38,7 +38,8 @@ def test_outputs_exist_and_are_consistent(finished):
     run = run_dir(cfg).path
     for f in ("config.yaml", "results.json", "results.parquet", "summary.png"):
         assert (run / f).is_file(), f
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((run / "tensorboard").glob("*/events.out.tfevents.*"))
+    assert len(events) == 1  # one TensorBoard run per experiment config
     results = json.loads((run / "results.json").read_text())
     names = [r["model"] for r in results["rows"]]
     assert "ensemble: dual mean" in names and "student on dual_mean" in names and "ceiling: student on gold labels" in names

@@ -3,6 +3,7 @@ server (moto). Every stage lands in the store, a run with an empty local copy is
 store without recomputing, a teacher stage resumes from the packs the store holds, pseudo-labels
 are written and read by Ray Data in the store, and Tune keeps its state there."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -158,10 +159,21 @@ def test_a_stage_directory_is_written_by_one_run_at_a_time(tmp_path):
         assert (stage.parent / ".abc.lock").read_text().endswith(f" {os.getpid()}")
         second = subprocess.run([sys.executable, "-c", (
             "import sys\nfrom pathlib import Path\nfrom w2s_ray.storage import RunDir\nfrom w2s_ray.errors import W2SError\n"
-            "try:\n    with RunDir(Path(sys.argv[1])).lock(Path(sys.argv[2]), 'teachers stage'):\n        print('taken')\n"
+            "try:\n    with RunDir(Path(sys.argv[1]), wait=False).lock(Path(sys.argv[2]), 'teachers stage'):\n        print('taken')\n"
             "except W2SError as e:\n    print(e)\n"), str(run.path), str(stage)], capture_output=True, text=True, timeout=60)
         assert "is being written by another run" in second.stdout and str(os.getpid()) in second.stdout, second.stdout + second.stderr
     assert not (stage.parent / ".abc.lock").exists()
+    # by default a second run waits for the holder, says so, and takes the lock once it is released
+    waiter = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nfrom pathlib import Path\nfrom w2s_ray.storage import RunDir\n"
+        "with RunDir(Path(sys.argv[1])).lock(Path(sys.argv[2]), 'teachers stage'):\n    print('taken', flush=True)\n"),
+        str(run.path), str(stage)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with run.lock(stage, "teachers stage"):
+        line = waiter.stderr.readline()  # it is waiting
+        assert "is being written by another run" in line and "waiting for it" in line, line
+        assert waiter.poll() is None
+    out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and out == "taken\n"
     # a lock whose process is gone is taken over
     (stage.parent / ".abc.lock").write_text(f"{socket.gethostname()} 999999999")
     with run.lock(stage, "teachers stage"):
@@ -180,7 +192,7 @@ def test_a_stage_in_a_store_is_written_by_one_run_at_a_time(tmp_path, monkeypatc
         owner = json.loads(lease.read_text())["owner"]
         time.sleep(2.5)  # past one lease period: renewed, so still held
         with pytest.raises(W2SError, match=r"being written by another run .*lease in the store"):
-            with b.lock(b.stage("teachers", "abc"), "teachers stage"):
+            with dataclasses.replace(b, wait=False).lock(b.stage("teachers", "abc"), "teachers stage"):
                 pass
         assert json.loads(lease.read_text())["owner"] == owner
     assert not lease.exists()

@@ -203,7 +203,7 @@ def test_space_files_that_cannot_run_as_written(tmp_path, change, needle):
 
 
 def test_trials_the_cluster_cannot_place_are_refused():
-    for resources, needle in (({"cpu": 1, "gpu": 0.5}, "GPU 0.5 per trial (the cluster has 0)"), ({"cpu": 8}, "CPU 8 per trial (the cluster has 2)")):
+    for resources, needle in (({"cpu": 1, "gpu": 0.5}, "resources.gpu asks for 0.5 GPU for one trial (the cluster has 0)"), ({"cpu": 8}, "resources.cpu asks for 8 CPU for one trial (the cluster has 2)")):
         space = SearchSpace.model_validate({**SPACE, "resources": resources})
         with pytest.raises(W2SError, match=re.escape(needle)):
             check_placeable(space, {"CPU": 2.0})

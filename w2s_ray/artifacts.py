@@ -118,10 +118,11 @@ def build_manifest(directory: Path, key: str, files: list[str] | None = None, **
     return {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": entries, **extra}
 
 
-def read_manifest(directory: Path, verify: bool = True) -> dict | None:
-    """The manifest if the stage is complete and intact, else None."""
+def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict | None:
+    """The manifest if the stage is complete and intact, else None. `name`: another manifest
+    of files in `directory`, such as a unit's seal (`seal_name`)."""
     directory = Path(directory)
-    path = directory / MANIFEST
+    path = directory / name
     if not path.is_file():
         return None
     try:
@@ -135,6 +136,38 @@ def read_manifest(directory: Path, verify: bool = True) -> dict | None:
         if verify and sha256_file(f) != meta["sha256"]:
             return None
     return manifest
+
+
+SEALS = "seals"
+"""A stage's seals: one small manifest per unit of work a resume may keep (a teacher pack, a
+labels part), written by the worker right after the unit's files, with their sizes and sha256."""
+
+
+def seal_name(unit: str) -> str:
+    return f"{SEALS}/{unit}.json"
+
+
+def check_seal(directory: Path, unit: str) -> str | None:
+    """None when the unit's seal exists and every file it lists has the size and sha256 its
+    writer recorded; else why not. A file that parses is not thereby good: a same-size damaged
+    file reads as valid Parquet, only its checksum tells."""
+    directory = Path(directory)
+    path = directory / seal_name(unit)
+    if not path.is_file():
+        return "no seal (written before its files were complete, or by an older version)"
+    try:
+        seal = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"its seal {path.name} is not readable"
+    for name, meta in seal.get("files", {}).items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, its writer recorded {meta['bytes']}"
+        if sha256_file(f) != meta["sha256"]:
+            return f"{name} does not match the sha256 its writer recorded"
+    return None
 
 
 def reset_dir(directory: Path) -> Path:

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. teachers.k=128")
+        s.add_argument("--no-wait", action="store_true", help="when another run is writing a stage this one needs, stop with a message instead of waiting (output.wait: false)")
         s.add_argument(
             "--allow-local-code", action="store_true",
             help="allow model import paths (package.module:Class) that are not installed packages, e.g. a module in the working directory; a config's model path is code",
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, parse_overrides(args.overrides), allow_local_code=args.allow_local_code)
+        overrides = parse_overrides(args.overrides)
+        if args.no_wait:
+            overrides["output.wait"] = False
+        cfg = load_config(args.config, overrides, allow_local_code=args.allow_local_code)
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0

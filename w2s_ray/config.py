@@ -20,7 +20,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,6 +39,19 @@ DIGITS_SIZE = 1797  # scikit-learn's digits has exactly this many samples
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`k: true` is a mistake, not 1 (pydantic would read a boolean as a number)."""
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean; a number is expected")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    args = typing.get_args(annotation) or (annotation,)
+    return bool(set(args) & {int, float}) and bool not in args
 
 
 class ModelConfig(Strict):
@@ -82,6 +97,8 @@ class DataConfig(Strict):
     )
     teacher_feature_columns: list[str] | None = Field(None, min_length=1, description="user Parquet: the teachers' own numeric feature columns")
     label_column: str = "y"
+    missing: Literal["error", "drop"] = Field(
+        "error", description="user Parquet rows with a null, NaN or inf in a column the run uses: error (naming every such column) or drop those rows")
     n_classes: int | None = Field(None, ge=2, description="default: largest label + 1")
     num_samples: int = Field(12000, ge=30, le=50_000_000, description="mnist1d and synthetic only")
     chunk_size: int = Field(4000, ge=100, description="mnist1d / synthetic samples per Ray generation task")
@@ -109,6 +126,15 @@ class DataConfig(Strict):
             raise ValueError(f"data.teacher_features / data.teacher_feature_columns name columns of user Parquet; data.source is {self.source!r}")
         if self.teacher_features and self.teacher_feature_columns:
             raise ValueError("data.teacher_features and data.teacher_feature_columns: give one of them")
+        for key, cols in (("data.feature_columns", self.feature_columns), ("data.teacher_feature_columns", self.teacher_feature_columns)):
+            dup = sorted({c for c in cols or [] if (cols or []).count(c) > 1})
+            if dup:
+                raise ValueError(f"{key} names {dup} more than once")
+            if self.label_column in (cols or []):
+                raise ValueError(f"{key} includes the label column {self.label_column!r} (data.label_column): the models would see the label")
+        for key, col in (("data.features", None if self.feature_columns else self.features), ("data.teacher_features", self.teacher_features)):
+            if col is not None and col == self.label_column:
+                raise ValueError(f"{key} is the label column {self.label_column!r} (data.label_column): the models would see the label")
         if self.standardize is None:
             self.standardize = self.source == "parquet"
         return self
@@ -145,8 +171,13 @@ class StudentResources(Strict):
 ResampleName = Literal["bootstrap", "seed", "disjoint"]
 
 
+MAX_TEACHERS = 100_000
+"""A bound on `teachers.k`: the driver plans a list of K teacher ids, and the labels stage reads
+one sums file per pack; beyond this the run is days, not a typo's worth of memory."""
+
+
 class TeachersConfig(Strict):
-    k: int = Field(64, ge=2, description="number of teachers")
+    k: int = Field(64, ge=2, le=MAX_TEACHERS, description=f"number of teachers (at most {MAX_TEACHERS:,}: K = 4096 at N = 1M took 40 min on 2 cores)")
     view: ViewConfig = Field(default_factory=ViewConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     epochs: int = Field(30, ge=1)
@@ -255,10 +286,23 @@ class StudentConfig(Strict):
         return model
 
 
+RAY_ADDRESS = re.compile(r"auto|local|ray://[^\s/:]+(:\d+)?/?|[^\s/:]+:\d+")
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
+
+    @field_validator("address")
+    @classmethod
+    def _an_address(cls, address: str | None) -> str | None:
+        if address is not None and not RAY_ADDRESS.fullmatch(address):
+            raise ValueError(f"{address!r} is not a Ray address: 'auto', 'host:port' (a head's GCS address) or 'ray://host:10001' (Ray Client)")
+        return address
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
     object_store_mb: int | None = Field(None, ge=75, description="local Ray only")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class OutputConfig(Strict):
@@ -266,6 +310,15 @@ class OutputConfig(Strict):
     name: str = "default"
     cache: str | None = Field(None, description="local working copy of a run whose root is a URI; default ~/.cache/w2s-ray")
     tensorboard: bool = True
+    wait: bool = Field(True, description="a stage another run is writing: wait for it (False, or --no-wait: stop with a message)")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        """One folder under `output.root`: `../x` or `a/b` would write a run elsewhere."""
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit (the run is written to output.root/<name>)")
+        return name
 
 
 class ExperimentConfig(Strict):
@@ -362,7 +415,9 @@ def check_shapes(cfg: ExperimentConfig, in_dim: int, n_classes: int, teacher_dim
     return params
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any] | None = None) -> str:
+    """One line per error, naming the key; a key set on the command line is blamed on its
+    `--set`, not on the config file."""
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -371,11 +426,18 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key (moved to {MOVED[key]})" if key in MOVED else "unknown key"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"  {key}: {msg}")
+        given = next((k for k in (overrides or {}) if key == k or key.startswith(f"{k}.")), None)
+        where = f" (from --set {given}={_plain_value(overrides[given])})" if given else ""
+        lines.append(f"  {key}: {msg}{where}")
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any] | None, source: str = "<dict>", context: dict[str, Any] | None = None) -> ExperimentConfig:
+def _plain_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<dict>", context: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -383,7 +445,7 @@ def parse_config(data: dict[str, Any] | None, source: str = "<dict>", context: d
     try:
         return ExperimentConfig.model_validate(data, context=context)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, overrides)) from None
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str, must_exist: bool = False) -> None:
@@ -419,6 +481,9 @@ def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode, de
 
 
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+# YAML 1.1 (PyYAML) reads `1e3` and `1e-4` as strings, not numbers; YAML 1.2 and every user read them as numbers
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -463,7 +528,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections, got a {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value, "override")
-    return parse_config(data, source, context={"allow_local_code": allow_local_code})
+    return parse_config(data, source, context={"allow_local_code": allow_local_code}, overrides=overrides)
 
 
 def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str) -> ExperimentConfig:
@@ -522,6 +587,8 @@ class StageKeys:
         for key in ("teacher_features", "teacher_feature_columns"):
             if part[key] is None:  # the default, as before the keys existed: caches stay valid
                 del part[key]
+        if part["missing"] == "error":  # the default, as before the key existed
+            del part["missing"]
         return config_hash("data", part, source_fingerprint(d.path) if d.source == "parquet" else None)
 
     @property

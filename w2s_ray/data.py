@@ -15,6 +15,7 @@ stops before Ray starts. Splits are stored as Parquet with columns `id`
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ import ray
 
 from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig, check_shapes
-from w2s_ray.errors import DataError, W2SError
+from w2s_ray.errors import ConfigError, DataError, W2SError
 from w2s_ray import synthetic
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.synthetic import load_synthetic
@@ -106,6 +107,7 @@ def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[s
     names = table.column_names
     if cfg.label_column not in names:
         raise DataError(f"{path}: label column {cfg.label_column!r} is missing (columns: {names})")
+    table = _missing(table, cfg, path)
     x = _features(table, cfg.features, cfg.feature_columns, path, "data.feature_columns")
     xt = None
     if cfg.teacher_features or cfg.teacher_feature_columns:
@@ -152,6 +154,45 @@ def _features(table: pa.Table, features: str, feature_columns: list[str] | None,
     return np.stack(arrays, 1)
 
 
+def _bad_rows(col: pa.ChunkedArray) -> np.ndarray:
+    """Per row: null, or a NaN / inf (also inside a list of numbers)."""
+    col = col.combine_chunks()
+    bad = col.is_null().to_numpy(zero_copy_only=False).copy()
+    kind = col.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        values = pc.list_flatten(col)
+        if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+            lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+            v = values.to_numpy(zero_copy_only=False).astype(np.float64)  # a null element reads as NaN
+            bad[np.repeat(np.arange(len(col)), lengths)[~np.isfinite(v)]] = True
+    elif pa.types.is_floating(kind):
+        bad |= ~np.isfinite(col.to_numpy(zero_copy_only=False).astype(np.float64))
+    return bad
+
+
+def _missing(table: pa.Table, cfg: DataConfig, path: str) -> pa.Table:
+    """`data.missing`: rows with a null, NaN or inf in a column the run reads are an error that
+    names every such column at once, or are dropped (`drop`, said on stderr)."""
+    used = [cfg.label_column, *(cfg.feature_columns or [cfg.features])]
+    if cfg.teacher_features or cfg.teacher_feature_columns:
+        used += cfg.teacher_feature_columns or [cfg.teacher_features]
+    used = [c for c in dict.fromkeys(used) if c in table.column_names]  # a missing column is reported by its reader
+    per_column = {c: _bad_rows(table[c]) for c in used}
+    counts = {c: int(b.sum()) for c, b in per_column.items() if b.any()}
+    if not counts:
+        return table
+    bad = np.logical_or.reduce(list(per_column.values()))
+    listed = ", ".join(f"{c!r} ({n} rows, first {np.nonzero(per_column[c])[0][:5].tolist()})" for c, n in counts.items())
+    if cfg.missing == "error":
+        raise DataError(f"{path}: missing values (null, NaN or inf) in {len(counts)} column(s): {listed}; "
+                        f"{int(bad.sum())} of {table.num_rows} rows in all. Set data.missing: drop to drop those rows, or fill them")
+    print(f"w2s-ray: data.missing: drop: {int(bad.sum())} of {table.num_rows} rows dropped for missing values in {listed}", file=sys.stderr)
+    table = table.filter(pa.array(~bad))
+    if table.num_rows == 0:
+        raise DataError(f"{path}: every row has a missing value (data.missing: drop)")
+    return table
+
+
 def _check_finite(a: np.ndarray, column: str, path: str) -> None:
     bad = ~np.isfinite(a)
     if bad.any():
@@ -168,6 +209,11 @@ def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -
         raise DataError(f"{path}: label column {name!r} has {col.null_count} null values")
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_boolean(col.type):  # two classes: false = 0, true = 1
+        y = col.to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(np.unique(y)) < 2:
+            raise DataError(f"{path}: label column {name!r} has fewer than 2 classes")
+        return y, ["false", "true"]
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         names = np.asarray(col.to_pylist(), dtype=object)
         classes = sorted(set(names.tolist()))
@@ -302,36 +348,43 @@ def build_splits(cfg: DataConfig, run: RunDir, d: Path) -> dict[str, Any]:
     return write_splits(cfg, x, y, classes, run, d, xt)
 
 
+def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
+    """The data stage's files and manifest (the caller holds the stage's lock)."""
+    cfg = ctx.cfg.data
+    shape = BUILTIN_SHAPES.get(cfg.source)
+    if shape and cfg.n_classes is not None and cfg.n_classes < shape[1]:
+        raise ConfigError(f"data.n_classes: {cfg.n_classes} is fewer than the {shape[1]} classes of data.source={cfg.source!r} (leave it unset)")
+    if shape:  # known without generating: the models are checked before Ray starts
+        check_models(ctx, shape[0], cfg.n_classes or shape[1])
+    ctx.log(f"data: building {cfg.source} splits → {d}")
+    if cfg.source in GENERATED:
+        ctx.ray()
+        ctx.run.reset(d)
+        fields = ray.get(ray.remote(build_splits).options(num_cpus=1).remote(cfg, ctx.run, d))
+        for name in SPLITS:
+            if not ctx.run.fetch_file(d / f"{name}.parquet"):
+                raise W2SError(f"data: {d / name}.parquet was written on another node and is not in the store; "
+                               "on a cluster, output.root must be a filesystem every node mounts or a URI")
+    else:
+        x, y, classes, xt = load_source(cfg)
+        if not shape:  # user data is read in this process: still before Ray starts
+            check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y), None if xt is None else int(xt.shape[1]))
+        ctx.run.reset(d)
+        fields = write_splits(cfg, x, y, classes, ctx.run, d, xt)
+        del x, y, xt
+    return ctx.run.write_manifest(d, ctx.keys.data, **fields)
+
+
 def stage_data(ctx: RunContext) -> DataStage:
     """The three splits, built once per data key. A generated source is built in a Ray task
     (`build_splits`); digits and user Parquet are read here, user data validated before Ray
     starts (its rows then pass through the driver once: memory grows with the file)."""
-    cfg = ctx.cfg.data
     d = ctx.run.open_stage("data", ctx.keys.data)
-    manifest = artifacts.read_manifest(d)
-    if manifest is None:
-        shape = BUILTIN_SHAPES.get(cfg.source)
-        if shape:  # known without generating: the models are checked before Ray starts
-            check_models(ctx, shape[0], cfg.n_classes or shape[1])
-        ctx.log(f"data: building {cfg.source} splits → {d}")
-        if cfg.source in GENERATED:
-            ctx.ray()
-            ctx.run.reset(d)
-            fields = ray.get(ray.remote(build_splits).options(num_cpus=1).remote(cfg, ctx.run, d))
-            for name in SPLITS:
-                if not ctx.run.fetch_file(d / f"{name}.parquet"):
-                    raise W2SError(f"data: {d / name}.parquet was written on another node and is not in the store; "
-                                   "on a cluster, output.root must be a filesystem every node mounts or a URI")
+    with ctx.run.claim(d, "data stage", lambda: artifacts.read_manifest(d)) as manifest:
+        if manifest is None:
+            manifest = build_stage(ctx, d)
         else:
-            x, y, classes, xt = load_source(cfg)
-            if not shape:  # user data is read in this process: still before Ray starts
-                check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y), None if xt is None else int(xt.shape[1]))
-            ctx.run.reset(d)
-            fields = write_splits(cfg, x, y, classes, ctx.run, d, xt)
-            del x, y, xt
-        manifest = ctx.run.write_manifest(d, ctx.keys.data, **fields)
-    else:
-        ctx.log(f"data: cached {d}")
-        check_models(ctx, manifest["in_dim"], manifest["n_classes"], manifest.get("teacher_dim"))
+            ctx.log(f"data: cached {d}")
+            check_models(ctx, manifest["in_dim"], manifest["n_classes"], manifest.get("teacher_dim"))
     return DataStage(d, SplitFiles(d, SPLITS), manifest["n_classes"], manifest["in_dim"], manifest.get("classes"), manifest["sizes"],
                      manifest.get("teacher_dim"))

@@ -123,6 +123,7 @@ def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage:
     for old in (stage / "parts").glob("*"):  # another block size, or an older layout
         if old not in blocks:
             ctx.run.remove(old)
+            ctx.run.remove(stage / artifacts.seal_name(old.stem))
     totals: dict[str, float] = {}
 
     def add(out: dict[str, float]) -> None:
@@ -133,12 +134,17 @@ def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage:
 
     todo = {}
     for path, rows in blocks.items():
-        try:
-            t = pq.read_table(path, columns=list(STAT_COLUMNS))
-        except Exception:  # absent, or not a complete Parquet file: built again
+        if not path.exists():
             todo[path] = rows
             continue
-        if t.num_rows != rows[1] - rows[0]:
+        # kept only if it is what its task wrote: a same-size damaged part still parses
+        why = artifacts.check_seal(stage, path.stem)
+        t = pq.read_table(path, columns=list(STAT_COLUMNS)) if why is None else None
+        if why is None and t.num_rows != rows[1] - rows[0]:
+            why = f"{t.num_rows} rows, the block has {rows[1] - rows[0]}"
+        if why is not None:
+            ctx.log(f"labels: part {path.name} is damaged ({why}); it is built again")
+            ctx.run.remove(path)
             todo[path] = rows
             continue
         add({"rows": t.num_rows, "k": teachers.k, **{f"sum_{s}": float(t[s].to_numpy().astype(np.float64).sum()) for s in STAT_COLUMNS}})
@@ -190,11 +196,11 @@ def warn_if_unshared(ctx: RunContext) -> None:
 def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> LabelStage:
     """The posterior over the K teachers and the pseudo-label table (no gold label in it)."""
     d = ctx.run.open_stage("labels", ctx.keys.labels)
-    if artifacts.read_manifest(d) is None:
-        ctx.ray()
-        warn_if_unshared(ctx)
-        ctx.log(f"labels: posterior over teachers, pseudo-labels in blocks of {ctx.cfg.labels.rows_per_file} rows → {d}")
-        with ctx.run.lock(d, "labels stage"):
+    with ctx.run.claim(d, "labels stage", lambda: artifacts.read_manifest(d)) as manifest:
+        if manifest is None:
+            ctx.ray()
+            warn_if_unshared(ctx)
+            ctx.log(f"labels: posterior over teachers, pseudo-labels in blocks of {ctx.cfg.labels.rows_per_file} rows → {d}")
             ctx.run.remove(d / artifacts.MANIFEST)
             totals = label_parts(ctx, data, teachers, d)
             y_test = data.splits["test"].y
@@ -206,6 +212,6 @@ def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> La
             ctx.run.write_json(d / "posterior.json", summary.to_json())
             schema = {f.name: str(f.type) for f in pq.read_schema(next(iter(sorted((d / "parts").glob("part-*.parquet")))))}
             ctx.run.write_manifest(d, ctx.keys.labels, rows=int(totals["rows"]), k=k, schema=schema)
-    else:
-        ctx.log(f"labels: cached {d}")
+        else:
+            ctx.log(f"labels: cached {d}")
     return LabelStage(d, PosteriorSummary.read(d / "posterior.json"))

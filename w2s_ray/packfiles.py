@@ -10,7 +10,9 @@ driver read with it. Per pack and split (transfer, test) there are three files:
   metadata; the posterior over whole packs is a sum of these;
 - `preds/<split>/pack-NNNNN.parquet`: the teachers' log-probs in long format (teacher_id, row,
   logp[C]), as `teachers.keep_predictions` says;
-- `packs/pack-NNNNN.parquet`: the metadata row per teacher, written last.
+- `packs/pack-NNNNN.parquet`: the metadata row per teacher, written after those;
+- `seals/pack-NNNNN.json`: the sizes and sha256 of the pack's five files, written last by the
+  worker that wrote them. A resumed stage keeps a pack only when its files match its seal.
 
 Every file is written with row groups of `ROW_GROUP` rows, so a reader of rows [r0, r1) reads
 only the groups that hold them (`artifacts.read_rows`).
@@ -55,6 +57,16 @@ def sums_path(stage: Path, split: str, pack_index: int) -> Path:
 
 def meta_path(stage: Path, pack_index: int) -> Path:
     return stage / "packs" / f"pack-{pack_index:05d}.parquet"
+
+
+def pack_files(stage: Path, pack_index: int) -> list[Path]:
+    """Every file of one pack: the metadata row, and per split its sums and predictions."""
+    return [meta_path(stage, pack_index), *(f(stage, split, pack_index) for split in PRED_SPLITS for f in (pack_path, sums_path))]
+
+
+def pack_unit(pack_index: int) -> str:
+    """The pack's name among the stage's seals (`artifacts.check_seal`)."""
+    return f"pack-{pack_index:05d}"
 
 
 def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
@@ -132,6 +144,7 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
         }
     )
     run.write_parquet(meta_path(stage, result["pack"]), meta)
+    run.seal(stage, pack_unit(result["pack"]), pack_files(stage, result["pack"]))
     return {key: value for key, value in result.items() if not key.startswith("logp_")}
 
 

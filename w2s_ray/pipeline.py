@@ -16,8 +16,9 @@ interrupted stage is redone (the teacher stage resumes pack by pack).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from w2s_ray.config import STAGES, ExperimentConfig, to_yaml
 from w2s_ray.data import stage_data
@@ -52,18 +53,33 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
     return s
 
 
-def open_run(cfg: ExperimentConfig) -> RunContext:
-    """The run's context, with its resolved config saved (every command saves it first)."""
-    ctx = RunContext.open(cfg)
-    ctx.run.write_text(ctx.run / "config.yaml", to_yaml(cfg))
-    return ctx
+@contextmanager
+def open_run(cfg: ExperimentConfig) -> Iterator[RunContext]:
+    """The run's context. A command that fails leaves the root as it found it, less what it
+    finished: the directories it created and left empty are removed (stages it finished, and
+    teacher packs of an interrupted stage, stay for a rerun). The config is saved by
+    `validated`, once the data stage has checked it against the data."""
+    with RunContext.open(cfg) as ctx:
+        try:
+            yield ctx
+        except BaseException:
+            ctx.run.prune_empty()
+            raise
+
+
+def validated(ctx: RunContext) -> Stages:
+    """The data stage (which checks the models against the data), then the run's config.yaml:
+    a config that fails validation never overwrites the saved config of a good run."""
+    stages = run_stages(ctx, until="data")
+    ctx.run.write_text(ctx.run / "config.yaml", to_yaml(ctx.cfg))
+    return stages
 
 
 def run_pipeline(cfg: ExperimentConfig, until: str = "report") -> Stages:
     """`w2s-ray run`, or one stage with its predecessors."""
     with open_run(cfg) as ctx:
         t0 = time.perf_counter()
-        stages = run_stages(ctx, until)
+        stages = run_stages(ctx, until, done=validated(ctx))
         ctx.log(f"done in {time.perf_counter() - t0:.1f}s; outputs in {ctx.run.path}")
         return stages
 
@@ -74,7 +90,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     # one seed: a trial is one student, and the baseline and ceiling it is compared with are too
     base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True, "seeds": 1})})
     with open_run(base) as ctx:
-        data = run_stages(ctx, until="data")  # checks the models against the data, before Ray
+        data = validated(ctx)  # checks the models against the data, before Ray
         check_cluster(ctx, space)
         stages = run_stages(ctx, until="student", done=data)
         return run_search(ctx, stages, space, name, resume=resume, fault=fault)
@@ -84,6 +100,7 @@ def run_study(kind: str, cfg: ExperimentConfig) -> Path:
     """`w2s-ray study KIND`: the runs the study needs (from the cache where possible), then the study."""
     study = STUDIES[kind]
     with open_run(cfg) as ctx:
+        validated(ctx)
         done = {req.name: run_stages(ctx.derive(req.cfg), req.until) for req in study.needs(cfg)}
         out = ctx.run.reset(ctx.run / "study" / kind)
         return study.run(ctx, done, out)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from w2s_ray.config import RayConfig
+from w2s_ray.errors import W2SError
 
 T = TypeVar("T")
 
@@ -30,7 +31,11 @@ def init_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        key = "ray.address" if cfg.address else "RAY_ADDRESS"
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise W2SError(f"{key}: cannot join Ray at {address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if cfg.num_cpus:
@@ -38,6 +43,20 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
     ray.init(**kwargs)
+
+
+def check_placeable(need: dict[str, float], keys: dict[str, str], cluster: dict[str, float] | None = None,
+                    what: str = "a task") -> None:
+    """Refuse work the cluster cannot place, before submitting it: Ray would wait for it
+    forever, repeating "No available node types can fulfill ..." every 35 s. `need` is the
+    largest single request (`{"CPU": 1, "GPU": 0.5}`), `keys` names the config key of each
+    resource, so the message says what to change."""
+    cluster = ray.cluster_resources() if cluster is None else cluster
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
+    if short:
+        asked = "; ".join(f"{keys[k]} asks for {v:g} {k} for {what} (the cluster has {have:g})" for k, (v, have) in short.items())
+        raise W2SError(f"{asked}: it could never start. Lower it, or join a cluster that has it "
+                       "(on an autoscaling cluster, start the nodes first)")
 
 
 def alive_nodes() -> int:

@@ -185,8 +185,10 @@ def plot_summary(run: RunDir, rows: list[dict[str, Any]], teacher_acc: np.ndarra
     figure(run, path, draw, figsize=(12, 4.5))
 
 
-def write_tensorboard(run: RunDir, teachers: pd.DataFrame, posterior: PosteriorSummary, students: StudentStage) -> None:
-    w = SummaryWriter(str(run / "tensorboard"))
+def write_tensorboard(run: RunDir, directory: Path, teachers: pd.DataFrame, posterior: PosteriorSummary, students: StudentStage) -> None:
+    """One TensorBoard run per experiment config (`tensorboard/<report key>/`), written afresh:
+    a rerun replaces its event file instead of adding a second copy of every point."""
+    w = SummaryWriter(str(run.reset(directory)))
     for _, r in teachers.iterrows():
         w.add_scalar("teachers/acc_test", r["acc_test"], int(r["teacher_id"]))
         w.add_scalar("teachers/acc_weak", r["acc_weak"], int(r["teacher_id"]))
@@ -201,7 +203,7 @@ def write_tensorboard(run: RunDir, teachers: pd.DataFrame, posterior: PosteriorS
                     w.add_scalar(f"{name}/{key}", v, rec["epoch"])
         w.add_scalar(f"{name}/test_acc", result.test_acc, result.best_epoch)
     w.close()
-    run.publish_tree(run / "tensorboard")
+    run.publish_tree(directory)
 
 
 def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage, students: StudentStage) -> dict[str, Any]:
@@ -224,24 +226,26 @@ def stage_report(ctx: RunContext, data: DataStage, teachers: TeacherStage, label
                     f"over {n_test} test examples: there is no clear gap to recover, and PGR is not meaningful")
     compared = comparisons(students)
     results = {"rows": rows, "comparisons": compared, "posterior": posterior.to_json(), "config": cfg.model_dump(mode="json"), "classes": data.classes}
-    d = run.reset(run.stage("report", ctx.keys.report))
-    run.write_text(d / "config.yaml", to_yaml(cfg))
-    run.write_json(d / "results.json", results)
-    flat = pd.DataFrame([{k: (str(v) if isinstance(v, list) else v) for k, v in r.items() if k != "replicates"} for r in rows])
-    write_table(run, d / "results.parquet", flat)
-    per_seed = [{"target": tgt, "seed": r.seed, "teacher": r.teacher, **{k: v for k, v in r.to_json().items() if k not in ("history", "target", "seed", "teacher")}}
-                for tgt, reps in [*students.replicates.items(), ("ceiling", students.ceilings)] for r in reps]
-    if per_seed:
-        write_table(run, d / "replicates.parquet", pd.DataFrame(per_seed))
-    plot_summary(run, rows, acc, posterior, d / "summary.png")
-    run.write_manifest(d, ctx.keys.report)
-    for name in ("results.json", "results.parquet", "summary.png", "replicates.parquet"):  # the last run, where people look first
-        if not (d / name).is_file():
-            continue
-        with run.atomic(run / name) as tmp:
-            shutil.copyfile(d / name, tmp)
-    if cfg.output.tensorboard:
-        write_tensorboard(run, table, posterior, students)
+    d = run.stage("report", ctx.keys.report)
+    with run.lock(d, "report"):  # two runs of one config write it one after the other
+        run.reset(d)
+        run.write_text(d / "config.yaml", to_yaml(cfg))
+        run.write_json(d / "results.json", results)
+        flat = pd.DataFrame([{k: (str(v) if isinstance(v, list) else v) for k, v in r.items() if k != "replicates"} for r in rows])
+        write_table(run, d / "results.parquet", flat)
+        per_seed = [{"target": tgt, "seed": r.seed, "teacher": r.teacher, **{k: v for k, v in r.to_json().items() if k not in ("history", "target", "seed", "teacher")}}
+                    for tgt, reps in [*students.replicates.items(), ("ceiling", students.ceilings)] for r in reps]
+        if per_seed:
+            write_table(run, d / "replicates.parquet", pd.DataFrame(per_seed))
+        plot_summary(run, rows, acc, posterior, d / "summary.png")
+        run.write_manifest(d, ctx.keys.report)
+        for name in ("results.json", "results.parquet", "summary.png", "replicates.parquet"):  # the last run, where people look first
+            if not (d / name).is_file():
+                continue
+            with run.atomic(run / name) as tmp:
+                shutil.copyfile(d / name, tmp)
+        if cfg.output.tensorboard:
+            write_tensorboard(run, run / "tensorboard" / ctx.keys.report, table, posterior, students)
     if data.classes:
         print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.classes)))
     print(format_table(rows, compared))

@@ -64,7 +64,7 @@ class RunContext:
     @classmethod
     def open(cls, cfg: ExperimentConfig) -> "RunContext":
         """The run directory is opened (a store's filesystem once, here); Ray is not started."""
-        return cls(cfg, RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache))
+        return cls(cfg, RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache, cfg.output.wait))
 
     def __enter__(self) -> "RunContext":
         return self

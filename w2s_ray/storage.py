@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -40,6 +41,7 @@ from w2s_ray import artifacts
 from w2s_ray.errors import ConfigError, W2SError
 
 DEFAULT_CACHE = "~/.cache/w2s-ray"
+T = TypeVar("T")
 OBJECT_STORES = {"s3", "gcs", "abfs"}  # a PUT is atomic; there are no directories to move
 
 
@@ -75,6 +77,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` that does not exist yet (None: all of it exists)."""
+    missing = None
+    for d in (path, *path.parents):
+        if d.exists():
+            break
+        missing = d
+    return missing
+
+
 def _writable(path: Path, key: str, value: str) -> Path:
     """`path` as a directory this process can write to, or a `ConfigError` naming `key`."""
     try:
@@ -99,21 +111,28 @@ class RunDir:
 
     path: Path
     store: Store | None = None
+    wait: bool = True  # for a stage another run holds: wait (False: stop with a message)
+    created: Path | None = None  # the topmost folder opening it created (`prune_empty` goes up to it)
     LEASE_S: ClassVar[float] = 120.0  # a store lease not renewed for this long is taken over
     LEASE_SETTLE_S: ClassVar[float] = 1.0  # wait before reading a new lease back
 
     @classmethod
-    def open(cls, root: str, name: str, cache: str | None = None) -> "RunDir":
+    def open(cls, root: str, name: str, cache: str | None = None, wait: bool = True) -> "RunDir":
         """The run directory, created and checked writable (`ConfigError` naming the key if not)."""
         if not is_uri(root):
-            return cls(_writable(Path(root) / name, "output.root", root))
+            # absolute: every path a stage derives from it crosses into Ray workers and Tune
+            # trials, which run in working directories of their own
+            path = Path(os.path.abspath(Path(root).expanduser() / name))
+            created = _first_missing(path)
+            return cls(_writable(path, "output.root", root), wait=wait, created=created)
         parts = urlsplit(root)  # the host, never the credentials a URI may carry
-        local = Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name
+        local = Path(os.path.abspath(Path(cache or DEFAULT_CACHE).expanduser() / parts.scheme / (parts.hostname or "") / parts.path.strip("/") / name))
         try:
             fs, base = open_filesystem(root)
         except Exception as err:  # pyarrow raises several kinds
             raise ConfigError(f"output.root: cannot open {root!r} as a pyarrow filesystem URI: {err}") from None
-        return cls(_writable(Path(os.path.abspath(local)), "output.cache", cache or DEFAULT_CACHE), Store(fs, f"{base}/{name}"))
+        created = _first_missing(local)
+        return cls(_writable(local, "output.cache", cache or DEFAULT_CACHE), Store(fs, f"{base}/{name}"), wait, created)
 
     def __truediv__(self, part: str) -> Path:
         return self.path / part
@@ -168,10 +187,33 @@ class RunDir:
         self.write_json(directory / artifacts.MANIFEST, manifest)
         return manifest
 
+    def seal(self, directory: Path, unit: str, files: list[Path]) -> None:
+        """Record the sizes and sha256 of a finished unit's files (`artifacts.check_seal`), right
+        after writing them: a resume keeps the unit only if its files still match."""
+        rel = [Path(f).relative_to(directory).as_posix() for f in files]
+        self.write_json(Path(directory) / artifacts.seal_name(unit), artifacts.build_manifest(directory, unit, rel))
+
     def reset(self, directory: Path) -> Path:
         """Start a stage afresh, here and in the store."""
         self.delete(directory)
         return artifacts.reset_dir(directory)
+
+    def prune_empty(self) -> None:
+        """Remove the empty directories of the local run directory, itself and the folders above
+        it that opening it created included when they are empty: what a failed command created
+        (a stage directory it locked, the run's folder, the root) and never filled. Files are
+        never removed."""
+        for d in sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if (d.parent / f".{d.name}.lock").exists():
+                continue  # another run holds it, and may be about to fill it
+            with suppress(OSError):
+                d.rmdir()  # only succeeds when empty
+        top = self.created or self.path
+        for d in (self.path, *self.path.parents):
+            with suppress(OSError):
+                d.rmdir()
+            if d == top or d.exists():
+                break
 
     def remove(self, path: Path) -> None:
         """Delete a file here and in the store (a manifest, to mark its stage incomplete)."""
@@ -179,9 +221,23 @@ class RunDir:
         self.delete(path)
 
     @contextmanager
+    def claim(self, directory: Path, what: str, complete: Callable[[], T | None]) -> Iterator[T | None]:
+        """The one protocol of every stage: yields `complete()` (a stage's manifest) when the
+        stage is complete; else takes the lock (`lock`), checks again, and yields None while
+        holding it: the caller builds the stage. A run that waited for another to finish the
+        stage gets that run's result, never redoes or removes it."""
+        done = complete()
+        if done is not None:
+            yield done
+            return
+        with self.lock(directory, what):
+            yield complete()
+
+    @contextmanager
     def lock(self, directory: Path, what: str) -> Iterator[None]:
-        """Hold `directory` for this run while it writes a stage there: a second run that reaches
-        it stops with a message instead of mixing its files in.
+        """Hold `directory` for this run while it writes a stage there. A second run that
+        reaches it waits for the holder, with a line on stderr every `WAIT_LOG_S` (`wait`
+        False, `--no-wait`: it stops with a message instead).
 
         Locally (and on a shared filesystem) the lock is a file created exclusively beside the
         directory; a lock left by a process that died on this host is taken over. With a store,
@@ -190,22 +246,22 @@ class RunDir:
         directory.parent.mkdir(parents=True, exist_ok=True)
         # beside the directory, not in it: a stage may reset its directory while holding the lock
         lock, me = directory.parent / f".{directory.name}.lock", f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
+        waited, t0 = None, time.monotonic()
+        while True:
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
                 break
             except FileExistsError:
-                holder = lock.read_text().strip() if lock.exists() else ""
+                try:
+                    holder = lock.read_text().strip()
+                except FileNotFoundError:
+                    continue  # released just now
                 host, _, pid = holder.partition(" ")
                 if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                     lock.unlink(missing_ok=True)  # its run died: take over
                     continue
-                raise W2SError(
-                    f"{what} {directory} is being written by another run ({holder or 'unknown'}); wait for it to "
-                    f"finish, or remove {lock} if that run is gone"
-                ) from None
-        else:
-            raise W2SError(f"{what} {directory}: could not take the lock {lock}")
+                waited = self._wait(waited, t0, f"{what} {directory} is being written by another run ({holder or 'unknown'})",
+                                    f"remove {lock} if that run is gone")
         with os.fdopen(fd, "w") as f:
             f.write(me)
         try:
@@ -214,6 +270,20 @@ class RunDir:
                 yield
         finally:
             lock.unlink(missing_ok=True)
+
+    WAIT_LOG_S: ClassVar[float] = 30.0
+    WAIT_POLL_S: ClassVar[float] = 0.5
+
+    def _wait(self, last: float | None, t0: float, busy: str, gone: str) -> float:
+        """Refuse (`wait` False), or sleep once and say so every `WAIT_LOG_S`; returns when it last said so."""
+        if not self.wait:
+            raise W2SError(f"{busy}; wait for it to finish (without --no-wait a run waits), or {gone}")
+        now = time.monotonic()
+        if last is None or now - last >= self.WAIT_LOG_S:
+            print(f"[w2s-ray] {busy}: waiting for it ({now - t0:.0f}s so far; {gone})", file=sys.stderr, flush=True)
+            last = now
+        time.sleep(self.WAIT_POLL_S)
+        return last
 
     @contextmanager
     def _lease(self, lock: Path, what: str, directory: Path) -> Iterator[None]:
@@ -240,21 +310,22 @@ class RunDir:
             with fs.open_output_stream(path) as f:
                 f.write(json.dumps({"owner": me, "expires": time.time() + self.LEASE_S}).encode())
 
-        def refuse(holder: dict) -> W2SError:
-            return W2SError(
-                f"{what} {directory} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store "
-                f"at {path}); wait for it to finish, or delete that object if the run is gone (a lease not renewed expires "
-                f"after {self.LEASE_S:g}s)"
-            )
+        def refuse(holder: dict) -> tuple[str, str]:
+            return (f"{what} {directory} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store at {path})",
+                    f"delete that object if the run is gone (a lease not renewed expires after {self.LEASE_S:g}s)")
 
-        held = read()
-        if held.get("owner") not in (None, me) and held.get("expires", 0) > time.time():
-            raise refuse(held)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        write()
-        time.sleep(self.LEASE_SETTLE_S)
-        if (held := read()).get("owner") != me:
-            raise refuse(held)
+        waited, t0 = None, time.monotonic()
+        while True:
+            held = read()
+            if held.get("owner") not in (None, me) and held.get("expires", 0) > time.time():
+                waited = self._wait(waited, t0, *refuse(held))
+                continue
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            write()
+            time.sleep(self.LEASE_SETTLE_S)
+            if (held := read()).get("owner") == me:
+                break
+            waited = self._wait(waited, t0, *refuse(held))
         stop = threading.Event()
 
         def renew() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
@@ -27,7 +28,7 @@ from w2s_ray.ddp import fit_student
 from w2s_ray.labels import read_test_posterior
 from w2s_ray.errors import W2SError
 from w2s_ray.packfiles import LabelSource, fixed_list
-from w2s_ray.raytools import Progress, as_completed
+from w2s_ray.raytools import Progress, as_completed, check_placeable
 from w2s_ray.run import TEST_LOGP, DataStage, LabelStage, RunContext, StudentResult, StudentStage, TeacherStage
 from w2s_ray.workers import evaluate_task, student_task
 
@@ -107,54 +108,80 @@ def stage_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             plan[(tgt, i)] = (ctx.run.open_stage("student", ctx.keys.student(tgt, seed, teacher)), teacher)
         if scfg.ceiling:
             plan[(None, i)] = (ctx.run.open_stage("ceiling", ctx.keys.ceiling_seed(seed)), None)
-    results: dict[tuple[str | None, int], StudentResult] = {}
-    for (tgt, i), (d, teacher) in plan.items():
-        if artifacts.read_manifest(d) is not None and (d / TEST_LOGP).is_file():
-            cached = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
-            if not math.isnan(cached.eval.misfit_holdout):  # else written before it was measured: trained again
-                results[(tgt, i)] = cached
-    if results:
-        ctx.log(f"students: {len(results)} of {len(plan)} cached")
+    results = {job: r for job, (d, _) in plan.items() if (r := cached_student(d)) is not None}
     todo = [job for job in plan if job not in results]
-    if todo:
-        ctx.ray()
-        inputs = StudentInputs.load(ctx, data, labels, teachers)
-        ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
-                f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")
-        # a student across several workers takes them all: those run one after another, first
-        spread = [job for job in todo if job[0] is not None and scfg.workers > 1]
-        alone = [job for job in todo if job not in spread]
-
-        def replicate_cfg(i: int) -> StudentConfig:
-            return scfg.model_copy(update={"seed": scfg.seed + i})
-
-        def outputs() -> Iterator[tuple[tuple[str | None, int], dict[str, Any]]]:
-            for tgt, i in spread:
-                d, teacher = plan[(tgt, i)]
-                if teacher is not None and teacher != cfg.posterior.single_teacher:
-                    raise W2SError(f"student.workers > 1 trains the single target on the designated teacher only; "
-                                   f"posterior.single_teachers {singles} needs student.workers: 1")
-                ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
-                res = fit_student(ctx.run, labels.dir, replicate_cfg(i), tgt, data.in_dim, data.n_classes, d / "train")
-                yield (tgt, i), ray.get(inputs.evaluate(replicate_cfg(i), tgt, res))
-            jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
-            yield from inputs.train_all(jobs)
-
-        test_ids = data.splits["test"].ids
-        with Progress("students", len(todo), unit="student") as bar:
-            for (tgt, i), out in outputs():
-                d, teacher = plan[(tgt, i)]
-                d = ctx.run.reset(d)
-                with ctx.run.atomic(d / "weights.pt") as tmp:
-                    torch.save(out["state_dict"], tmp)
-                ctx.run.write_parquet(d / TEST_LOGP, pa.table({"id": test_ids, "logp": fixed_list(out["log_test"].numpy())}))
-                result = dataclasses.replace(out["result"], seed=scfg.seed + i, teacher=teacher)
-                ctx.run.write_json(d / "metrics.json", result.to_json())
-                ctx.run.write_manifest(d, d.name, target=tgt, seed=scfg.seed + i, teacher=teacher)
-                results[(tgt, i)] = result
-                ctx.log(f"{label(tgt, i, teacher)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
-                bar.update(1)
+    with ExitStack() as held:
+        if todo:
+            # the lock protocol per student, in one order for every run (two runs cannot deadlock);
+            # a student another run finished while this one waited is taken from it
+            for d in sorted({plan[job][0] for job in todo}):
+                held.enter_context(ctx.run.lock(d, "student"))
+            results.update({job: r for job in todo if (r := cached_student(plan[job][0])) is not None})
+            todo = [job for job in todo if job not in results]
+        if results:
+            ctx.log(f"students: {len(results)} of {len(plan)} cached")
+        if todo:
+            train_students(ctx, data, teachers, labels, plan, todo, results)
     replicates = {tgt: [results[(tgt, i)] for i in range(scfg.seeds)] for tgt in scfg.targets}
     ceilings = [results[(None, i)] for i in range(scfg.seeds)] if scfg.ceiling else []
     return StudentStage({tgt: r[0] for tgt, r in replicates.items()}, ceilings[0] if ceilings else None, replicates, ceilings,
                         {job: d for job, (d, _) in plan.items()})
+
+
+def cached_student(d: Path) -> StudentResult | None:
+    """A student's result when its directory is complete and intact, else None."""
+    if artifacts.read_manifest(d) is None or not (d / TEST_LOGP).is_file():
+        return None
+    cached = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
+    return None if math.isnan(cached.eval.misfit_holdout) else cached  # NaN: written before it was measured, trained again
+
+
+def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage,
+                   plan: dict[tuple[str | None, int], tuple[Path, int | None]], todo: list[tuple[str | None, int]],
+                   results: dict[tuple[str | None, int], StudentResult]) -> None:
+    """Train the students `todo` of `plan` (the caller holds their locks), writing each one's
+    directory and adding its result to `results`."""
+    cfg = ctx.cfg
+    scfg = cfg.student
+    singles = single_teachers(cfg)
+    ctx.ray()
+    res = scfg.resources
+    per = "one student" if scfg.workers == 1 else f"one student's {scfg.workers} Ray Train workers"
+    check_placeable({"CPU": res.num_cpus * scfg.workers, "GPU": res.num_gpus * scfg.workers},
+                    {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per)
+    inputs = StudentInputs.load(ctx, data, labels, teachers)
+    ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
+            f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")
+    # a student across several workers takes them all: those run one after another, first
+    spread = [job for job in todo if job[0] is not None and scfg.workers > 1]
+    alone = [job for job in todo if job not in spread]
+
+    def replicate_cfg(i: int) -> StudentConfig:
+        return scfg.model_copy(update={"seed": scfg.seed + i})
+
+    def outputs() -> Iterator[tuple[tuple[str | None, int], dict[str, Any]]]:
+        for tgt, i in spread:
+            d, teacher = plan[(tgt, i)]
+            if teacher is not None and teacher != cfg.posterior.single_teacher:
+                raise W2SError(f"student.workers > 1 trains the single target on the designated teacher only; "
+                               f"posterior.single_teachers {singles} needs student.workers: 1")
+            ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
+            res = fit_student(ctx.run, labels.dir, replicate_cfg(i), tgt, data.in_dim, data.n_classes, d / "train")
+            yield (tgt, i), ray.get(inputs.evaluate(replicate_cfg(i), tgt, res))
+        jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
+        yield from inputs.train_all(jobs)
+
+    test_ids = data.splits["test"].ids
+    with Progress("students", len(todo), unit="student") as bar:
+        for (tgt, i), out in outputs():
+            d, teacher = plan[(tgt, i)]
+            d = ctx.run.reset(d)
+            with ctx.run.atomic(d / "weights.pt") as tmp:
+                torch.save(out["state_dict"], tmp)
+            ctx.run.write_parquet(d / TEST_LOGP, pa.table({"id": test_ids, "logp": fixed_list(out["log_test"].numpy())}))
+            result = dataclasses.replace(out["result"], seed=scfg.seed + i, teacher=teacher)
+            ctx.run.write_json(d / "metrics.json", result.to_json())
+            ctx.run.write_manifest(d, d.name, target=tgt, seed=scfg.seed + i, teacher=teacher)
+            results[(tgt, i)] = result
+            ctx.log(f"{label(tgt, i, teacher)}: test acc {result.test_acc:.4f} after {result.epochs_run} epochs ({result.seconds:.1f}s)")
+            bar.update(1)

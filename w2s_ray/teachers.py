@@ -33,10 +33,10 @@ from ray import exceptions as ray_errors
 from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import TeacherResources
-from w2s_ray.raytools import Progress, as_completed
+from w2s_ray.raytools import Progress, as_completed, check_placeable
 from w2s_ray.run import DataStage, RunContext, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.packfiles import PRED_SPLITS, kept_teachers, meta_path, pack_ids, pack_path, read_pack_logp, sums_path
+from w2s_ray.packfiles import PRED_SPLITS, kept_teachers, meta_path, pack_files, pack_ids, pack_path, pack_unit, read_pack_logp, sums_path
 from w2s_ray.workers import PackTrainer
 
 def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:
@@ -74,10 +74,13 @@ def actor_starter(res: TeacherResources):
 
 
 def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table:
-    """A finished pack's metadata row, after checking that its sums and prediction files are
-    complete Parquet of the right size (`n_rows` examples per split, when known)."""
-    table = pq.read_table(meta)
+    """A finished pack's metadata row, after checking that its files match the checksums its
+    worker recorded (`artifacts.check_seal`: a same-size damaged file still parses) and hold
+    the right number of rows (`n_rows` examples per split, when known)."""
     pack = int(meta.stem.split("-")[1])
+    if (why := artifacts.check_seal(stage, pack_unit(pack))) is not None:
+        raise ValueError(why)
+    table = pq.read_table(meta)
     ids = table["teacher_id"].to_numpy()
     for split in PRED_SPLITS:
         rows = pq.read_metadata(pack_path(stage, split, pack)).num_rows
@@ -88,13 +91,10 @@ def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = 
     return table
 
 
-def pack_files(stage: Path, pack: int) -> list[Path]:
-    return [meta_path(stage, pack), *(f(stage, split, pack) for split in PRED_SPLITS for f in (pack_path, sums_path))]
-
-
 def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table | None:
-    """The finished packs' metadata. A pack whose files are damaged (truncated, unreadable, the
-    wrong size, missing) is removed, here and in the store, so that it is trained again."""
+    """The finished packs' metadata. A pack whose files are damaged (changed since its worker
+    sealed them, truncated, the wrong size, missing) is removed, here and in the store, so that
+    it is trained again."""
     tables = []
     for meta in sorted((stage / "packs").glob("pack-*.parquet")):
         try:
@@ -102,7 +102,7 @@ def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = Non
         except Exception as err:  # pyarrow raises several kinds for a damaged file
             pack = int(meta.stem.split("-")[1])
             sys.stderr.write(f"teachers: pack {pack} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); it is trained again\n")
-            for f in pack_files(stage, pack):
+            for f in [*pack_files(stage, pack), stage / artifacts.seal_name(pack_unit(pack))]:
                 run.remove(f)
     # promote: packs written before a column was added (provenance) still concatenate
     return pa.concat_tables(tables, promote_options="default") if tables else None
@@ -150,27 +150,30 @@ def stage_teachers(ctx: RunContext, data: DataStage) -> TeacherStage:
     """The first K teachers: cached, extended with the missing ones, or resumed pack by pack."""
     tcfg = ctx.cfg.teachers
     d = ctx.run.open_stage("teachers", ctx.keys.teachers)
-    manifest = artifacts.read_manifest(d)
-    if manifest is None or manifest["k"] < tcfg.k:
-        ctx.ray()
-        have = f" (extending the {manifest['k']} on disk)" if manifest else ""
-        ctx.log(f"teachers: training K={tcfg.k} {tcfg.model.name} teachers{have} → {d}")
-        with ctx.run.lock(d, "teachers stage"):
+    on_disk = artifacts.read_manifest(d)
+
+    def enough() -> dict | None:
+        manifest = artifacts.read_manifest(d)
+        return manifest if manifest is not None and manifest["k"] >= tcfg.k else None
+
+    with ctx.run.claim(d, "teachers stage", enough) as manifest:
+        if manifest is None:
+            ctx.ray()
             ctx.run.remove(d / artifacts.MANIFEST)
             try:
-                table = train_teachers(ctx, data, d)
+                table = train_teachers(ctx, data, d, f" (extending the {on_disk['k']} on disk)" if on_disk else "")
             finally:
                 ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs
             ctx.run.write_parquet(d / "teachers.parquet", table)
             acc = table["acc_test"].to_numpy()
             packs = sorted(set(table["pack"].to_pylist()))
             manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
-    else:
-        ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
+        else:
+            ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
     return TeacherStage(d, tcfg.k, manifest["packs"])
 
 
-def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
+def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str = "") -> pa.Table:
     """Train the K teachers not yet on disk in `stage`; return the per-teacher table."""
     tcfg = ctx.cfg.teachers
     res = tcfg.resources
@@ -178,8 +181,13 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path) -> pa.Table:
     done = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
+    kept = f", {tcfg.k - len(todo)} of them on disk" if done_ids and not extending else ""
+    ctx.log(f"teachers: training {len(todo)} of K={tcfg.k} {tcfg.model.name} teachers{extending or kept} → {stage}")
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
-    n_actors = default_num_actors(res, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
+                    {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"}, cluster, "one teacher actor")
+    n_actors = default_num_actors(res, cluster)
     packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
         cfg_json = tcfg.model_dump(mode="json")

@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from w2s_ray import metrics
+from w2s_ray import metrics, raytools
 from w2s_ray.config import ExperimentConfig, to_yaml, with_values
 from w2s_ray.errors import W2SError
 from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
@@ -74,11 +74,9 @@ def check_cluster(ctx: RunContext, space: SearchSpace) -> None:
 
 
 def check_placeable(space: SearchSpace, cluster: dict[str, float], workers: int = 1) -> None:
-    need = {"CPU": space.resources.cpu * workers, "GPU": space.resources.gpu * workers}
-    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0)}
-    if short:
-        asked = ", ".join(f"{k} {v:g} per trial (the cluster has {have:g})" for k, (v, have) in short.items())
-        raise W2SError(f"search space resources: {asked}; no trial could start (on an autoscaling cluster, start the nodes first)")
+    per = "one trial" if workers == 1 else f"one trial ({workers} Ray Train workers)"
+    raytools.check_placeable({"CPU": space.resources.cpu * workers, "GPU": space.resources.gpu * workers},
+                             {"CPU": "the search space's resources.cpu", "GPU": "the search space's resources.gpu"}, cluster, per)
 
 
 def max_concurrent(space: SearchSpace, resources: dict[str, float], workers: int = 1) -> int:

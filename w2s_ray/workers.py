@@ -207,4 +207,5 @@ def label_block(run: RunDir, data_dir: Path, teachers: TeacherStage, single: int
     post = acc.finalize()
     post["single_log"] = single_teacher(teachers, "transfer", single, rows, run, packs)
     run.write_parquet(out, labels_table(tr.ids, tr.x, post), ROW_GROUP)
+    run.seal(out.parent.parent, out.stem, [out])  # a resumed labels stage keeps the part only if it still matches
     return {"rows": len(tr.ids), "k": acc.k, **{f"sum_{s}": float(post[s].numpy().astype(np.float64).sum()) for s in STAT_COLUMNS}}  # as labels.label_parts sums a kept part

@@ -1,0 +1,117 @@
+"""The README is a contract: every `w2s-ray` command in its code blocks (and the digits recipe),
+run as written from a fresh working directory with the default, relative `output.root: runs`,
+exits 0 and writes what the README says it writes.
+
+The commands run as real `w2s-ray` processes, each starting its own embedded Ray, as a user's
+would. They are shrunk only by `--set` overrides appended to the command (small data, few
+teachers and epochs), so the paths, the config files and the search spaces are the README's.
+A relative path that crosses into a Ray worker or a Tune trial (each runs in a working
+directory of its own) fails here; tests with absolute tmp roots cannot see it."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# what a user's machine would need that this one cannot run (each is tested elsewhere or cannot be)
+NOT_HERE = {
+    "docker": "builds an image (no Docker here; tests check the Dockerfile agrees with pyproject)",
+    "ray": "starts a cloud cluster (`ray job submit` runs for real in test_jobs.py)",
+    "kubectl": "needs a Kubernetes cluster",
+    "pip": "installs packages",
+    "python3": "the install commands: CI runs them (.ci/run)",
+    "RAY_ADDRESS=http://127.0.0.1:8265": "ray job submit to a launched cluster (test_jobs.py)",
+}
+
+SHRINK = {
+    # the built-in MNIST-1D at a small size; the user Parquet config keeps its own data
+    "mnist1d": ["data.num_samples=1500", "data.chunk_size=500", "data.n_weak=300", "data.n_transfer=600", "data.n_test=500"],
+    "all": ["teachers.k=8", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
+}
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README's ```bash blocks, comments removed."""
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def runnable(commands: list[str]) -> list[str]:
+    out = []
+    for line in commands:
+        first = line.split()[0]
+        if first in NOT_HERE:
+            continue
+        assert first in ("w2s-ray", "python"), f"a README command this test does not know how to run: {line!r}"
+        out.append(line)
+    return out
+
+
+def shrunk(cmd: list[str], cwd: Path) -> list[str]:
+    """The command with `--set` overrides appended to each `w2s-ray` call (not to `config`,
+    which prints the user's config as it is)."""
+    if cmd[0] != "w2s-ray" or cmd[1] == "config":
+        return cmd
+    config = next((a for a in cmd[2:] if a.endswith(".yaml") and not a.startswith("tune_spaces/")), None)
+    own_data = config is not None and "source: parquet" in (cwd / config).read_text()
+    sets = SHRINK["all"] + ([] if own_data else SHRINK["mnist1d"])
+    if cmd[1] == "study" and len(cmd) > 2 and cmd[2] == "variance":
+        sets = [s for s in sets if not s.startswith("teachers.k=")] + ["teachers.k=16"]
+    return cmd + [x for s in sets for x in ("--set", s)]
+
+
+def run_line(line: str, cwd: Path, env: dict) -> None:
+    """One README line (commands joined by `&&`), each command shrunk, in `cwd`."""
+    for part in line.split("&&"):
+        cmd = shlex.split(part)
+        if cmd[0] == "python":
+            cmd[0] = sys.executable
+        cmd = shrunk(cmd, cwd)
+        if cmd[0] == "w2s-ray":
+            cmd[0] = str(BIN / "w2s-ray")
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{part.strip()!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+MY_YAML = "student:\n  model: {name: mlp, width: 32, depth: 2}\n"
+"""`my.yaml` in the README is the user's config; here a small one (an MLP student)."""
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written(tmp_path):
+    commands = runnable(readme_commands())
+    assert any(c.startswith("w2s-ray tune") for c in commands) and any("study claims" in c for c in commands)
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    for folder in ("configs", "tune_spaces"):  # what a fresh clone has beside the code
+        shutil.copytree(REPO / folder, cwd / folder)
+    (cwd / "my.yaml").write_text(MY_YAML)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    ran = []
+    for line in commands:
+        run_line(line, cwd, env)
+        ran.append(line)
+    runs = cwd / "runs"  # the default, relative output.root
+    assert (runs / "default" / "results.json").is_file()
+    for search in ("grid_capacity_x_rce", "capacity_x_rce"):
+        trials = pd.read_parquet(runs / "default" / "tune" / search / "trials.parquet")
+        assert trials["error"].isna().all(), trials[["trial_id", "error"]]
+    for name, kind in (("default", "claims"), ("variance", "variance"), ("theory", "theory"), ("digits_views", "claims")):
+        assert (runs / name / "study" / kind / "report.md").is_file(), (name, kind)
+    assert sorted(p.name for p in cwd.iterdir()) == ["configs", "my.yaml", "runs", "tune_spaces"]  # nothing written elsewhere
