@@ -65,17 +65,21 @@ def test_teacher_window_view_zeroes_everything_outside_the_window():
     assert (v[:, 1:4] == x[:, 1:4]).all() and (v[:, [0, 4, 5]] == 0).all()
 
 
-def test_a_pack_of_one_gives_the_teacher_a_larger_pack_gives():
+@pytest.mark.parametrize("model", [{"name": "mlp", "width": 8}, {"name": "cnn1d", "width": 4}, {"name": "logistic"}], ids=lambda m: m["name"])
+def test_a_teacher_is_bitwise_the_same_in_every_pack_plan(model):
+    """Packs of 1, 3, 5, 8 and 32 teachers, at several offsets, give each teacher the bytes a
+    pack of 40 gives it: a resumed, extended or re-planned ensemble (the plan follows the CPU
+    count and `max_pack_size`) is the ensemble trained at once."""
     from w2s_ray.workers import train_pack_local
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 12)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
     data = {f"x_{s}": x for s in ("weak", "transfer", "test")} | {f"y_{s}": y for s in ("weak", "transfer", "test")}
-    cfg = TeachersConfig(k=16, epochs=5, batch_size=32, model={"name": "mlp", "width": 8})
-    packed = train_pack_local(data, cfg, 3, list(range(1, 13)))
-    for ids in ([2], [2, 3], [1, 2, 3]):  # packs a resume or an extension can leave
+    cfg = TeachersConfig(k=40, epochs=4, batch_size=32, model=model)
+    packed = train_pack_local(data, cfg, 3, list(range(40)))
+    for ids in ([2], [39], [5, 6, 7], [0, 1, 2, 3, 4], [8, 9, 10, 11, 12], list(range(3, 11)), list(range(7, 39))):
         small = train_pack_local(data, cfg, 3, ids)
         for split in ("transfer", "test"):
-            assert np.array_equal(small[f"logp_{split}"], packed[f"logp_{split}"][ids[0] - 1 : ids[-1]]), (ids, split)  # bitwise
-        assert small["seeds"] == packed["seeds"][ids[0] - 1 : ids[-1]] and small["steps"] * 12 == packed["steps"] * len(ids)
+            assert np.array_equal(small[f"logp_{split}"], packed[f"logp_{split}"][ids[0] : ids[-1] + 1]), (ids, split)  # bitwise
+        assert small["seeds"] == packed["seeds"][ids[0] : ids[-1] + 1] and small["steps"] * 40 == packed["steps"] * len(ids)

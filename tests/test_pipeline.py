@@ -328,3 +328,80 @@ def test_teachers_on_their_own_features_and_the_student_on_its_own(warm, tmp_pat
     local = train_pack_local(data, cfg.teachers, st.data.n_classes, [0, 1, 2])
     assert np.allclose(local["acc_test"], st.teachers.accuracies()[:3])
     assert st.students.students["dual_mean"].test_acc > 0.5 and st.students.ceiling.test_acc > 0.8
+
+
+def zero_middle(path, n=4096):
+    """Same-size damage: n bytes in the middle of the file set to zero."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid - n // 2 : mid + n // 2] = bytes(min(n, len(data)))[: len(data[mid - n // 2 : mid + n // 2])]
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_damage_is_found_by_checksum_and_recomputed_bit_for_bit(warm, tmp_path, capfd):
+    """A damaged file that keeps its size and may still parse is not re-signed as good: a teacher's
+    prediction file, a pack's sums file and a labels part, each rebuilt to the same bytes, and the
+    run's results equal the reference."""
+    cfg = warm(tmp_path)
+    ref = run_pipeline(cfg)
+    t, lab = ref.teachers.dir, ref.labels.dir
+    packs = sorted((t / "packs").glob("pack-*.parquet"))
+    victims = [t / "preds" / "test" / packs[0].name, t / "sums" / "transfer" / packs[-1].name, sorted((lab / "parts").glob("part-*.parquet"))[0]]
+    before = {v: v.read_bytes() for v in victims}
+    for v in victims:
+        zero_middle(v)
+        assert v.stat().st_size == len(before[v]) and v.read_bytes() != before[v]
+    capfd.readouterr()
+    again = run_pipeline(cfg)
+    err = capfd.readouterr().err
+    assert f"pack 0 is damaged (ValueError: preds/test/{packs[0].name} does not match the sha256 its writer recorded)" in err
+    assert f"pack {len(packs) - 1} is damaged (ValueError: sums/transfer/{packs[-1].name} does not match the sha256" in err
+    assert f"labels: part {victims[2].name} is damaged (parts/{victims[2].name} does not match the sha256" in err
+    for v in victims:
+        assert v.read_bytes() == before[v], v  # rebuilt bit for bit
+    assert again.labels.posterior == ref.labels.posterior and again.results["rows"] == ref.results["rows"]
+    assert artifacts.read_manifest(again.teachers.dir) is not None and artifacts.read_manifest(again.labels.dir) is not None
+    run_pipeline(cfg)  # and now everything is cached again
+    err = capfd.readouterr().err
+    assert "teachers: cached" in err and "labels: cached" in err and "damaged" not in err
+
+
+def test_resources_the_cluster_cannot_place_stop_the_stage_with_the_key(warm, tmp_path):
+    from w2s_ray.errors import W2SError
+
+    cfg = warm(tmp_path, until="labels")
+    gpu_teachers = small_config(tmp_path, teachers={"k": 9, "resources": {"num_gpus_per_actor": 0.5}})  # K = 9: one teacher to train
+    with pytest.raises(W2SError, match=r"teachers.resources.num_gpus_per_actor asks for 0.5 GPU for one teacher actor \(the cluster has 0\)"):
+        run_pipeline(gpu_teachers, until="teachers")
+    gpu_student = small_config(tmp_path, student={"resources": {"num_gpus": 0.5}})
+    with pytest.raises(W2SError, match=r"student.resources.num_gpus asks for 0.5 GPU for one student \(the cluster has 0\)"):
+        run_pipeline(gpu_student, until="student")
+    many = small_config(tmp_path, student={"resources": {"num_cpus": 3}})
+    with pytest.raises(W2SError, match=r"student.resources.num_cpus asks for 3 CPU"):
+        run_pipeline(many, until="student")
+    assert cfg.teachers.k == 8
+
+
+def test_two_identical_runs_started_together_do_each_stage_once(ray_session, tmp_path):
+    """The lock protocol: take the stage's lock, then check its manifest. The second run waits
+    for the first (and says so), then takes what the first produced; nothing is built twice or
+    removed under the other run."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = small_config(tmp_path, teachers={"k": 4, "epochs": 5}, student={"epochs": 2, "seeds": 1})
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+    procs = [subprocess.Popen([sys.executable, "-m", "w2s_ray.cli", "run", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    err = outs[0][1] + outs[1][1]
+    for built in ("data: building", "teachers: training", "labels: posterior over teachers", "students: training"):
+        assert err.count(built) == 1, (built, err)
+    assert "is being written by another run" in err and "waiting for it" in err
+    assert outs[0][0] == outs[1][0]  # the same table

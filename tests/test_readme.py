@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -75,8 +76,10 @@ def shrunk(cmd: list[str], cwd: Path) -> list[str]:
     return cmd + [x for s in sets for x in ("--set", s)]
 
 
-def run_line(line: str, cwd: Path, env: dict) -> None:
-    """One README line (commands joined by `&&`), each command shrunk, in `cwd`."""
+def run_line(line: str, cwd: Path, env: dict) -> str:
+    """One README line (commands joined by `&&`), each command shrunk, in `cwd`; the last
+    command's stdout."""
+    out = ""
     for part in line.split("&&"):
         cmd = shlex.split(part)
         if cmd[0] == "python":
@@ -84,8 +87,12 @@ def run_line(line: str, cwd: Path, env: dict) -> None:
         cmd = shrunk(cmd, cwd)
         if cmd[0] == "w2s-ray":
             cmd[0] = str(BIN / "w2s-ray")
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{part.strip()!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        print(f"{time.perf_counter() - t0:6.1f}s  {part.strip()}", file=sys.stderr)
+        out = proc.stdout
+    return out
 
 
 MY_YAML = "student:\n  model: {name: mlp, width: 32, depth: 2}\n"
@@ -103,10 +110,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
     (cwd / "my.yaml").write_text(MY_YAML)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_AUTH_MODE"] = "disabled"
-    ran = []
-    for line in commands:
-        run_line(line, cwd, env)
-        ran.append(line)
+    stdout = {line: run_line(line, cwd, env) for line in commands}
+    # `w2s-ray run > out.txt` holds the results table alone: progress, Ray's forwarded worker
+    # lines and warnings go to stderr, and nothing is coloured
+    table = stdout["w2s-ray run"]
+    assert table.lstrip().startswith("test acc") and "ensemble: dual mean" in table, table
+    assert "\x1b[" not in table and "epoch" not in table and "pid=" not in table and "Warning" not in table, table
+    tuned = stdout["w2s-ray tune --space tune_spaces/grid_capacity_x_rce.yaml"]
+    assert "Trial status" not in tuned and "chosen by val_teacher_ce" in tuned, tuned  # Tune's tables only with --verbose
     runs = cwd / "runs"  # the default, relative output.root
     assert (runs / "default" / "results.json").is_file()
     for search in ("grid_capacity_x_rce", "capacity_x_rce"):

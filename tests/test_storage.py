@@ -199,3 +199,19 @@ def test_a_stage_in_a_store_is_written_by_one_run_at_a_time(tmp_path, monkeypatc
     lease.write_text(json.dumps({"owner": "elsewhere 1 dead", "expires": time.time() - 1}))  # a run that died
     with b.lock(b.stage("teachers", "abc"), "teachers stage"):
         assert json.loads(lease.read_text())["owner"] != "elsewhere 1 dead"
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_respect_the_umask(tmp_path, mask, mode):
+    """Files are written under a temporary name (mkstemp: 0600) and renamed; the final file has
+    the mode any other program would give it, so a teammate can read a shared run directory."""
+    old = os.umask(mask)
+    try:
+        run = RunDir.open(str(tmp_path), "r")
+        written = [run.write_json(run / "a.json", {"x": 1}), run.write_text(run / "b.txt", "x")]
+        with run.atomic(run / "c.bin") as tmp:
+            tmp.write_bytes(b"x")
+        written.append(run / "c.bin")
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(mode)] * 3

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", required=True, help="search space YAML, e.g. tune_spaces/capacity_x_rce.yaml")
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
+    tune.add_argument("--verbose", action="store_true", help="Tune's own trial tables (default: one line per finished trial on stderr)")
     study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example) or claims (the paper's claims over seeds, with CIs and verdicts)")
     study.add_argument("kind", choices=STUDY_KINDS)
     study.add_argument("config", nargs="?")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from w2s_ray import pipeline
 
         if space is not None:
-            pipeline.run_tune(cfg, space, name, resume=args.resume)
+            pipeline.run_tune(cfg, space, name, resume=args.resume, verbose=args.verbose)
         elif args.command == "study":
             pipeline.run_study(args.kind, cfg)
         else:

@@ -173,11 +173,12 @@ def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
 
 def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:
     t = pq.read_table(stage / "test_posterior.parquet")
+    # copies (the test split is small): Arrow's buffers are read-only, and torch warns on them
     return {
-        "dual_log": torch.from_numpy(fixed_list_to_numpy(t["logt_dual"])),
-        "arith_log": torch.from_numpy(fixed_list_to_numpy(t["t_arith"])).clamp_min(1e-30).log(),
-        "single_log": torch.from_numpy(fixed_list_to_numpy(t["logt_single"])),
-        **{s: torch.from_numpy(t[s].to_numpy()) for s in STAT_COLUMNS},
+        "dual_log": torch.from_numpy(fixed_list_to_numpy(t["logt_dual"]).copy()),
+        "arith_log": torch.from_numpy(fixed_list_to_numpy(t["t_arith"]).copy()).clamp_min(1e-30).log(),
+        "single_log": torch.from_numpy(fixed_list_to_numpy(t["logt_single"]).copy()),
+        **{s: torch.from_numpy(t[s].to_numpy().copy()) for s in STAT_COLUMNS},
     }
 
 

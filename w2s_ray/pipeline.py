@@ -84,7 +84,8 @@ def run_pipeline(cfg: ExperimentConfig, until: str = "report") -> Stages:
         return stages
 
 
-def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None) -> dict[str, Any]:
+def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None,
+             verbose: bool = False) -> dict[str, Any]:
     """`w2s-ray tune`: teachers, labels, ceiling and baseline students from the cache (computed
     once if missing, never per trial), then the search. `fault` is for tests only."""
     # one seed: a trial is one student, and the baseline and ceiling it is compared with are too
@@ -93,7 +94,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
         data = validated(ctx)  # checks the models against the data, before Ray
         check_cluster(ctx, space)
         stages = run_stages(ctx, until="student", done=data)
-        return run_search(ctx, stages, space, name, resume=resume, fault=fault)
+        return run_search(ctx, stages, space, name, resume=resume, fault=fault, verbose=verbose)
 
 
 def run_study(kind: str, cfg: ExperimentConfig) -> Path:

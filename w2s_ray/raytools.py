@@ -29,8 +29,12 @@ T = TypeVar("T")
 def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
+    if not sys.stderr.isatty():
+        # the lines Ray forwards from workers carry ANSI colour codes unless told not to:
+        # a log file or `ray job logs` gets plain text
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         key = "ray.address" if cfg.address else "RAY_ADDRESS"
         try:
             ray.init(address=address, logging_level="WARNING")
@@ -38,6 +42,8 @@ def init_ray(cfg: RayConfig) -> None:
             raise W2SError(f"{key}: cannot join Ray at {address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    if address == "local":  # a new local Ray even when one was started on this machine (`ray start`)
+        kwargs["address"] = "local"
     if cfg.num_cpus:
         kwargs["num_cpus"] = cfg.num_cpus
     if cfg.object_store_mb:
@@ -158,14 +164,16 @@ class Progress:
 
 
 def epoch_printer(name: str, epochs: int, every_s: float = 2.0) -> Callable[[dict], None]:
-    """Per-epoch progress of a model trained inside a Ray task: a line on the task's stdout (which
-    Ray forwards to the driver) at most every `every_s` seconds, and for the first epoch."""
+    """Per-epoch progress of a model trained inside a Ray task: a line on the task's stderr (which
+    Ray forwards to the driver's stderr: stdout holds the results table alone) at most every
+    `every_s` seconds, and for the first and last epoch."""
     last = [-math.inf]
 
     def show(rec: dict) -> None:
         now = time.monotonic()
         if now - last[0] >= every_s or rec["epoch"] in (1, epochs):
             last[0] = now
-            print(f"{name}: epoch {rec['epoch']}/{epochs}, holdout loss {rec['holdout_loss']:.4f}, best epoch {rec['best_epoch']}", flush=True)
+            print(f"{name}: epoch {rec['epoch']}/{epochs}, holdout loss {rec['holdout_loss']:.4f}, best epoch {rec['best_epoch']}",
+                  file=sys.stderr, flush=True)
 
     return show

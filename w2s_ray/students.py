@@ -47,8 +47,8 @@ class StudentInputs:
     def load(cls, ctx: RunContext, data: DataStage, labels: LabelStage, teachers: TeacherStage | None = None) -> "StudentInputs":
         test_post = read_test_posterior(labels.dir)
         test = {
-            "x": torch.from_numpy(data.splits["test"].x),
-            "y": torch.from_numpy(data.splits["test"].y),
+            "x": torch.tensor(data.splits["test"].x),  # a copy: the split's array shares Arrow's read-only buffer
+            "y": torch.tensor(data.splits["test"].y),
             "dual_log": test_post["dual_log"],
             "single_log": test_post["single_log"],
         }

@@ -181,8 +181,11 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
     done = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions)
     done_ids = set(done["teacher_id"].to_pylist()) if done is not None else set()
     todo = [t for t in range(tcfg.k) if t not in done_ids]
-    kept = f", {tcfg.k - len(todo)} of them on disk" if done_ids and not extending else ""
-    ctx.log(f"teachers: training {len(todo)} of K={tcfg.k} {tcfg.model.name} teachers{extending or kept} → {stage}")
+    if todo:
+        kept = f", {tcfg.k - len(todo)} of them on disk" if done_ids and not extending else ""
+        ctx.log(f"teachers: training {len(todo)} of K={tcfg.k} {tcfg.model.name} teachers{extending or kept} → {stage}")
+    else:
+        ctx.log(f"teachers: all K={tcfg.k} teachers are on disk (an interrupted stage); writing its table → {stage}")
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
     cluster = ray.cluster_resources()
     check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},

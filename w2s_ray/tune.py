@@ -52,6 +52,11 @@ METRICS = ["val_teacher_ce", "val_agreement", *(f.name for f in dataclasses.fiel
 # --- search construction -------------------------------------------------------------------
 
 
+def n_trials(space: SearchSpace) -> int:
+    """Trials of a search: its samples, times the size of the grid."""
+    return space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
+
+
 def tune_param(p) -> Any:
     if p.type == "uniform":
         return tune.uniform(p.low, p.high)
@@ -86,7 +91,32 @@ def max_concurrent(space: SearchSpace, resources: dict[str, float], workers: int
     return max(1, min(space.max_concurrent or n, n))
 
 
-def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path, trainable, resume: bool):
+class TrialLines(tune.Callback):
+    """Tune's progress as one line per finished trial on stderr (Tune's own trial tables, printed
+    over and over to stdout, only with `--verbose`)."""
+
+    def __init__(self, params: list[str], total: int, log) -> None:
+        self.params, self.total, self.log, self.ended = params, total, log, 0
+
+    def _line(self, trial, how: str) -> None:
+        self.ended += 1
+        m = trial.last_result or {}
+        point = ", ".join(f"{k.removeprefix('student.')}={_short(trial.config.get(k))}" for k in self.params)
+        got = f"val_teacher_ce {m['val_teacher_ce']:.4f}, test acc {m['test_acc']:.4f}, {m.get('epoch', '?')} epochs" if "test_acc" in m else how
+        self.log(f"tune: trial {self.ended}/{self.total} {trial.trial_id} ({point}): {got}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "failed (its error is in trials.parquet)")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path, trainable, resume: bool, verbose: bool = False):
     cfg = ctx.cfg
     metric, mode = ORACLE if cfg.student.selection == "oracle" else REALISTIC
     # Tune keeps its experiment state and checkpoints in the run's store when it has one
@@ -124,7 +154,8 @@ def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path
             storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # >1: the saved experiment state may lag the newest checkpoint
-            verbose=1,
+            verbose=1 if verbose else 0,
+            callbacks=None if verbose else [TrialLines(list(space.params), n_trials(space), ctx.log)],
         ),
     )
 
@@ -146,7 +177,8 @@ def trial_data(ctx: RunContext, stages: Stages) -> tuple[dict, dict]:
     return data, refs
 
 
-def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None) -> dict[str, Any]:
+def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None,
+               verbose: bool = False) -> dict[str, Any]:
     """A Tune search over the student on the run's cached stages (which must include the ceiling)."""
     search_dir = ctx.run / "tune" / name
     if resume:
@@ -174,12 +206,12 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     per = "per trial" if workers == 1 else f"per worker, {workers} Ray Train workers per trial"
     ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU {per} → {search_dir}")
     t0 = time.perf_counter()
-    grid = build_tuner(ctx, space, name, search_dir, trainable, resume).fit()
+    grid = build_tuner(ctx, space, name, search_dir, trainable, resume, verbose).fit()
     if (search_dir / "optuna.db").is_file():
         ctx.run.publish(search_dir / "optuna.db")
     ctx.log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
     drop_orphan_trials(ctx, search_dir, grid)
-    expected = space.num_samples * math.prod(len(p.values) for p in space.params.values() if p.type == "grid")
+    expected = n_trials(space)
     if grid.num_terminated + grid.num_errors < max(len(grid), expected):
         raise W2SError(
             f"the search was interrupted ({grid.num_terminated + grid.num_errors} of {expected} trials done); "

@@ -30,7 +30,7 @@ from w2s_ray.storage import RunDir
 from w2s_ray.training import StudentResult as TrainResult
 from w2s_ray.training import holdout_split, label_columns, load_student, predict_log, target_of, train_student
 
-MIN_PACK = 4  # smaller packs are padded with copies of their teachers (see train_pack_local)
+MIN_PACK = 2  # smaller packs are padded with copies of their teachers (see fit_pack)
 
 
 # --- teachers ------------------------------------------------------------------------------
@@ -58,12 +58,12 @@ def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, t
     x_weak = torch.tensor(teacher_view(data["x_weak"], cfg))
     y_weak = torch.tensor(data["y_weak"])
     n, k = len(y_weak), len(teacher_ids)
-    # CPU kernels for packs of one or two teachers differ from those for larger packs: measured
-    # here, an MLP teacher trained in a pack of 1 or 2 is off by up to 2e-7 in log p after 5
-    # epochs (0.02 after 30, 0.1% of argmaxes) from the same teacher in any pack of 3 to 32,
-    # which are bitwise equal. So a small pack trains beside copies of its teachers, and a
-    # resumed or extended ensemble of MLP or logistic teachers is the same whatever its pack
-    # plan. (1-D CNN teachers differ at float32 rounding between every pack size measured.)
+    # A teacher must not depend on its pack's size, or a resumed, extended or re-planned
+    # ensemble would differ from one trained at once (the pack plan follows the CPU count).
+    # Measured: with Adam's foreach kernels (`packs.make_adam`) MLP and logistic teachers are
+    # bitwise equal in packs of 1 to 64, CNN teachers in packs of 2 to 64; one CNN teacher alone
+    # takes another convolution path (4.8e-7 off in log p). So a pack of one trains beside a
+    # copy of its teacher, whose outputs are dropped.
     ids = (list(teacher_ids) * MIN_PACK)[: max(k, MIN_PACK)]
     seeds = [teacher_seed(cfg.seed, t) for t in ids]
     index_sets = [teacher_indices(cfg.resample, n, cfg.k, t, s, cfg.seed) for t, s in zip(ids, seeds)]
