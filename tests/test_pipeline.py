@@ -60,7 +60,7 @@ def test_labels_round_trip_through_ray_data_and_have_no_gold(finished):
     df = pd.read_parquet(st.labels.dir / "parts")  # readable with plain pandas
     assert len(df) == cfg.data.n_transfer
     labels = labels_of(cfg, st)
-    assert torch.equal(labels["id"], torch.from_numpy(st.data.splits["transfer"].ids))
+    assert torch.equal(labels["id"], torch.tensor(st.data.splits["transfer"].ids))
     assert torch.allclose(labels["t_dual"].sum(-1), torch.ones(len(df)), atol=1e-4)
     assert (labels["variance"] >= 0).all()
     # the Ray Data stream (Ray Train students) gives the same rows

@@ -1,6 +1,7 @@
 """The run report: rows by role, PGR only where it means something."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 
@@ -58,3 +59,20 @@ def test_fisher_interval_of_a_correlation():
     r = stats.pearsonr(x, y)
     lo, hi = r.confidence_interval(0.95)  # scipy's own Fisher interval
     assert c["n"] == 20 and c["mean"] == pytest.approx(r.statistic) and c["ci"] == pytest.approx([lo, hi])
+
+
+def test_search_figures_of_a_one_point_search_draw_without_warnings(tmp_path):
+    """A one-point search (one value per axis, an undefined PGR) draws its figures quietly:
+    matplotlib's warnings would land in the user's log."""
+    import warnings
+
+    from w2s_ray.report import plot_capacity, plot_heatmaps
+    from w2s_ray.storage import RunDir
+
+    run = RunDir.open(str(tmp_path), "r")
+    one = pd.DataFrame({"student.model.width": [8], "student.rce_weight": [0.0], "test_acc": [0.5], "pgr_vs_teacher": [float("nan")]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_heatmaps(run, one, run / "heatmap.png")
+        plot_capacity(run, one.drop(columns=["student.model.width"]), run / "capacity.png")
+    assert (run / "heatmap.png").stat().st_size > 0 and (run / "capacity.png").stat().st_size > 0

@@ -283,7 +283,16 @@ def plot_heatmaps(run: RunDir, table: pd.DataFrame, path: Path) -> None:
     def draw(fig: Figure) -> None:
         for ax, key, title in zip(fig.subplots(1, 2), ("test_acc", "pgr_vs_teacher"), ("gold test accuracy", "PGR vs mean single teacher")):
             grid = ok.pivot_table(index="capacity", columns="lambda", values=key, aggfunc="mean").sort_index()
-            im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="viridis")
+            ax.set_title(title)
+            if grid.empty:  # no trial has this metric (an undefined PGR)
+                ax.text(0.5, 0.5, "not defined for any trial", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            values = grid.to_numpy(dtype=float)
+            lo, hi = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
+            if lo == hi:  # one value (a one-point search): a colour scale needs a range
+                lo, hi = lo - 0.5, hi + 0.5
+            im = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", vmin=lo, vmax=hi)
             ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
             ax.set_yticks(range(len(grid.index)), [f"{int(c)}" for c in grid.index])
             ax.set_xlabel("reverse-CE weight λ")
@@ -312,7 +321,8 @@ def plot_capacity(run: RunDir, table: pd.DataFrame, path: Path) -> None:
             ax.set_xscale("log", base=2)
         ax.set_xlabel("student width")
         ax.set_ylabel("gold test accuracy")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
 
     figure(run, path, draw, figsize=(6, 4))

@@ -262,7 +262,7 @@ class StudentStage:
         """`[n_test, C]` log-probabilities of one student on the test split, as saved."""
         t = pq.read_table(self.dirs[(target, replicate)] / TEST_LOGP)
         col = t["logp"].combine_chunks()
-        return col.flatten().to_numpy().reshape(-1, col.type.list_size)
+        return col.flatten().to_numpy().reshape(-1, col.type.list_size).copy()  # writable: callers hand it to torch
 
 
 TEST_LOGP = "test_logp.parquet"

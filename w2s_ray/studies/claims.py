@@ -227,6 +227,10 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
         "",
         table.drop(columns=["statement"]).to_markdown(index=False, floatfmt=".4f"),
         "",
+        f"{len(table)} verdicts at the 5% level each: with no effect anywhere, about {0.05 * len(table):.1f} of them would "
+        "still exclude 0 by chance. C3 and C4 describe students trained on the posterior mean itself; they are not the "
+        "paper's claim that a student of one teacher approaches the posterior mean.",
+        "",
         *[f"- **{r.claim}**: {r.statement}." for r in table.itertuples()],
         *md_section("Students (test accuracy over seeds)", "The single-teacher students learn from teachers "
                     f"{[r.teacher for r in reps['single']]}, one per seed.", acc_table, "`students.parquet` (each student's directory, with `test_logp.parquet`)"),
@@ -234,8 +238,9 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
                     "the teacher − gold CE of the student; misfit = mean KL(student ‖ teacher); remainder = mean ⟨y − s, log s − log p⟩ "
                     "(`identity_error` is |gain − misfit − remainder| computed independently). For dual-mean students the teacher is "
                     "the average single teacher (mean_k CE(p_k) = CE(q) + V, mean_k KL(s ‖ p_k) = KL(s ‖ q) + V, both exact). "
-                    "The paper expects the remainder to vanish as the student approaches the posterior mean; that trend over width "
-                    "is not measured here (one width).", dec, "`c2_decomposition.parquet`"),
+                    "The paper expects the remainder to vanish as the student approaches the posterior mean; its trend over width "
+                    "is C2b (`widths.parquet`). For a dual-mean student the misfit includes the teacher variance V, which cancels "
+                    "from the remainder: read the remainder against KL(s ‖ q), not against the misfit.", dec, "`c2_decomposition.parquet`"),
         *md_section("C2b, C3, C4: students across widths", "Per width, the mean over seeds of each student's decomposition, "
                     "its KL to the dual posterior mean and its entropy (`widths.parquet` has every replicate). "
                     "`kl_single_students_mean_to_dual_mean`: how close the dual mean of the students each trained on one teacher "
