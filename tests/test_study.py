@@ -112,25 +112,54 @@ def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
-    """C1, C2, C5, C6 over 5 seeds; the effects recomputed here from the saved per-seed test
-    predictions, the C2 identity exact, each verdict the one its CI implies."""
+    """C1, C2, C5, C6 over 5 seeds, C3 (P5) over 10 teacher draws per width; the effects
+    recomputed here from the saved per-student test predictions and the teachers' own, the C2
+    identity exact, each verdict the one its CI implies."""
+    from w2s_ray.posterior import bregman_variance, kl
     from w2s_ray.studies import claims
 
     out = run_study("claims", warm(tmp_path, study_config, "labels"))
     table = pd.read_parquet(out / "claims.parquet").set_index("claim")
-    assert list(table.index) == ["C1", "C2", "C2b", "C3", "C4", "C5", "C5b", "C6"] and (table.drop(index="C4")["n"] == 5).all()
+    assert list(table.index) == ["C1", "C2", "C2b", "C3", "C3b", "S1", "C4", "C5", "C5b", "C6"]
+    n = claims.REPLICATES
+    assert (table.drop(index="C4")["n"] == n).all() and claims.DRAWS == n == 10
+    assert table.loc["C4", "verdict"] == "not tested" and table.loc["C4", "n"] == 0
+    # two disjoint seed sets: a verdict is final only when both agree
+    for c in table.index.drop("C4"):
+        a, b = table.loc[c, ["verdict_A", "verdict_B"]]
+        assert table.loc[c, "verdict"] == (a if a == b else "not replicated"), c
     widths = pd.read_parquet(out / "widths.parquet")
-    assert sorted(set(widths["width"])) == claims.widths(study_config(tmp_path)) and table.loc["C4", "n"] == 5 * len(set(widths["width"]))
+    ws = claims.widths(study_config(tmp_path))
+    assert sorted(set(widths["width"])) == ws
     d = widths[widths["target"] == "dual_mean"]
-    lo_w, hi_w = (d[d["width"] == w].sort_values("seed")["kl_to_dual_mean"].to_numpy() for w in (d["width"].min(), d["width"].max()))
-    assert table.loc["C3", "effect"] == pytest.approx(np.mean(hi_w - lo_w))
-    for c, sign in (("C3", -1), ("C2b", -1), ("C4", -1)):
-        lo, hi = sorted(sign * table.loc[c, ["ci_lo", "ci_hi"]].to_numpy())
-        assert table.loc[c, "verdict"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive"), c
-    for c in ("C1", "C6"):
-        lo, hi = table.loc[c, ["ci_lo", "ci_hi"]]
-        assert table.loc[c, "verdict"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive")
+    lo_w, hi_w = (d[d["width"] == w].sort_values("seed")["kl_to_dual_mean"].to_numpy() for w in (ws[0], ws[-1]))
+    assert table.loc["S1", "effect"] == pytest.approx(np.mean(hi_w - lo_w))
+    for c, sign in (("C3", -1), ("C3b", -1), ("S1", -1), ("C2b", -1), ("C1", 1), ("C6", 1)):
+        for tag in ("", "_A", "_B"):
+            lo, hi = sorted(sign * table.loc[c, [f"ci_lo{tag}", f"ci_hi{tag}"]].to_numpy())
+            assert table.loc[c, f"verdict{tag or '_all'}"] == ("supported" if lo > 0 else "not supported" if hi < 0 else "inconclusive"), (c, tag)
+    lo, hi = table.loc["C2", ["ci_lo", "ci_hi"]]
+    assert table.loc["C2", "verdict_all"] == ("inconclusive" if lo <= 0 <= hi else "not supported")  # a point claim is never "supported"
+    # C3 from the files: the Bregman variance of the single-teacher students, by its definition
     students = pd.read_parquet(out / "students.parquet")
+
+    def logps(run, target):
+        dirs = students[(students["run"] == run) & (students["target"] == target)].sort_values("replicate")["dir"]
+        return torch.stack([torch.tensor(np.stack(pd.read_parquet(f"{x}/test_logp.parquet")["logp"].to_numpy())).double() for x in dirs])
+
+    bv = {w: float(bregman_variance(logps(f"width {w}", "single")).mean()) for w in (ws[0], ws[-1])}
+    assert table.loc["C3", "effect"] == pytest.approx(bv[ws[-1]] - bv[ws[0]], rel=1e-6)
+    p5 = pd.read_parquet(out / "p5_draws.parquet").set_index("width")
+    assert p5.loc[ws[0], "bv_students"] == pytest.approx(bv[ws[0]], rel=1e-6) and (p5["n_draws"] == claims.DRAWS).all()
+    q = torch.tensor(np.stack(pd.read_parquet(next(run_dir(study_config(tmp_path)).path.glob("labels/*/test_posterior.parquet")))["logt_dual"].to_numpy())).double()
+    c3b = [float(kl(logps(f"width {ws[-1]}", "single")[i], q).mean() - kl(logps(f"width {ws[0]}", "single")[i], q).mean()) for i in range(claims.DRAWS)]
+    assert table.loc["C3b", "effect"] == pytest.approx(np.mean(c3b), rel=1e-6)
+    assert (p5["bv_students_ci_lo"] <= p5["bv_students"]).all() and (p5["bv_students"] <= p5["bv_students_ci_hi"]).all()
+    c2 = pd.read_parquet(out / "c2_summary.parquet").set_index("target")
+    dec0 = pd.read_parquet(out / "c2_decomposition.parquet")
+    single = dec0[dec0["target"] == "single"]
+    assert c2.loc["single", "gain_over_misfit"] == pytest.approx(single["gain"].mean() / single["misfit"].mean())
+    assert c2.loc["single", "variance_in_misfit"] == 0 and c2.loc["dual_mean", "variance_in_misfit"] > 0
     y = pd.read_parquet(next(run_dir(study_config(tmp_path)).path.glob("data/*/test.parquet")))["y"].to_numpy()
 
     def acc(run, target, i):
@@ -138,12 +167,13 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
         logp = np.stack(pd.read_parquet(f"{d}/test_logp.parquet")["logp"].to_numpy())
         return float((logp.argmax(-1) == y).mean())
 
-    c1 = [acc("main", "dual_mean", i) - acc("main", "single", i) for i in range(5)]
+    c1 = [acc("main", "dual_mean", i) - acc("main", "single", i) for i in range(n)]
     assert table.loc["C1", "effect"] == pytest.approx(np.mean(c1), abs=1e-6)
+    assert table.loc["C1", "effect_A"] == pytest.approx(np.mean(c1[:5]), abs=1e-6) and table.loc["C1", "effect_B"] == pytest.approx(np.mean(c1[5:]), abs=1e-6)
     dec = pd.read_parquet(out / "c2_decomposition.parquet")
-    assert len(dec) == 10 and dec["identity_error"].max() < 1e-6 and sorted(set(dec["teacher"].dropna())) == [0, 1, 2, 3, 4]
+    assert len(dec) == 2 * n and dec["identity_error"].max() < 1e-6 and sorted(set(dec["teacher"].dropna())) == list(range(n))
     lam = pd.read_parquet(out / "c5_rce.parquet")
-    assert lam["lambda"].tolist() == list(claims.LAMBDAS) and (lam["n"] == 5).all()
-    c5 = [acc("rce 0.5", "dual_mean", i) - acc("rce 0.0", "dual_mean", i) for i in range(5)]
+    assert lam["lambda"].tolist() == list(claims.LAMBDAS) and (lam["n"] == n).all()
+    c5 = [acc("rce 0.5", "dual_mean", i) - acc("rce 0.0", "dual_mean", i) for i in range(n)]
     assert lam.set_index("lambda").loc[0.5, "acc_minus_lambda0"] == pytest.approx(np.mean(c5), abs=1e-6)
-    assert table.loc["C5", "verdict"] in ("supported", "not supported", "inconclusive") and "C3" in (out / "report.md").read_text()
+    assert table.loc["C5", "verdict"] in ("supported", "not supported", "inconclusive") and "P5" in (out / "report.md").read_text()
