@@ -36,7 +36,7 @@ NOT_HERE = {
 SHRINK = {
     # the built-in MNIST-1D at a small size; the user Parquet config keeps its own data
     "mnist1d": ["data.num_samples=1500", "data.chunk_size=500", "data.n_weak=300", "data.n_transfer=600", "data.n_test=500"],
-    "all": ["teachers.k=8", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
+    "all": ["teachers.k=10", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
 }
 
 
