@@ -215,3 +215,21 @@ def test_written_files_respect_the_umask(tmp_path, mask, mode):
     finally:
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(mode)] * 3
+
+
+def test_a_damaged_manifest_or_seal_reads_as_incomplete(tmp_path):
+    """Same-size damage to the manifest or a seal themselves: the stage is incomplete, the unit
+    is not kept, and nothing raises."""
+    from w2s_ray import artifacts
+
+    run = RunDir.open(str(tmp_path), "r")
+    d = run.stage("labels", "abc")
+    part = run.write_text(d / "parts" / "part-0.parquet", "rows")
+    run.seal(d, "part-0", [part])
+    run.write_manifest(d, "abc")
+    assert artifacts.read_manifest(d) is not None and artifacts.check_seal(d, "part-0") is None
+    for f in (d / "manifest.json", d / "seals" / "part-0.json"):
+        f.write_bytes(b"\xff" * f.stat().st_size)  # not UTF-8, not JSON
+    assert artifacts.read_manifest(d) is None and "damaged" in artifacts.check_seal(d, "part-0")
+    run.write_json(d / "manifest.json", {"files": {"parts/part-0.parquet": {"size": 4}}})  # not a manifest's shape
+    assert artifacts.read_manifest(d) is None

@@ -131,24 +131,31 @@ def build_manifest(directory: Path, key: str, files: list[str] | None = None, **
     return {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": entries, **extra}
 
 
-def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict | None:
-    """The manifest if the stage is complete and intact, else None. `name`: another manifest
-    of files in `directory`, such as a unit's seal (`seal_name`)."""
+def read_manifest(directory: Path, verify: bool = True) -> dict | None:
+    """The manifest if the stage is complete and intact, else None."""
     directory = Path(directory)
-    path = directory / name
+    path = directory / MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = read_json(path)
-    except json.JSONDecodeError:
+        return None if mismatch(directory, manifest.get("files", {}), verify) else manifest
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest: not JSON, or not a manifest's shape
         return None
-    for name, meta in manifest.get("files", {}).items():
-        f = directory / name
-        if not f.is_file() or f.stat().st_size != meta["bytes"]:
-            return None
+
+
+def mismatch(directory: Path, files: dict[str, dict], verify: bool = True) -> str | None:
+    """Why the files listed (name → recorded bytes and sha256, as a manifest or a seal lists
+    them) are not what was recorded, or None when they are."""
+    for name, meta in files.items():
+        f = Path(directory) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, its writer recorded {meta['bytes']}"
         if verify and sha256_file(f) != meta["sha256"]:
-            return None
-    return manifest
+            return f"{name} does not match the sha256 its writer recorded"
+    return None
 
 
 SEALS = "seals"
@@ -169,18 +176,9 @@ def check_seal(directory: Path, unit: str) -> str | None:
     if not path.is_file():
         return "no seal (written before its files were complete, or by an older version)"
     try:
-        seal = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"its seal {path.name} is not readable"
-    for name, meta in seal.get("files", {}).items():
-        f = directory / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != meta["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, its writer recorded {meta['bytes']}"
-        if sha256_file(f) != meta["sha256"]:
-            return f"{name} does not match the sha256 its writer recorded"
-    return None
+        return mismatch(directory, read_json(path).get("files", {}))
+    except (ValueError, KeyError, TypeError, AttributeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"its seal {path.name} is damaged"
 
 
 def reset_dir(directory: Path) -> Path:
