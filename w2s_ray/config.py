@@ -290,16 +290,16 @@ RAY_ADDRESS = re.compile(r"auto|local|ray://[^\s/:]+(:\d+)?/?|[^\s/:]+:\d+")
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
+    address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray; 'local': always a new local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    object_store_mb: int | None = Field(None, ge=75, description="local Ray only")
 
     @field_validator("address")
     @classmethod
     def _an_address(cls, address: str | None) -> str | None:
         if address is not None and not RAY_ADDRESS.fullmatch(address):
-            raise ValueError(f"{address!r} is not a Ray address: 'auto', 'host:port' (a head's GCS address) or 'ray://host:10001' (Ray Client)")
+            raise ValueError(f"{address!r} is not a Ray address: 'auto', 'local', 'host:port' (a head's GCS address) or 'ray://host:10001' (Ray Client)")
         return address
-    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
-    object_store_mb: int | None = Field(None, ge=75, description="local Ray only")
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

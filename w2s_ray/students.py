@@ -145,9 +145,9 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     scfg = cfg.student
     singles = single_teachers(cfg)
     ctx.ray()
-    res = scfg.resources
+    each = scfg.resources
     per = "one student" if scfg.workers == 1 else f"one student's {scfg.workers} Ray Train workers"
-    check_placeable({"CPU": res.num_cpus * scfg.workers, "GPU": res.num_gpus * scfg.workers},
+    check_placeable({"CPU": each.num_cpus * scfg.workers, "GPU": each.num_gpus * scfg.workers},
                     {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per)
     inputs = StudentInputs.load(ctx, data, labels, teachers)
     ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
