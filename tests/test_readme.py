@@ -76,10 +76,10 @@ def shrunk(cmd: list[str], cwd: Path) -> list[str]:
     return cmd + [x for s in sets for x in ("--set", s)]
 
 
-def run_line(line: str, cwd: Path, env: dict) -> str:
+def run_line(line: str, cwd: Path, env: dict) -> tuple[str, str]:
     """One README line (commands joined by `&&`), each command shrunk, in `cwd`; the last
-    command's stdout."""
-    out = ""
+    command's stdout and stderr."""
+    out = ("", "")
     for part in line.split("&&"):
         cmd = shlex.split(part)
         if cmd[0] == "python":
@@ -91,7 +91,7 @@ def run_line(line: str, cwd: Path, env: dict) -> str:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{part.strip()!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         print(f"{time.perf_counter() - t0:6.1f}s  {part.strip()}", file=sys.stderr)
-        out = proc.stdout
+        out = (proc.stdout, proc.stderr)
     return out
 
 
@@ -113,10 +113,11 @@ def test_every_readme_command_runs_as_written(tmp_path):
     stdout = {line: run_line(line, cwd, env) for line in commands}
     # `w2s-ray run > out.txt` holds the results table alone: progress, Ray's forwarded worker
     # lines and warnings go to stderr, and nothing is coloured
-    table = stdout["w2s-ray run"]
+    table, log = stdout["w2s-ray run"]
     assert table.lstrip().startswith("test acc") and "ensemble: dual mean" in table, table
     assert "\x1b[" not in table and "epoch" not in table and "pid=" not in table and "Warning" not in table, table
-    tuned = stdout["w2s-ray tune --space tune_spaces/grid_capacity_x_rce.yaml"]
+    assert "student[dual_mean]: epoch" in log and "\x1b[" not in log  # per-epoch lines on stderr, without colour codes
+    tuned = stdout["w2s-ray tune --space tune_spaces/grid_capacity_x_rce.yaml"][0]
     assert "Trial status" not in tuned and "chosen by val_teacher_ce" in tuned, tuned  # Tune's tables only with --verbose
     runs = cwd / "runs"  # the default, relative output.root
     assert (runs / "default" / "results.json").is_file()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
@@ -29,10 +30,7 @@ T = TypeVar("T")
 def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
-    if not sys.stderr.isatty():
-        # the lines Ray forwards from workers carry ANSI colour codes unless told not to:
-        # a log file or `ray job logs` gets plain text
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    plain_text_logs()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         key = "ray.address" if cfg.address else "RAY_ADDRESS"
@@ -63,6 +61,34 @@ def check_placeable(need: dict[str, float], keys: dict[str, str], cluster: dict[
         asked = "; ".join(f"{keys[k]} asks for {v:g} {k} for {what} (the cluster has {have:g})" for k, (v, have) in short.items())
         raise W2SError(f"{asked}: it could never start. Lower it, or join a cluster that has it "
                        "(on an autoscaling cluster, start the nodes first)")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class PlainText:
+    """A text stream that drops ANSI escape sequences on their way to the one it wraps."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(ANSI.sub("", text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def plain_text_logs() -> None:
+    """The lines Ray forwards from workers to the driver carry ANSI colour codes: the task
+    prefix (RAY_COLOR_PREFIX=0 turns it off) and the "[repeated 8x across cluster]" of its log
+    deduplication (always green). A log file, a pipe or `ray job logs` gets plain text: the
+    driver's stdout and stderr, where they are not a terminal, drop the codes."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not stream.isatty() and not isinstance(stream, PlainText):
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+            setattr(sys, name, PlainText(stream))
 
 
 def alive_nodes() -> int:
