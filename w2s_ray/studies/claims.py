@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from w2s_ray.config import ExperimentConfig, with_values
 from w2s_ray.errors import ConfigError
@@ -75,7 +76,7 @@ DRAWS = REPLICATES
 only: the floor)."""
 
 BOOT = 2000
-"""Bootstrap resamples over teacher draws (C3's set statistics, the C2 ratios)."""
+"""Bootstrap resamples over replicates for the C2 ratios."""
 
 
 def widths(cfg: ExperimentConfig) -> list[int]:
@@ -183,6 +184,27 @@ def draw_weights(n: int, boot: int = BOOT, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.vstack([np.ones((1, n)), w])).double()
 
 
+def jackknife_weights(n: int) -> torch.Tensor:
+    """`[1 + n, n]`: every draw once (row 0), then each draw left out once.
+
+    C3's statistics are set statistics (the Bregman variance of a set of students), and a
+    bootstrap resample repeats draws, which shrinks them: on the default data the percentile
+    bootstrap put C3's point estimate (+0.0630) at the top of its own interval [+0.0477,
+    +0.0634]. Leaving one draw out keeps every set distinct, so their CIs are jackknife ones
+    (`jack_stat`)."""
+    return torch.from_numpy(np.vstack([np.ones((1, n)), np.ones((n, n)) - np.eye(n)])).double()
+
+
+def jack_stat(values: torch.Tensor | np.ndarray, n: int, level: float = 0.95) -> dict:
+    """A statistic's value on every draw (row 0) and its jackknife Student-t CI from the n
+    leave-one-out values (rows 1..n)."""
+    v = np.asarray(values, dtype=np.float64)
+    loo = v[1:]
+    se = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    return {"n": n, "mean": float(v[0]), "ci": [float(v[0]) - half, float(v[0]) + half], "p": np.nan}
+
+
 def boot_stat(values: torch.Tensor | np.ndarray, n: int) -> dict:
     """A statistic's point value (row 0) and its 95% percentile CI over the resamples."""
     v = np.asarray(values, dtype=np.float64)
@@ -190,7 +212,7 @@ def boot_stat(values: torch.Tensor | np.ndarray, n: int) -> dict:
 
 
 def p5(ctx: RunContext, s: Stages, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The paper's P5 at one width, per resample of the teacher draws (`draw_weights`): the
+    """The paper's P5 at one width, per weighting of the teacher draws (`jackknife_weights`): the
     Bregman variance of the single-teacher students across draws, of their teachers, and of the
     dual-mean students across seeds (the floor seeds alone give); KL(students' dual mean ‖ q);
     the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i)."""
@@ -290,10 +312,11 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     write_table(ctx.run, out / "widths.parquet", by_width)
     means = pd.DataFrame([{"width": w, "kl_single_students_mean_to_dual_mean": single_students_mean(done[f"width {w}"])} for w in ws])
     n_draws = len(done[f"width {ws[0]}"].students.replicates["single"])
-    draws = {name: restricted(draw_weights(len(idx)), idx, n_draws) for name, idx in subsets.items()}
-    p5s = {name: {w: p5(ctx, done[f"width {w}"], wts) for w in ws} for name, wts in draws.items()}  # same resamples at every width: paired
-    p5_table = pd.DataFrame([{"width": w, "n_draws": n_draws, **{f"{k}{suffix}": v for k, t in st.items() for suffix, v in
-                                                                    (("", float(t[0])), ("_ci_lo", float(np.quantile(t[1:], 0.025))), ("_ci_hi", float(np.quantile(t[1:], 0.975))))}}
+    draws = {name: restricted(jackknife_weights(len(idx)), idx, n_draws) for name, idx in subsets.items()}
+    p5s = {name: {w: p5(ctx, done[f"width {w}"], wts) for w in ws} for name, wts in draws.items()}  # same draws left out at every width: paired
+    p5_table = pd.DataFrame([{"width": w, "n_draws": n_draws, **{f"{k}{suffix}": v for k, t in st.items()
+                                                                    for j in [jack_stat(t, n_draws)]
+                                                                    for suffix, v in (("", j["mean"]), ("_ci_lo", j["ci"][0]), ("_ci_hi", j["ci"][1]))}}
                              for w, st in p5s["all"].items()])
     p5_table["share_of_teacher_variance"] = p5_table["bv_students"] / p5_table["bv_teachers"]
     write_table(ctx.run, out / "p5_draws.parquet", p5_table)
@@ -304,7 +327,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     lam_table = lambda_table(lam_reps)
     write_table(ctx.run, out / "c5_rce.parquet", lam_table)
 
-    def claims_on(idx: np.ndarray, boot: dict) -> list[dict]:
+    def claims_on(idx: np.ndarray, boot: dict) -> list[dict]:  # boot: the P5 statistics under the subset's jackknife weights
         """Every claim on the replicates `idx` of every setting (a seed set, or all)."""
         pick = lambda rs: [rs[i] for i in idx]  # noqa: E731
         k = len(idx)
@@ -327,11 +350,11 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
         trend = paired(wide["remainder"].abs().to_numpy(), narrow["remainder"].abs().to_numpy())
         rows.append(claim_row("C2b", "the remainder vanishes as the student grows",
                               f"abs(remainder) of dual-mean students at width {ws[-1]} − at width {ws[0]}, paired by seed", trend, direction=-1))
-        c3 = boot_stat(boot[ws[-1]]["bv_students"] - boot[ws[0]]["bv_students"], k)
+        c3 = jack_stat(boot[ws[-1]]["bv_students"] - boot[ws[0]]["bv_students"], k)
         rows.append(claim_row("C3", "a student of one teacher approaches the posterior-mean teacher as its capacity grows: what it "
                               "predicts stops depending on which teacher labelled it (the paper's P5)",
                               f"Bregman variance across {k} teacher draws of single-teacher students, mean_i KL(s̄ ‖ s_i), at width "
-                              f"{ws[-1]} − at width {ws[0]} (bootstrap over draws; their teachers' own: {float(boot[ws[0]]['bv_teachers'][0]):.4f})",
+                              f"{ws[-1]} − at width {ws[0]} (jackknife over draws; their teachers' own: {float(boot[ws[0]]['bv_teachers'][0]):.4f})",
                               c3, direction=-1))
         single_w = wsub[wsub["target"] == "single"].sort_values(["width", "seed"])
         c3b = paired(*(single_w[single_w["width"] == w]["kl_to_dual_mean"].to_numpy() for w in (ws[-1], ws[0])))
@@ -382,7 +405,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
         f"Config: teachers K = {main.teachers.k}, student {main.students.students['dual_mean'].n_params:,} parameters, {n} replicates "
         f"per setting in two disjoint seed sets (A: replicates 0–{half - 1}, B: {half}–{2 * half - 1}; a replicate is a student seed "
         "and, for a single-teacher student, its teacher). Every effect is a paired difference over the same replicates with a 95% "
-        "Student-t CI (C3: a bootstrap over teacher draws), and every verdict is computed from that CI: supported (CI excludes 0 "
+        "Student-t CI (C3: a jackknife over teacher draws), and every verdict is computed from that CI: supported (CI excludes 0 "
         "in the predicted direction), not supported (excludes 0 in the other direction), inconclusive (contains 0). A verdict "
         "is computed on set A and on set B; it is final only when they agree, else **not replicated**. The effect and CI shown "
         "are over all replicates (`verdict_all` is their verdict). CIs are over seeds and teacher draws, conditional on the one "
@@ -414,8 +437,8 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
                     "students (draw i: teacher i, seed i). `bv_students`: their Bregman variance across draws, mean_i KL(s̄ ‖ s_i) "
                     "with s̄ their dual mean; `bv_teachers`: the same for their teachers; `bv_floor`: for as many dual-mean students "
                     "(seeds alone); `share_of_teacher_variance` = bv_students / bv_teachers. `kl_students_mean_q`: KL(s̄ ‖ q); "
-                    "`kl_s_q`, `kl_s_p`: the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i). CIs: 95% bootstrap over draws (the same "
-                    "resamples at every width). P5 predicts bv_students → 0 and kl_s_q → 0 as width grows.",
+                    "`kl_s_q`, `kl_s_p`: the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i). CIs: 95% jackknife over draws (the same "
+                    "draw left out at every width). P5 predicts bv_students → 0 and kl_s_q → 0 as width grows.",
                     p5_table, "`p5_draws.parquet`"),
         *md_section("C2b, C3b, S1, C4: students across widths", "Per width, the mean over seeds of each student's decomposition, "
                     "its KL to the dual posterior mean and its entropy (`widths.parquet` has every replicate). "
