@@ -405,3 +405,39 @@ def test_two_identical_runs_started_together_do_each_stage_once(ray_session, tmp
         assert err.count(built) == 1, (built, err)
     assert "is being written by another run" in err and "waiting for it" in err
     assert outs[0][0] == outs[1][0]  # the same table
+
+
+def test_a_teacher_stage_resumed_with_another_pack_size_gives_the_same_teachers_bit_for_bit(warm, tmp_path):
+    """Packs of 8, interrupted after the first; resumed with packs of at most 5 (5 and 3): every
+    teacher's predictions are the bytes the uninterrupted plan gave (the pack plan follows the
+    CPU count and `max_pack_size`, neither in the teacher key)."""
+    from w2s_ray.packfiles import pack_files, pack_unit
+    from w2s_ray.teachers import iter_pack_logp
+
+    warm(tmp_path, until="data")
+    model = {"name": "mlp", "width": 8}
+
+    def plan(size):
+        return small_config(tmp_path, teachers={"k": 16, "epochs": 3, "model": model, "resources": {"num_actors": 1, "max_pack_size": size}})
+
+    def predictions(st):
+        return {split: {int(t): lp[i].numpy() for ids, lp in iter_pack_logp(st.teachers, split) for i, t in enumerate(ids)}
+                for split in ("transfer", "test")}
+
+    st = run_pipeline(plan(8), until="labels")
+    ref, ref_post = predictions(st), st.labels.posterior
+    d = st.teachers.dir
+    assert pd.read_parquet(d / "teachers.parquet")["pack"].value_counts().tolist() == [8, 8]
+    for f in (d / "manifest.json", *pack_files(d, 1), d / artifacts.seal_name(pack_unit(1))):  # what a run killed after pack 0 leaves
+        f.unlink()
+    import shutil
+
+    shutil.rmtree(st.labels.dir)
+    again = run_pipeline(plan(5), until="labels")
+    assert sorted(pd.read_parquet(d / "teachers.parquet")["pack"].value_counts().tolist()) == [3, 5, 8]
+    got = predictions(again)
+    for split in ("transfer", "test"):
+        assert sorted(got[split]) == list(range(16))
+        assert all(np.array_equal(got[split][t], ref[split][t]) for t in range(16)), split
+    post = again.labels.posterior
+    assert post.test_acc_dual == ref_post.test_acc_dual and post.variance_test == pytest.approx(ref_post.variance_test, rel=1e-12)
