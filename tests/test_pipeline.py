@@ -441,3 +441,16 @@ def test_a_teacher_stage_resumed_with_another_pack_size_gives_the_same_teachers_
         assert all(np.array_equal(got[split][t], ref[split][t]) for t in range(16)), split
     post = again.labels.posterior
     assert post.test_acc_dual == ref_post.test_acc_dual and post.variance_test == pytest.approx(ref_post.variance_test, rel=1e-12)
+
+
+def test_placement_can_wait_for_a_growing_cluster_before_it_refuses(ray_session, capfd):
+    """`ray.placement_wait_s`: an autoscaling cluster may add the nodes; the run says it waits,
+    then refuses with the key named. Resources the cluster has pass at once."""
+    from w2s_ray.errors import W2SError
+    from w2s_ray.raytools import check_placeable
+
+    with pytest.raises(W2SError, match=r"student.resources.num_gpus asks for 0.5 GPU for a task \(the cluster has 0\): it could never start after waiting 1s"):
+        check_placeable({"GPU": 0.5}, {"GPU": "student.resources.num_gpus"}, wait_s=1.0, poll_s=0.2)
+    assert "waiting up to 1s for the cluster to grow (ray.placement_wait_s)" in capfd.readouterr().err
+    check_placeable({"CPU": 1.0}, {"CPU": "student.resources.num_cpus"}, wait_s=60.0)
+    assert "waiting" not in capfd.readouterr().err

@@ -293,6 +293,8 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray; 'local': always a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only")
     object_store_mb: int | None = Field(None, ge=75, description="local Ray only")
+    placement_wait_s: float = Field(0.0, ge=0, description="resources the cluster lacks: wait this long for it to grow "
+                                    "(an autoscaler adding nodes) before refusing; 0: refuse at once")
 
     @field_validator("address")
     @classmethod

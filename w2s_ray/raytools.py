@@ -50,17 +50,29 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 def check_placeable(need: dict[str, float], keys: dict[str, str], cluster: dict[str, float] | None = None,
-                    what: str = "a task") -> None:
+                    what: str = "a task", wait_s: float = 0.0, poll_s: float = 5.0) -> None:
     """Refuse work the cluster cannot place, before submitting it: Ray would wait for it
     forever, repeating "No available node types can fulfill ..." every 35 s. `need` is the
     largest single request (`{"CPU": 1, "GPU": 0.5}`), `keys` names the config key of each
-    resource, so the message says what to change."""
-    cluster = ray.cluster_resources() if cluster is None else cluster
-    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
-    if short:
-        asked = "; ".join(f"{keys[k]} asks for {v:g} {k} for {what} (the cluster has {have:g})" for k, (v, have) in short.items())
-        raise W2SError(f"{asked}: it could never start. Lower it, or join a cluster that has it "
-                       "(on an autoscaling cluster, start the nodes first)")
+    resource, so the message says what to change. Against the live cluster (`cluster` None)
+    it waits up to `wait_s` (`ray.placement_wait_s`: an autoscaling cluster adding nodes),
+    saying so every 30 s, before it refuses."""
+    t0, said = time.monotonic(), None
+    while True:
+        have = ray.cluster_resources() if cluster is None else cluster
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+        if not short:
+            return
+        asked = "; ".join(f"{keys[k]} asks for {v:g} {k} for {what} (the cluster has {got:g})" for k, (v, got) in short.items())
+        now = time.monotonic()
+        if cluster is not None or now - t0 >= wait_s:
+            waited = f" after waiting {now - t0:.0f}s" if wait_s and cluster is None else ""
+            raise W2SError(f"{asked}: it could never start{waited}. Lower it, or join a cluster that has it (on an autoscaling "
+                           "cluster, start the nodes first, or let the run wait for them: ray.placement_wait_s)")
+        if said is None or now - said >= 30:
+            print(f"[w2s-ray] {asked}: waiting up to {wait_s:g}s for the cluster to grow (ray.placement_wait_s)", file=sys.stderr, flush=True)
+            said = now
+        time.sleep(min(poll_s, max(0.0, wait_s - (now - t0))))
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -148,7 +148,7 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     each = scfg.resources
     per = "one student" if scfg.workers == 1 else f"one student's {scfg.workers} Ray Train workers"
     check_placeable({"CPU": each.num_cpus * scfg.workers, "GPU": each.num_gpus * scfg.workers},
-                    {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per)
+                    {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per, wait_s=cfg.ray.placement_wait_s)
     inputs = StudentInputs.load(ctx, data, labels, teachers)
     ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
             f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")

@@ -187,10 +187,10 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
     else:
         ctx.log(f"teachers: all K={tcfg.k} teachers are on disk (an interrupted stage); writing its table → {stage}")
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
-    cluster = ray.cluster_resources()
     check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
-                    {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"}, cluster, "one teacher actor")
-    n_actors = default_num_actors(res, cluster)
+                    {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"},
+                    what="one teacher actor", wait_s=ctx.cfg.ray.placement_wait_s)
+    n_actors = default_num_actors(res, ray.cluster_resources())
     packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
         cfg_json = tcfg.model_dump(mode="json")

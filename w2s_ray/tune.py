@@ -75,13 +75,14 @@ def check_cluster(ctx: RunContext, space: SearchSpace) -> None:
     """Start or join the configured Ray (`ray.address`, `ray.num_cpus`: also when every stage is
     cached) and refuse trials the cluster cannot place, which would otherwise wait forever."""
     ctx.ray()
-    check_placeable(space, ray.cluster_resources(), ctx.cfg.student.workers)
+    check_placeable(space, None, ctx.cfg.student.workers, ctx.cfg.ray.placement_wait_s)
 
 
-def check_placeable(space: SearchSpace, cluster: dict[str, float], workers: int = 1) -> None:
+def check_placeable(space: SearchSpace, cluster: dict[str, float] | None, workers: int = 1, wait_s: float = 0.0) -> None:
+    """Trials the cluster (`cluster`, or the live one when None) cannot place are refused."""
     per = "one trial" if workers == 1 else f"one trial ({workers} Ray Train workers)"
     raytools.check_placeable({"CPU": space.resources.cpu * workers, "GPU": space.resources.gpu * workers},
-                             {"CPU": "the search space's resources.cpu", "GPU": "the search space's resources.gpu"}, cluster, per)
+                             {"CPU": "the search space's resources.cpu", "GPU": "the search space's resources.gpu"}, cluster, per, wait_s)
 
 
 def max_concurrent(space: SearchSpace, resources: dict[str, float], workers: int = 1) -> int:
