@@ -9,6 +9,7 @@ uninterrupted run of the same config on the test session's Ray.
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -168,3 +169,44 @@ def stack_logp(tdir, split: str) -> np.ndarray:
         logps.append(lp)
     ids = np.concatenate(ids)
     return np.concatenate(logps)[np.argsort(ids)]
+
+
+DRIVER = """
+import os, sys, time
+import ray
+
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+
+@ray.remote
+def spin():
+    while True:
+        time.sleep(0.1)
+
+spin.remote()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.cluster
+def test_what_a_killed_driver_left_of_its_embedded_ray_is_ended_before_the_next_starts():
+    """A driver SIGKILLed with an embedded Ray leaves its agents and workers running with init
+    as their parent for a minute or two (measured); the next embedded start ends them, and only
+    them."""
+    from w2s_ray.raytools import end_orphans, orphans
+
+    before = set(orphans())
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left: set[int] = set()
+    for _ in range(100):  # its raylet goes with it; its agents are reparented to init
+        left = set(orphans()) - before
+        if left:
+            break
+        time.sleep(0.1)
+    assert left, "the killed driver left no orphaned Ray process to end (Ray changed?)"
+    assert end_orphans() >= len(left)
+    assert not left & set(orphans())

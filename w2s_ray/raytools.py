@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import sys
 import time
+from contextlib import suppress
+from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 
 import ray
@@ -39,6 +42,7 @@ def init_ray(cfg: RayConfig) -> None:
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise W2SError(f"{key}: cannot join Ray at {address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return
+    end_orphans()
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if address == "local":  # a new local Ray even when one was started on this machine (`ray start`)
         kwargs["address"] = "local"
@@ -47,6 +51,42 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
     ray.init(**kwargs)
+
+
+def orphans() -> list[int]:
+    """This user's Ray worker and agent processes (`ray::…`) whose raylet is gone: their parent
+    is now init (pid 1). A live cluster's workers and agents are the raylet's children; its
+    raylet and GCS themselves are not named `ray::`. Linux only (reads /proc); else none."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != os.getuid():
+                continue
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == 1 and (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def end_orphans(grace_s: float = 2.0) -> int:
+    """End what a killed driver's embedded Ray left behind (its agents and workers outlive it
+    by a minute or two: measured after a SIGKILL), before a new embedded Ray starts; returns
+    how many were ended."""
+    pids = orphans()
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and set(orphans()) & set(pids):
+        time.sleep(0.1)
+    for pid in set(orphans()) & set(pids):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        print(f"[w2s-ray] ended {len(pids)} Ray processes left by an earlier run that was killed", file=sys.stderr, flush=True)
+    return len(pids)
 
 
 def check_placeable(need: dict[str, float], keys: dict[str, str], cluster: dict[str, float] | None = None,
