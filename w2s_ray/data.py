@@ -117,6 +117,7 @@ def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[s
 
 
 def _features(table: pa.Table, features: str, feature_columns: list[str] | None, path: str, columns_key: str, whose: str = "") -> np.ndarray:
+    """The feature matrix, after `_missing` has refused or dropped rows with nulls, NaN or inf."""
     cols = feature_columns or [features]
     for c in cols:
         if c not in table.column_names:
@@ -127,8 +128,6 @@ def _features(table: pa.Table, features: str, feature_columns: list[str] | None,
             raise DataError(
                 f"{path}: column {features!r} must be a list of numbers per row (or set {columns_key})"
             )
-        if col.null_count:
-            raise DataError(f"{path}: column {features!r} has {col.null_count} null rows")
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         if len(set(lengths.tolist())) == 1 and lengths[0] == 0:
             raise DataError(f"{path}: column {features!r} holds empty lists: no features")
@@ -138,19 +137,13 @@ def _features(table: pa.Table, features: str, feature_columns: list[str] | None,
             )
         if not pa.types.is_integer(col.type.value_type) and not pa.types.is_floating(col.type.value_type):
             raise DataError(f"{path}: column {features!r} holds {col.type.value_type}, not numbers")
-        x = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
-        _check_finite(x, features, path)
-        return x
+        return pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
     arrays = []
     for c in cols:
         col = table[c]
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
             raise DataError(f"{path}: {whose}feature column {c!r} has type {col.type}, not numeric")
-        if col.null_count:
-            raise DataError(f"{path}: {whose}feature column {c!r} has {col.null_count} null values")
-        a = col.to_numpy().astype(np.float32)
-        _check_finite(a, c, path)
-        arrays.append(a)
+        arrays.append(col.to_numpy().astype(np.float32))
     return np.stack(arrays, 1)
 
 
@@ -193,20 +186,9 @@ def _missing(table: pa.Table, cfg: DataConfig, path: str) -> pa.Table:
     return table
 
 
-def _check_finite(a: np.ndarray, column: str, path: str) -> None:
-    bad = ~np.isfinite(a)
-    if bad.any():
-        rows = np.nonzero(bad.reshape(len(a), -1).any(1))[0]
-        raise DataError(
-            f"{path}: column {column!r} has NaN or inf in {len(rows)} rows (first rows: {rows[:5].tolist()})"
-        )
-
-
 def _labels(col: pa.ChunkedArray, name: str, path: str, n_classes: int | None) -> tuple[np.ndarray, list[str] | None]:
     """Integer labels 0..C-1, and for a string (or dictionary-encoded) column the class names,
     mapped in sorted order."""
-    if col.null_count:
-        raise DataError(f"{path}: label column {name!r} has {col.null_count} null values")
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     if pa.types.is_boolean(col.type):  # two classes: false = 0, true = 1

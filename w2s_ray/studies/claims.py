@@ -229,14 +229,6 @@ def p5(ctx: RunContext, s: Stages, weights: torch.Tensor) -> dict[str, torch.Ten
             "kl_s_q": frac @ per_draw_q, "kl_s_p": frac @ per_draw_p}
 
 
-def single_students_mean(s: Stages) -> float:
-    """KL(s̄ ‖ q) on test: s̄ the dual mean (softmax of mean log-probs) of the students each
-    trained on one teacher, q the teachers' dual posterior mean."""
-    logs = torch.stack([torch.from_numpy(s.students.test_logp("single", i)).double() for i in range(len(s.students.replicates["single"]))])
-    mean = torch.log_softmax(logs.mean(0), -1)
-    return float(kl(mean, read_test_posterior(s.labels.dir)["dual_log"].double()).mean())
-
-
 def restricted(weights: torch.Tensor, idx: np.ndarray, n: int) -> torch.Tensor:
     """Resample weights over the members `idx` of n (zero for the others)."""
     out = torch.zeros(len(weights), n, dtype=weights.dtype)
@@ -310,15 +302,19 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     ws = [w for w in widths(ctx.cfg) if f"width {w}" in done]
     by_width = pd.concat([decomposition(ctx, done[f"width {w}"]).assign(width=w) for w in ws], ignore_index=True)
     write_table(ctx.run, out / "widths.parquet", by_width)
-    means = pd.DataFrame([{"width": w, "kl_single_students_mean_to_dual_mean": single_students_mean(done[f"width {w}"])} for w in ws])
     n_draws = len(done[f"width {ws[0]}"].students.replicates["single"])
     draws = {name: restricted(jackknife_weights(len(idx)), idx, n_draws) for name, idx in subsets.items()}
-    p5s = {name: {w: p5(ctx, done[f"width {w}"], wts) for w in ws} for name, wts in draws.items()}  # same draws left out at every width: paired
+    # every subset's weightings in one pass per width (each width's files read once); the same
+    # draws left out at every width, so width differences are paired
+    sizes = [len(wts) for wts in draws.values()]
+    per_width = {w: p5(ctx, done[f"width {w}"], torch.cat(list(draws.values()))) for w in ws}
+    p5s = {name: {w: {k: v.split(sizes)[i] for k, v in per_width[w].items()} for w in ws} for i, name in enumerate(draws)}
     p5_table = pd.DataFrame([{"width": w, "n_draws": n_draws, **{f"{k}{suffix}": v for k, t in st.items()
                                                                     for j in [jack_stat(t, n_draws)]
                                                                     for suffix, v in (("", j["mean"]), ("_ci_lo", j["ci"][0]), ("_ci_hi", j["ci"][1]))}}
                              for w, st in p5s["all"].items()])
     p5_table["share_of_teacher_variance"] = p5_table["bv_students"] / p5_table["bv_teachers"]
+    means = p5_table[["width", "kl_students_mean_q"]].rename(columns={"kl_students_mean_q": "kl_single_students_mean_to_dual_mean"})
     write_table(ctx.run, out / "p5_draws.parquet", p5_table)
     summary_c2 = c2_summary(dec, main.labels.posterior.variance_test)
     write_table(ctx.run, out / "c2_summary.parquet", summary_c2)
@@ -327,7 +323,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     lam_table = lambda_table(lam_reps)
     write_table(ctx.run, out / "c5_rce.parquet", lam_table)
 
-    def claims_on(idx: np.ndarray, boot: dict) -> list[dict]:  # boot: the P5 statistics under the subset's jackknife weights
+    def claims_on(idx: np.ndarray, p5w: dict) -> list[dict]:  # p5w: the P5 statistics under the subset's jackknife weights
         """Every claim on the replicates `idx` of every setting (a seed set, or all)."""
         pick = lambda rs: [rs[i] for i in idx]  # noqa: E731
         k = len(idx)
@@ -350,11 +346,11 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
         trend = paired(wide["remainder"].abs().to_numpy(), narrow["remainder"].abs().to_numpy())
         rows.append(claim_row("C2b", "the remainder vanishes as the student grows",
                               f"abs(remainder) of dual-mean students at width {ws[-1]} − at width {ws[0]}, paired by seed", trend, direction=-1))
-        c3 = jack_stat(boot[ws[-1]]["bv_students"] - boot[ws[0]]["bv_students"], k)
+        c3 = jack_stat(p5w[ws[-1]]["bv_students"] - p5w[ws[0]]["bv_students"], k)
         rows.append(claim_row("C3", "a student of one teacher approaches the posterior-mean teacher as its capacity grows: what it "
                               "predicts stops depending on which teacher labelled it (the paper's P5)",
                               f"Bregman variance across {k} teacher draws of single-teacher students, mean_i KL(s̄ ‖ s_i), at width "
-                              f"{ws[-1]} − at width {ws[0]} (jackknife over draws; their teachers' own: {float(boot[ws[0]]['bv_teachers'][0]):.4f})",
+                              f"{ws[-1]} − at width {ws[0]} (jackknife over draws; their teachers' own: {float(p5w[ws[0]]['bv_teachers'][0]):.4f})",
                               c3, direction=-1))
         single_w = wsub[wsub["target"] == "single"].sort_values(["width", "seed"])
         c3b = paired(*(single_w[single_w["width"] == w]["kl_to_dual_mean"].to_numpy() for w in (ws[-1], ws[0])))
