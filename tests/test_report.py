@@ -47,6 +47,35 @@ def test_replicate_summaries_and_verdicts():
     assert summarize([0.5, float("nan")])["n"] == 1 and summarize([0.5])["ci"] is None  # one value: no CI
 
 
+def test_crossed_interval_counts_seeds_and_test_rows():
+    """The seed + test-row variance of a crossed design against the true variance of its grand
+    mean (simulated), the two-level bootstrap's, and `paired` when rows add nothing."""
+    from w2s_ray.replicates import crossed, paired, paired_rows, summarize, two_level_means, two_level_weights
+
+    rng = np.random.default_rng(0)
+    n, rows, s_seed, s_row, s_both = 5, 300, 0.02, 0.3, 0.3
+    true = s_seed**2 / n + s_row**2 / rows + s_both**2 / (n * rows)
+    se2, covered, seeds_only, boot = [], [], [], []
+    for t in range(300):
+        v = rng.normal(0, s_seed, (n, 1)) + rng.normal(0, s_row, (1, rows)) + rng.normal(0, s_both, (n, rows))
+        c = crossed(v)
+        se2.append(c["se_seed"] ** 2 + c["se_rows"] ** 2)
+        covered.append(c["ci"][0] <= 0 <= c["ci"][1])
+        lo, hi = summarize(v.mean(1))["ci"]
+        seeds_only.append(lo <= 0 <= hi)
+        if t < 20:
+            boot.append(two_level_means(v, *two_level_weights(n, rows, 400, seed=t)).var() / se2[-1])
+    # wide by at most the interaction counted twice (s_both² / (n·rows)): 1.14 here
+    assert 1.0 < np.mean(se2) / true < 1 + 2 * s_both**2 / (n * rows) / true
+    assert np.mean(covered) >= 0.95 and 0.8 < np.mean(boot) < 1.25
+    # a CI over seeds alone, conditional on one test set, misses the rows' term
+    assert np.mean(seeds_only) < 0.9  # 0.82 here
+    a = rng.normal(size=(5, 1)) * np.ones((1, 40))
+    b = a - rng.normal(0.01, 0.005, size=(5, 1))
+    assert paired_rows(a, b)["ci"] == pytest.approx(paired(a[:, 0], b[:, 0])["ci"]) and paired_rows(a, b)["se_rows"] == pytest.approx(0, abs=1e-12)
+    assert paired_rows(a, b)["p"] == pytest.approx(paired(a[:, 0], b[:, 0])["p"])
+
+
 def test_fisher_interval_of_a_correlation():
     from scipy import stats
 

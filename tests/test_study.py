@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from conftest import run_dir, small_config
 from w2s_ray.pipeline import run_stages, run_study
@@ -169,6 +170,15 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
 
     c1 = [acc("main", "dual_mean", i) - acc("main", "single", i) for i in range(n)]
     assert table.loc["C1", "effect"] == pytest.approx(np.mean(c1), abs=1e-6)
+    # its CI counts the test rows beside the seeds: per row, per replicate, correct(dual) − correct(single)
+    hits = {t: np.stack([np.stack(pd.read_parquet(f"{d}/test_logp.parquet")["logp"].to_numpy()).argmax(-1) == y
+                         for d in students[(students["run"] == "main") & (students["target"] == t)].sort_values("replicate")["dir"]])
+            for t in ("dual_mean", "single")}
+    diff = hits["dual_mean"].astype(float) - hits["single"].astype(float)
+    se = np.hypot(diff.mean(1).std(ddof=1) / np.sqrt(n), diff.mean(0).std(ddof=1) / np.sqrt(diff.shape[1]))
+    half = stats.t.ppf(0.975, n - 1) * se
+    assert table.loc["C1", ["ci_lo", "ci_hi"]].tolist() == pytest.approx([diff.mean() - half, diff.mean() + half], abs=1e-9)
+    assert table.loc["C1", "se_rows"] > 0
     assert table.loc["C1", "effect_A"] == pytest.approx(np.mean(c1[:5]), abs=1e-6) and table.loc["C1", "effect_B"] == pytest.approx(np.mean(c1[5:]), abs=1e-6)
     dec = pd.read_parquet(out / "c2_decomposition.parquet")
     assert len(dec) == 2 * n and dec["identity_error"].max() < 1e-6 and sorted(set(dec["teacher"].dropna())) == list(range(n))

@@ -18,6 +18,8 @@ grows: their Bregman variance across `DRAWS` teacher draws), C3b (they come clos
 posterior mean), S1 (a sanity row, not a claim: students of the posterior mean fit it better
 with width), C4 (entropy: not tested, only described), C5 (reverse CE mixed in), C6 (dual vs
 arithmetic mean).
+Every CI counts the test split's sampling beside the seeds' and teacher draws' (the claims are
+means over test rows, `replicates.crossed`).
 Every student's test predictions are saved in its directory (`test_logp.parquet`);
 `students.parquet` lists them, so each number can be recomputed from the files.
 """
@@ -36,7 +38,7 @@ from w2s_ray.errors import ConfigError
 from w2s_ray.labels import read_test_posterior
 from w2s_ray.packfiles import single_teacher
 from w2s_ray.posterior import gold_ce, kl
-from w2s_ray.replicates import paired, summarize, verdict
+from w2s_ray.replicates import crossed, paired_rows, summarize, two_level_means, two_level_weights, verdict
 from w2s_ray.report import md_section, write_table
 from w2s_ray.run import RunContext, StageRequest, Stages
 
@@ -76,7 +78,7 @@ DRAWS = REPLICATES
 only: the floor)."""
 
 BOOT = 2000
-"""Bootstrap resamples over replicates for the C2 ratios."""
+"""Two-level bootstrap resamples (replicates × test rows) for the C2 ratios."""
 
 
 def widths(cfg: ExperimentConfig) -> list[int]:
@@ -111,48 +113,69 @@ def needs(cfg: ExperimentConfig) -> list[StageRequest]:
 def claim_row(claim: str, statement: str, measurement: str, stat: dict, direction: int = 1, verdict_of: str | None = None) -> dict:
     lo, hi = stat["ci"] if stat.get("ci") else (np.nan, np.nan)
     return {"claim": claim, "statement": statement, "measurement": measurement, "n": stat["n"], "effect": stat["mean"],
-            "ci_lo": lo, "ci_hi": hi, "p": stat.get("p", np.nan), "verdict": verdict_of or verdict(stat.get("ci"), direction)}
+            "ci_lo": lo, "ci_hi": hi, "p": stat.get("p", np.nan), "se_seed": stat.get("se_seed", np.nan), "se_rows": stat.get("se_rows", np.nan),
+            "verdict": verdict_of or verdict(stat.get("ci"), direction)}
 
 
 def accs(reps) -> list[float]:
     return [r.test_acc for r in reps]
 
 
-def decomposition(ctx: RunContext, s: Stages) -> pd.DataFrame:
+ROW_VALUES = ("correct", "gain", "misfit", "remainder", "kl_to_dual_mean")
+"""Per test row, per student (`Rows`): what every claim averages, so each CI can count the test
+rows' sampling beside the seeds' (`replicates.crossed`)."""
+
+Rows = dict[str, dict[str, np.ndarray]]
+"""target → value (`ROW_VALUES`) → `[replicates, test rows]` float64."""
+
+
+def decomposition(ctx: RunContext, s: Stages) -> tuple[pd.DataFrame, Rows]:
     """C2 per replicate, on the test split: gain = CE(teacher) − CE(student), misfit = mean
     KL(student ‖ teacher), remainder = gain − misfit, which equals mean ⟨y − s, log s − log p⟩
     exactly (checked: `identity_error`). For a single-teacher student the teacher is its own;
     for a dual-mean student it is the average single teacher: CE is the mean over the K
     teachers' CE and the misfit mean_k KL(s ‖ p_k) = KL(s ‖ q) + V (q the dual mean, V the
-    teacher variance), both exact."""
+    teacher variance), both exact per example. Returns the per-replicate table and the same
+    values per test row (`Rows`), whose row means the table holds."""
     y = torch.from_numpy(s.data.splits["test"].y)
     test = read_test_posterior(s.labels.dir)
-    rows = []
+    q, v = test["dual_log"].double(), test["variance"].double()
+    rows, per_row = [], {}
     for tgt in ("single", "dual_mean"):
+        vals = {k: [] for k in ROW_VALUES}
         for i, r in enumerate(s.students.replicates[tgt]):
             log_s = torch.from_numpy(s.students.test_logp(tgt, i)).double()
+            onehot = torch.nn.functional.one_hot(y, log_s.shape[1]).double()
+            student_ce = -log_s.gather(-1, y[:, None]).squeeze(-1)
             if tgt == "single":
                 log_p = single_teacher(s.teachers, "test", r.teacher, run=ctx.run).double()
-                ce_teacher = gold_ce(log_p, y)
-                misfit = float(kl(log_s, log_p).mean())
-                onehot = torch.nn.functional.one_hot(y, log_s.shape[1]).double()
-                cross = float(((onehot - log_s.exp()) * (log_s - log_p.clamp_min(-1e4))).sum(-1).mean())
+                teacher_ce = -log_p.gather(-1, y[:, None]).squeeze(-1)
+                misfit = kl(log_s, log_p)
+                cross = ((onehot - log_s.exp()) * (log_s - log_p.clamp_min(-1e4))).sum(-1)
             else:
-                q = test["dual_log"].double()
-                v = test["variance"].double()
-                # mean_k CE(p_k) = CE(q) + V on average over examples (the Bregman identity)
-                ce_teacher = float(-q.gather(-1, y[:, None]).squeeze(-1).mean() + v.mean())
-                misfit = float((kl(log_s, q) + v).mean())
-                onehot = torch.nn.functional.one_hot(y, log_s.shape[1]).double()
-                cross = float(((onehot - log_s.exp()) * (log_s - q)).sum(-1).mean())
-            gain = ce_teacher - gold_ce(log_s, y)
-            rows.append({"target": tgt, "replicate": i, "seed": r.seed, "teacher": r.teacher, "teacher_ce": ce_teacher, "student_ce": gold_ce(log_s, y),
-                         "gain": gain, "misfit": misfit, "remainder": gain - misfit, "identity_error": abs(gain - misfit - cross),
-                         "kl_to_dual_mean": float(kl(log_s, test["dual_log"].double()).mean()), "entropy": r.eval.entropy_test,
-                         "test_acc": r.test_acc})
+                # mean_k CE(p_k) = CE(q) + V per example (the Bregman identity)
+                teacher_ce = -q.gather(-1, y[:, None]).squeeze(-1) + v
+                misfit = kl(log_s, q) + v
+                cross = ((onehot - log_s.exp()) * (log_s - q)).sum(-1)
+            gain = teacher_ce - student_ce
+            row = {"correct": (log_s.argmax(-1) == y).double(), "gain": gain, "misfit": misfit, "remainder": gain - misfit,
+                   "kl_to_dual_mean": kl(log_s, q)}
+            for k in ROW_VALUES:
+                vals[k].append(row[k].numpy())
+            rows.append({"target": tgt, "replicate": i, "seed": r.seed, "teacher": r.teacher, "teacher_ce": float(teacher_ce.mean()),
+                         "student_ce": float(student_ce.mean()), "gain": float(gain.mean()), "misfit": float(misfit.mean()),
+                         "remainder": float((gain - misfit).mean()), "identity_error": abs(float((gain - misfit).mean() - cross.mean())),
+                         "kl_to_dual_mean": float(row["kl_to_dual_mean"].mean()), "entropy": r.eval.entropy_test, "test_acc": r.test_acc})
+        per_row[tgt] = {k: np.stack(x) for k, x in vals.items()}
     out = pd.DataFrame(rows)
     out["teacher"] = out["teacher"].astype("Int64")  # none for dual-mean students
-    return out
+    return out, per_row
+
+
+def correct(s: Stages, target: str) -> np.ndarray:
+    """`[replicates, test rows]` 1.0 where a target's student predicts the gold label."""
+    y = s.data.splits["test"].y
+    return np.stack([(s.students.test_logp(target, i).argmax(-1) == y).astype(np.float64) for i in range(len(s.students.replicates[target]))])
 
 
 def stacked(s: Stages, target: str) -> torch.Tensor:
@@ -164,7 +187,7 @@ def set_stats(logs: torch.Tensor, weights: torch.Tensor, log_q: torch.Tensor, ch
     """For each row of `weights` (`[B, n]` counts of a resample of the n members of `logs`,
     `[n, N, C]`): the set's Bregman variance mean_i KL(m ‖ s_i), m its dual mean, which is
     −logsumexp(mean_i log s_i) per example (the identity in `posterior`), and KL(m ‖ q).
-    Averaged over examples; `[B]` each."""
+    Per example; `[B, N]` each (a statistic is their mean over examples)."""
     n = logs.shape[0]
     flat = logs.reshape(n, -1)
     bv, to_q = [], []
@@ -172,16 +195,9 @@ def set_stats(logs: torch.Tensor, weights: torch.Tensor, log_q: torch.Tensor, ch
         w = weights[b0 : b0 + chunk]
         a = (w @ flat / w.sum(1, keepdim=True)).reshape(len(w), *logs.shape[1:])  # weighted mean log-probs
         lse = torch.logsumexp(a, -1)
-        bv.append((-lse).mean(-1))
-        to_q.append(kl(a - lse.unsqueeze(-1), log_q).mean(-1))
+        bv.append(-lse)
+        to_q.append(kl(a - lse.unsqueeze(-1), log_q))
     return torch.cat(bv), torch.cat(to_q)
-
-
-def draw_weights(n: int, boot: int = BOOT, seed: int = 0) -> torch.Tensor:
-    """`[1 + boot, n]`: the identity (row 0: every draw once), then bootstrap resamples of draws."""
-    g = np.random.default_rng(seed)
-    w = np.stack([np.bincount(g.integers(0, n, n), minlength=n) for _ in range(boot)]) if boot else np.zeros((0, n))
-    return torch.from_numpy(np.vstack([np.ones((1, n)), w])).double()
 
 
 def jackknife_weights(n: int) -> torch.Tensor:
@@ -196,13 +212,18 @@ def jackknife_weights(n: int) -> torch.Tensor:
 
 
 def jack_stat(values: torch.Tensor | np.ndarray, n: int, level: float = 0.95) -> dict:
-    """A statistic's value on every draw (row 0) and its jackknife Student-t CI from the n
-    leave-one-out values (rows 1..n)."""
+    """A set statistic per example under every weighting of the draws (`[1 + n, N]`: row 0 all
+    draws, rows 1..n each left out): its value (row 0's mean over examples) and a Student-t CI
+    (n − 1 df) whose variance is the jackknife's over draws plus the test rows' (row 0's
+    variance over examples / N), as `replicates.crossed` adds them for replicate means."""
     v = np.asarray(values, dtype=np.float64)
-    loo = v[1:]
-    se = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
-    return {"n": n, "mean": float(v[0]), "ci": [float(v[0]) - half, float(v[0]) + half], "p": np.nan}
+    means = v.mean(-1)
+    loo = means[1:]
+    se_seed = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+    se_rows = float(v[0].std(ddof=1) / np.sqrt(v.shape[-1]))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.hypot(se_seed, se_rows))
+    return {"n": n, "mean": float(means[0]), "ci": [float(means[0]) - half, float(means[0]) + half], "p": np.nan,
+            "se_seed": se_seed, "se_rows": se_rows}
 
 
 def boot_stat(values: torch.Tensor | np.ndarray, n: int) -> dict:
@@ -215,15 +236,15 @@ def p5(ctx: RunContext, s: Stages, weights: torch.Tensor) -> dict[str, torch.Ten
     """The paper's P5 at one width, per weighting of the teacher draws (`jackknife_weights`): the
     Bregman variance of the single-teacher students across draws, of their teachers, and of the
     dual-mean students across seeds (the floor seeds alone give); KL(students' dual mean ‖ q);
-    the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i)."""
+    the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i). Each `[weightings, test rows]` (`jack_stat`)."""
     q = read_test_posterior(s.labels.dir)["dual_log"].double()
     single, dual = stacked(s, "single"), stacked(s, "dual_mean")
     teachers = torch.stack([single_teacher(s.teachers, "test", r.teacher, run=ctx.run).double() for r in s.students.replicates["single"]])
     bv_s, s_to_q = set_stats(single, weights, q)
     bv_t, t_to_q = set_stats(teachers, weights, q)
     bv_d, _ = set_stats(dual, weights, q)
-    per_draw_q = kl(single, q.unsqueeze(0)).mean(-1)  # [n]
-    per_draw_p = kl(single, teachers).mean(-1)
+    per_draw_q = kl(single, q.unsqueeze(0))  # [n, N]
+    per_draw_p = kl(single, teachers)
     frac = weights / weights.sum(1, keepdim=True)
     return {"bv_students": bv_s, "bv_teachers": bv_t, "bv_floor": bv_d, "kl_students_mean_q": s_to_q, "kl_teachers_mean_q": t_to_q,
             "kl_s_q": frac @ per_draw_q, "kl_s_p": frac @ per_draw_p}
@@ -240,19 +261,20 @@ FAMILY = 1 - 0.05 / (len(LAMBDAS) - 1)
 """C5's CI level: Bonferroni over the five λ > 0 compared with λ = 0 (99% each)."""
 
 
-def lambda_table(lam_reps: dict[float, list], keep_stats: bool = False) -> pd.DataFrame:
+def lambda_table(lam_reps: dict[float, list], lam_correct: dict[float, np.ndarray], keep_stats: bool = False) -> pd.DataFrame:
     """Per λ: accuracy and gold CE over replicates, and the paired difference from λ = 0 with
-    its Bonferroni CI and verdict (`_stat`, the difference's summary, with `keep_stats`)."""
+    its Bonferroni CI over seeds and test rows (`lam_correct`: per λ, `[replicates, test rows]`
+    correctness) and verdict (`_stat`, the difference's summary, with `keep_stats`)."""
     base = lam_reps[LAMBDAS[0]]
     rows = []
     for lam, r in lam_reps.items():
-        d = paired(accs(r), accs(base), level=FAMILY)
-        d_ce = paired([x.eval.test_gold_ce for x in r], [x.eval.test_gold_ce for x in base], level=FAMILY)
+        d = paired_rows(lam_correct[lam], lam_correct[LAMBDAS[0]], level=FAMILY)
         a = summarize(accs(r))
         rows.append({"lambda": lam, "n": a["n"], "test_acc": a["mean"], "test_acc_sd": a["sd"],
                      "gold_ce": float(np.mean([x.eval.test_gold_ce for x in r])),
                      "acc_minus_lambda0": d["mean"], "acc_ci_lo": d["ci"][0] if d["ci"] else np.nan, "acc_ci_hi": d["ci"][1] if d["ci"] else np.nan,
-                     "ce_minus_lambda0": d_ce["mean"], "verdict_acc": verdict(d["ci"]) if lam > 0 else "",
+                     "acc_se_seed": d["se_seed"], "acc_se_rows": d["se_rows"],
+                     "ce_minus_lambda0": float(np.mean([x.eval.test_gold_ce - b.eval.test_gold_ce for x, b in zip(r, base)])), "verdict_acc": verdict(d["ci"]) if lam > 0 else "",
                      **({"_stat": d} if keep_stats else {})})
     return pd.DataFrame(rows)
 
@@ -270,24 +292,26 @@ def c5_row(lam_table: pd.DataFrame) -> dict:
                      f"Bonferroni CIs ({FAMILY:.0%} each); best λ = {best['lambda']:g} shown", best["_stat"], verdict_of=c5)
 
 
-def c2_summary(dec: pd.DataFrame, variance: float, boot: int = BOOT) -> pd.DataFrame:
+def c2_summary(dec: pd.DataFrame, rows: Rows, variance: float, boot: int = BOOT) -> pd.DataFrame:
     """Per target: gain, misfit, the teacher variance V inside the misfit (dual-mean students:
     misfit = KL(s ‖ q) + V), KL(s ‖ q), the remainder, and gain/misfit and remainder/KL(s ‖ q)
-    with 95% bootstrap CIs over replicates (ratios of means)."""
-    rows = []
+    (ratios of means) with 95% percentile CIs of a two-level bootstrap: replicates and test
+    rows resampled together (`replicates.two_level_weights`, over all replicates: n = 10)."""
+    out = []
     for tgt, g in dec.groupby("target", sort=False):
-        w = draw_weights(len(g), boot, seed=1).numpy()
-        frac = w / w.sum(1, keepdims=True)
+        r = rows[tgt]
+        w_rep, w_row = two_level_weights(*r["gain"].shape, boot, seed=1)
 
         def ratio(a: str, b: str) -> dict:
-            return boot_stat((frac @ g[a].to_numpy()) / (frac @ g[b].to_numpy()), len(g))
+            num, den = (np.concatenate([[r[k].mean()], two_level_means(r[k], w_rep, w_row)]) for k in (a, b))
+            return boot_stat(num / den, len(g))
 
         gm, rk = ratio("gain", "misfit"), ratio("remainder", "kl_to_dual_mean")
-        rows.append({"target": tgt, "n": len(g), "gain": g["gain"].mean(), "misfit": g["misfit"].mean(),
-                     "variance_in_misfit": variance if tgt == "dual_mean" else 0.0, "kl_to_dual_mean": g["kl_to_dual_mean"].mean(),
-                     "remainder": g["remainder"].mean(), "gain_over_misfit": gm["mean"], "gain_over_misfit_ci": gm["ci"],
-                     "remainder_over_kl_to_q": rk["mean"], "remainder_over_kl_to_q_ci": rk["ci"]})
-    return pd.DataFrame(rows)
+        out.append({"target": tgt, "n": len(g), "gain": g["gain"].mean(), "misfit": g["misfit"].mean(),
+                    "variance_in_misfit": variance if tgt == "dual_mean" else 0.0, "kl_to_dual_mean": g["kl_to_dual_mean"].mean(),
+                    "remainder": g["remainder"].mean(), "gain_over_misfit": gm["mean"], "gain_over_misfit_ci": gm["ci"],
+                    "remainder_over_kl_to_q": rk["mean"], "remainder_over_kl_to_q_ci": rk["ci"]})
+    return pd.DataFrame(out)
 
 
 def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
@@ -296,19 +320,22 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     n = len(reps["dual_mean"])
     half = n // SETS
     subsets = {"all": np.arange(n), **{name: np.arange(i * half, (i + 1) * half) for i, name in enumerate("AB")}}
-    # per replicate (index i of every setting: seed student.seed + i; single teacher i)
-    dec = decomposition(ctx, main)
+    # per replicate (index i of every setting: seed student.seed + i; single teacher i), and per test row
+    dec, main_rows = decomposition(ctx, main)
+    main_rows["arith_mean"] = {"correct": correct(main, "arith_mean")}
     write_table(ctx.run, out / "c2_decomposition.parquet", dec)
     ws = [w for w in widths(ctx.cfg) if f"width {w}" in done]
-    by_width = pd.concat([decomposition(ctx, done[f"width {w}"]).assign(width=w) for w in ws], ignore_index=True)
+    per_width = {w: decomposition(ctx, done[f"width {w}"]) for w in ws}
+    by_width = pd.concat([t.assign(width=w) for w, (t, _) in per_width.items()], ignore_index=True)
+    width_rows = {w: r for w, (_, r) in per_width.items()}
     write_table(ctx.run, out / "widths.parquet", by_width)
     n_draws = len(done[f"width {ws[0]}"].students.replicates["single"])
     draws = {name: restricted(jackknife_weights(len(idx)), idx, n_draws) for name, idx in subsets.items()}
     # every subset's weightings in one pass per width (each width's files read once); the same
     # draws left out at every width, so width differences are paired
     sizes = [len(wts) for wts in draws.values()]
-    per_width = {w: p5(ctx, done[f"width {w}"], torch.cat(list(draws.values()))) for w in ws}
-    p5s = {name: {w: {k: v.split(sizes)[i] for k, v in per_width[w].items()} for w in ws} for i, name in enumerate(draws)}
+    p5_all = {w: p5(ctx, done[f"width {w}"], torch.cat(list(draws.values()))) for w in ws}
+    p5s = {name: {w: {k: v.split(sizes)[i] for k, v in p5_all[w].items()} for w in ws} for i, name in enumerate(draws)}
     p5_table = pd.DataFrame([{"width": w, "n_draws": n_draws, **{f"{k}{suffix}": v for k, t in st.items()
                                                                     for j in [jack_stat(t, n_draws)]
                                                                     for suffix, v in (("", j["mean"]), ("_ci_lo", j["ci"][0]), ("_ci_hi", j["ci"][1]))}}
@@ -316,52 +343,58 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     p5_table["share_of_teacher_variance"] = p5_table["bv_students"] / p5_table["bv_teachers"]
     means = p5_table[["width", "kl_students_mean_q"]].rename(columns={"kl_students_mean_q": "kl_single_students_mean_to_dual_mean"})
     write_table(ctx.run, out / "p5_draws.parquet", p5_table)
-    summary_c2 = c2_summary(dec, main.labels.posterior.variance_test)
+    summary_c2 = c2_summary(dec, main_rows, main.labels.posterior.variance_test)
     write_table(ctx.run, out / "c2_summary.parquet", summary_c2)
     lam_reps = {lam: done[f"rce {lam}"].students.replicates["dual_mean"] for lam in LAMBDAS}
-    warm = done["rce after warm-up"].students.replicates["dual_mean"]
-    lam_table = lambda_table(lam_reps)
+    lam_correct = {lam: correct(done[f"rce {lam}"], "dual_mean") for lam in LAMBDAS}
+    warm = correct(done["rce after warm-up"], "dual_mean")
+    lam_table = lambda_table(lam_reps, lam_correct)
     write_table(ctx.run, out / "c5_rce.parquet", lam_table)
 
     def claims_on(idx: np.ndarray, p5w: dict) -> list[dict]:  # p5w: the P5 statistics under the subset's jackknife weights
-        """Every claim on the replicates `idx` of every setting (a seed set, or all)."""
+        """Every claim on the replicates `idx` of every setting (a seed set, or all). Every CI
+        counts the test rows' sampling beside the seeds' (`replicates.crossed`)."""
         pick = lambda rs: [rs[i] for i in idx]  # noqa: E731
         k = len(idx)
+        main_at = {tgt: {key: v[idx] for key, v in vals.items()} for tgt, vals in main_rows.items()}
+        at = {w: {tgt: {key: v[idx] for key, v in vals.items()} for tgt, vals in r.items()} for w, r in width_rows.items()}
         rows = []
-        c1 = paired(accs(pick(reps["dual_mean"])), accs(pick(reps["single"])))
+        c1 = paired_rows(main_at["dual_mean"]["correct"], main_at["single"]["correct"])
         rows.append(claim_row("C1", "a student of the posterior-mean (dual) teacher beats students of single teachers",
                               f"test acc, dual-mean student − single-teacher student, paired by seed, {k} teacher draws", c1))
-        dsub = dec[dec["replicate"].isin(idx)]
-        rem = summarize(dsub[dsub["target"] == "single"]["remainder"])
+        g = dec[dec["replicate"].isin(idx) & (dec["target"] == "single")]
+        rem = crossed(main_at["single"]["remainder"])
         # a point claim (remainder = 0) can be refuted by a CI, never confirmed without a margin the paper does not give
         c2_verdict = "inconclusive" if rem["ci"] is None or rem["ci"][0] <= 0 <= rem["ci"][1] else "not supported"
-        g = dsub[dsub["target"] == "single"]
         rows.append(claim_row("C2", "a student's gain over its teacher is its misfit (remainder = gain − misfit = 0), a student of one teacher",
                               f"remainder (gold CE, test split), single-teacher students on {k} teacher draws (gain/misfit "
                               f"{g['gain'].mean() / g['misfit'].mean():.2f}); a CI that excludes 0 refutes it, one that contains 0 cannot "
                               "confirm it", rem, verdict_of=c2_verdict))
-        wsub = by_width[by_width["replicate"].isin(idx)]
-        dual_w = wsub[wsub["target"] == "dual_mean"].sort_values(["width", "seed"])
-        narrow, wide = (dual_w[dual_w["width"] == w] for w in (ws[0], ws[-1]))
-        trend = paired(wide["remainder"].abs().to_numpy(), narrow["remainder"].abs().to_numpy())
+        narrow, wide = at[ws[0]]["dual_mean"], at[ws[-1]]["dual_mean"]
+
+        def abs_rows(r: np.ndarray) -> np.ndarray:  # per row, the contribution to |mean_j r_ij| (its sign held)
+            return np.sign(r.mean(1, keepdims=True)) * r
+
+        trend = paired_rows(abs_rows(wide["remainder"]), abs_rows(narrow["remainder"]))
         rows.append(claim_row("C2b", "the remainder vanishes as the student grows",
                               f"abs(remainder) of dual-mean students at width {ws[-1]} − at width {ws[0]}, paired by seed", trend, direction=-1))
         c3 = jack_stat(p5w[ws[-1]]["bv_students"] - p5w[ws[0]]["bv_students"], k)
         rows.append(claim_row("C3", "a student of one teacher approaches the posterior-mean teacher as its capacity grows: what it "
                               "predicts stops depending on which teacher labelled it (the paper's P5)",
                               f"Bregman variance across {k} teacher draws of single-teacher students, mean_i KL(s̄ ‖ s_i), at width "
-                              f"{ws[-1]} − at width {ws[0]} (jackknife over draws; their teachers' own: {float(p5w[ws[0]]['bv_teachers'][0]):.4f})",
-                              c3, direction=-1))
-        single_w = wsub[wsub["target"] == "single"].sort_values(["width", "seed"])
-        c3b = paired(*(single_w[single_w["width"] == w]["kl_to_dual_mean"].to_numpy() for w in (ws[-1], ws[0])))
+                              f"{ws[-1]} − at width {ws[0]} (jackknife over draws; their teachers' own: "
+                              f"{float(p5w[ws[0]]['bv_teachers'][0].mean()):.4f})", c3, direction=-1))
+        c3b = paired_rows(at[ws[-1]]["single"]["kl_to_dual_mean"], at[ws[0]]["single"]["kl_to_dual_mean"])
         rows.append(claim_row("C3b", "a student of one teacher comes closer to the posterior-mean teacher as its capacity grows",
                               f"KL(s_i ‖ q) on test, single-teacher students at width {ws[-1]} − at width {ws[0]}, paired by teacher draw",
                               c3b, direction=-1))
-        sanity = paired(wide["kl_to_dual_mean"].to_numpy(), narrow["kl_to_dual_mean"].to_numpy())
+        sanity = paired_rows(wide["kl_to_dual_mean"], narrow["kl_to_dual_mean"])
         rows.append(claim_row("S1", "sanity, not a claim of the paper: a student trained on the posterior mean fits it better with width",
                               f"KL(student ‖ dual mean) on test at width {ws[-1]} − at width {ws[0]}, dual-mean students, paired by seed",
                               sanity, direction=-1))
         # entropy is not varied at fixed width and target here: width moves both, so a correlation is no test
+        wsub = by_width[by_width["replicate"].isin(idx)]
+        dual_w = wsub[wsub["target"] == "dual_mean"].sort_values(["width", "seed"])
         centered = dual_w.assign(**{c: dual_w[c] - dual_w.groupby("width")[c].transform("mean") for c in ("entropy", "gain")})
         r_within = float(np.corrcoef(centered["entropy"], centered["gain"])[0, 1])
         r_means = float(np.corrcoef(*dual_w.groupby("width")[["entropy", "gain"]].mean().to_numpy().T)[0, 1])
@@ -369,12 +402,13 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
                               f"not tested: entropy was not varied at fixed width and target. Descriptive only (dual-mean students): "
                               f"r(entropy, gain) over the {len(ws)} width means {r_means:+.2f}, within width {r_within:+.2f}",
                               {"n": 0, "mean": np.nan, "ci": None}, verdict_of="not tested"))
-        rows.append(c5_row(lambda_table({lam: pick(r) for lam, r in lam_reps.items()}, keep_stats=True)))
-        c5b = paired(accs(pick(warm)), accs(pick(lam_reps[LAMBDAS[0]])))
+        rows.append(c5_row(lambda_table({lam: pick(r) for lam, r in lam_reps.items()}, {lam: c[idx] for lam, c in lam_correct.items()},
+                                        keep_stats=True)))
+        c5b = paired_rows(warm[idx], lam_correct[LAMBDAS[0]][idx])
         rows.append(claim_row("C5b", "reverse CE as a fine-tuning phase after forward-CE warm-up improves the student",
                               f"test acc, λ = {WARMUP[0]:g} after {WARMUP[1]:.0%} of training in forward CE − λ = 0, paired by seed, "
                               "fixed epochs", c5b))
-        c6 = paired(accs(pick(reps["dual_mean"])), accs(pick(reps["arith_mean"])))
+        c6 = paired_rows(main_at["dual_mean"]["correct"], main_at["arith_mean"]["correct"])
         rows.append(claim_row("C6", "the dual (log-space) posterior mean is the better target than the arithmetic mean",
                               "test acc, dual-mean student − arithmetic-mean student, paired by seed", c6))
         return rows
@@ -400,14 +434,14 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
         "",
         f"Config: teachers K = {main.teachers.k}, student {main.students.students['dual_mean'].n_params:,} parameters, {n} replicates "
         f"per setting in two disjoint seed sets (A: replicates 0–{half - 1}, B: {half}–{2 * half - 1}; a replicate is a student seed "
-        "and, for a single-teacher student, its teacher). Every effect is a paired difference over the same replicates with a 95% "
-        "Student-t CI (C3: a jackknife over teacher draws), and every verdict is computed from that CI: supported (CI excludes 0 "
-        "in the predicted direction), not supported (excludes 0 in the other direction), inconclusive (contains 0). A verdict "
-        "is computed on set A and on set B; it is final only when they agree, else **not replicated**. The effect and CI shown "
-        "are over all replicates (`verdict_all` is their verdict). CIs are over seeds and teacher draws, conditional on the one "
-        "test split.",
+        "and, for a single-teacher student, its teacher). Every effect is a paired difference over the same replicates and the "
+        "same test rows with a 95% Student-t CI whose variance adds the seeds' (`se_seed`: over replicates; C3: a jackknife over "
+        "teacher draws) and the test rows' (`se_rows`: the test split is a sample too), and every verdict is computed from that "
+        "CI: supported (CI excludes 0 in the predicted direction), not supported (excludes 0 in the other direction), "
+        "inconclusive (contains 0). A verdict is computed on set A and on set B; it is final only when they agree, else **not "
+        "replicated**. The effect and CI shown are over all replicates (`verdict_all` is their verdict).",
         "",
-        table[["claim", "measurement", "n", "effect", "ci_lo", "ci_hi", "verdict_A", "verdict_B", "verdict", "verdict_all"]]
+        table[["claim", "measurement", "n", "effect", "ci_lo", "ci_hi", "se_seed", "se_rows", "verdict_A", "verdict_B", "verdict", "verdict_all"]]
         .to_markdown(index=False, floatfmt=".4f"),
         "",
         f"{n_verdicts} verdicts from 95% CIs (two sets; S1 and the untested C4 aside): with no effect anywhere, about "
@@ -426,15 +460,15 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
                     "is C2b (`widths.parquet`). For a dual-mean student the misfit includes the teacher variance V, which cancels "
                     "from the remainder: read the remainder against KL(s ‖ q), not against the misfit.", dec, "`c2_decomposition.parquet`"),
         *md_section("C2: the student's share", "Per target, over replicates: gain/misfit and remainder/KL(s ‖ q), ratios of means "
-                    "with 95% bootstrap CIs. `variance_in_misfit` is the teacher variance V inside a dual-mean student's misfit "
+                    "with 95% CIs of a two-level bootstrap (replicates × test rows). `variance_in_misfit` is the teacher variance V inside a dual-mean student's misfit "
                     "(misfit = KL(s ‖ q) + V); for a single-teacher student the misfit is its own, KL(s ‖ p_i).",
                     summary_c2, "`c2_summary.parquet`"),
         *md_section("C3: students of one teacher across teacher draws (the paper's P5)", f"At each width, {n_draws} single-teacher "
                     "students (draw i: teacher i, seed i). `bv_students`: their Bregman variance across draws, mean_i KL(s̄ ‖ s_i) "
                     "with s̄ their dual mean; `bv_teachers`: the same for their teachers; `bv_floor`: for as many dual-mean students "
                     "(seeds alone); `share_of_teacher_variance` = bv_students / bv_teachers. `kl_students_mean_q`: KL(s̄ ‖ q); "
-                    "`kl_s_q`, `kl_s_p`: the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i). CIs: 95% jackknife over draws (the same "
-                    "draw left out at every width). P5 predicts bv_students → 0 and kl_s_q → 0 as width grows.",
+                    "`kl_s_q`, `kl_s_p`: the draws' mean KL(s_i ‖ q) and KL(s_i ‖ p_i). CIs: 95%, jackknife over draws (the same "
+                    "draw left out at every width) plus the test rows' variance. P5 predicts bv_students → 0 and kl_s_q → 0 as width grows.",
                     p5_table, "`p5_draws.parquet`"),
         *md_section("C2b, C3b, S1, C4: students across widths", "Per width, the mean over seeds of each student's decomposition, "
                     "its KL to the dual posterior mean and its entropy (`widths.parquet` has every replicate). "
