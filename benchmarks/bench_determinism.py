@@ -1,6 +1,7 @@
-"""(g) Is a student the same bits on another x86 CPU? The default CNN student trained in fresh
-processes that each see a different CPU, emulated on this one, on the default path and on a
-candidate CPU-independent path; with the candidate's cost.
+"""(g) Is a student, or a teacher, the same bits on another x86 CPU? The default CNN student
+and a pack of 16 MLP teachers trained in fresh processes that each see a different CPU,
+emulated on this one, on the default path and on candidate CPU-independent paths; with their
+cost.
 
     python benchmarks/bench_determinism.py [--rows 4000] [--epochs 3] [--reps 3] [--smoke]
 
@@ -11,12 +12,14 @@ caps all three at AVX2, as a CPU without AVX-512 would; "native" leaves them to 
 This emulates the kernel choice, not the hardware: another CPU model with the same ISA can
 still differ (cache-size blocking, thread count), which this machine cannot show.
 
-Paths:
+Student paths:
 - default: the project's path (oneDNN convolutions, each library's own dispatch);
 - oneDNN off: the switch alone;
 - pinned: oneDNN off for the student (`torch.backends.mkldnn` disabled: conv1d runs as im2col +
   GEMM), torch's kernels pinned to AVX2 (`ATEN_CPU_CAPABILITY=avx2`), MKL's results pinned with
   its conditional numerical reproducibility switch (`MKL_CBWR=AVX2`).
+Teacher paths (a pack of 16 MLP-32 teachers, `workers.train_pack_local`): default, and
+`MKL_CBWR=AVX2` alone (the pack's matmuls are MKL's; it has no convolution).
 
 Prints, per path and CPU, a hash of the trained student's test log-probabilities, whether the
 two CPUs agree bitwise, the largest difference, and the median training time per path.
@@ -34,6 +37,27 @@ import time
 
 CPUS = {"native": {}, "avx2 CPU": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 PATHS = {"default": {}, "oneDNN off": {"W2S_BENCH_MKLDNN": "0"}, "pinned": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "W2S_BENCH_MKLDNN": "0"}}
+TEACHER_PATHS = {"default": {}, "MKL_CBWR": {"MKL_CBWR": "AVX2"}}
+
+
+def child_teachers(rows: int, epochs: int, threads: int) -> None:
+    """Train a pack of 16 MLP teachers on seeded data in this process; print its hash and time."""
+    import numpy as np
+    import torch
+
+    from w2s_ray.config import TeachersConfig
+    from w2s_ray.workers import train_pack_local
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 40)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    data = {f"x_{s}": x for s in ("weak", "transfer", "test")} | {f"y_{s}": y for s in ("weak", "transfer", "test")}
+    cfg = TeachersConfig(k=16, epochs=epochs, batch_size=128, model={"name": "mlp", "width": 32})
+    t0 = time.perf_counter()
+    out = train_pack_local(data, cfg, 3, list(range(16)))["logp_test"][:, :200]
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"sha": hashlib.sha256(out.tobytes()).hexdigest()[:16], "seconds": seconds, "logp": out[0].tolist()}))
 
 
 def child(rows: int, epochs: int, threads: int) -> None:
@@ -63,9 +87,9 @@ def child(rows: int, epochs: int, threads: int) -> None:
     print(json.dumps({"sha": hashlib.sha256(out.tobytes()).hexdigest()[:16], "seconds": seconds, "logp": out[:200].tolist()}))
 
 
-def run(env: dict, rows: int, epochs: int, threads: int) -> dict:
+def run(env: dict, rows: int, epochs: int, threads: int, what: str) -> dict:
     full = {**os.environ, **env}
-    out = subprocess.run([sys.executable, __file__, "--child", "--rows", str(rows), "--epochs", str(epochs), "--threads", str(threads)],
+    out = subprocess.run([sys.executable, __file__, "--child", what, "--rows", str(rows), "--epochs", str(epochs), "--threads", str(threads)],
                          env=full, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -77,32 +101,35 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: checks that it runs")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["student", "teachers"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.smoke:
         a.rows, a.epochs, a.reps = 300, 1, 1
     if a.child:
-        child(a.rows, a.epochs, a.threads)
+        (child if a.child == "student" else child_teachers)(a.rows, a.epochs, a.threads)
         return
     import numpy as np
 
     print(f"default CNN student, {a.rows} rows, {a.epochs} epochs, {a.threads} thread(s), {a.reps} rep(s) per cell; "
           f"CPUs emulated: {json.dumps(CPUS)}; paths: {json.dumps(PATHS)}")
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
-    for path, penv in PATHS.items():
-        results = {}
-        for cpu, cenv in CPUS.items():
-            # the path's pins win over the emulated CPU's caps where both set a variable
-            outs = [run({**cenv, **penv}, a.rows, a.epochs, a.threads) for _ in range(a.reps)]
-            times[path] += [o["seconds"] for o in outs]
-            assert len({o["sha"] for o in outs}) == 1, f"{path}/{cpu}: not even the same bits run to run"
-            results[cpu] = outs[0]
-            print(f"{path:10s} {cpu:9s} sha {outs[0]['sha']}  train {np.median([o['seconds'] for o in outs]):.2f} s (median)")
-        a_, b_ = (np.asarray(r["logp"]) for r in results.values())
-        same = len({r["sha"] for r in results.values()}) == 1
-        print(f"{path:10s} native vs avx2 CPU: {'bitwise identical' if same else 'DIFFER'}, max |Δ log p| {np.abs(a_ - b_).max():.2e}")
-    med = {p: float(np.median(t)) for p, t in times.items()}
-    print(f"cost: pinned / default training time = {med['pinned'] / med['default']:.2f}x (medians {med['pinned']:.2f} s / {med['default']:.2f} s)")
+    for what, paths in (("student", PATHS), ("teachers", TEACHER_PATHS)):
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        for path, penv in paths.items():
+            results = {}
+            for cpu, cenv in CPUS.items():
+                # the path's pins win over the emulated CPU's caps where both set a variable
+                outs = [run({**cenv, **penv}, a.rows, a.epochs, a.threads, what) for _ in range(a.reps)]
+                times[path] += [o["seconds"] for o in outs]
+                assert len({o["sha"] for o in outs}) == 1, f"{what} {path}/{cpu}: not even the same bits run to run"
+                results[cpu] = outs[0]
+                print(f"{what:8s} {path:10s} {cpu:9s} sha {outs[0]['sha']}  train {np.median([o['seconds'] for o in outs]):.2f} s (median)")
+            a_, b_ = (np.asarray(r["logp"]) for r in results.values())
+            same = len({r["sha"] for r in results.values()}) == 1
+            print(f"{what:8s} {path:10s} native vs avx2 CPU: {'bitwise identical' if same else 'DIFFER'}, max |Δ log p| {np.abs(a_ - b_).max():.2e}")
+        med = {p: float(np.median(t)) for p, t in times.items()}
+        last = list(paths)[-1]
+        print(f"{what:8s} cost: {last} / default training time = {med[last] / med['default']:.2f}x "
+              f"(medians {med[last]:.2f} s / {med['default']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, logging_level="WARNING")
+        from w2s_ray import numerics
+
+        # the workers start as a run's do: pinned numerics (`w2s_ray.numerics`)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, logging_level="WARNING", runtime_env=numerics.runtime_env())
     yield ray
     ray.shutdown()
 

@@ -14,9 +14,13 @@ import re
 import sys
 from pathlib import Path
 
-from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml
-from w2s_ray.errors import W2SError
-from w2s_ray.space import load_space
+from w2s_ray import numerics
+
+numerics.pin_this_process()  # before the config's model registry imports torch: the driver computes too
+
+from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml  # noqa: E402
+from w2s_ray.errors import W2SError  # noqa: E402
+from w2s_ray.space import load_space  # noqa: E402
 
 STUDY_KINDS = ("variance", "theory", "claims")
 SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)

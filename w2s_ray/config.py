@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from w2s_ray import models
+from w2s_ray import models, numerics
 from w2s_ray.errors import ConfigError
 
 STAGES = ("data", "teachers", "labels", "student", "report")  # in the order data flows
@@ -603,7 +603,7 @@ class StageKeys:
             del t["keep_predictions"]
         if t["resample"] != "disjoint":
             t.pop("k")
-        return config_hash("teachers", self.data, t)
+        return config_hash("teachers", self.data, t, numerics.key())
 
     @property
     def labels(self) -> str:
@@ -625,7 +625,7 @@ class StageKeys:
         """The whole experiment (not where it runs, nor where it writes): one report per config,
         so two configs sharing `output.name` keep their results apart."""
         exclude = {"teachers": {"resources"}, "student": {"resources"}, "ray": True, "output": True}
-        return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude))
+        return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude), numerics.key())
 
     @property
     def ceiling(self) -> str:
@@ -638,4 +638,5 @@ class StageKeys:
         `student.ceiling_augment` (configs without augmentation keep their key)."""
         s = self.cfg.student
         update = {"seed": seed} | ({} if s.ceiling_augment else {"augment_shift": 0})
-        return config_hash("ceiling", self.data, _student_part(s.model_copy(update=update), StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS))
+        return config_hash("ceiling", self.data, _student_part(s.model_copy(update=update), StudentConfig.PLAN_FIELDS | StudentConfig.TEACHER_SIDE_FIELDS),
+                           numerics.key())

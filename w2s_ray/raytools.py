@@ -24,6 +24,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from w2s_ray import numerics
 from w2s_ray.config import RayConfig
 from w2s_ray.errors import W2SError
 
@@ -38,12 +39,12 @@ def init_ray(cfg: RayConfig) -> None:
     if address and address != "local":
         key = "ray.address" if cfg.address else "RAY_ADDRESS"
         try:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, logging_level="WARNING", runtime_env=numerics.runtime_env())
         except (ConnectionError, ValueError, RuntimeError) as err:
             raise W2SError(f"{key}: cannot join Ray at {address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return
     end_orphans()
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "runtime_env": numerics.runtime_env()}
     if address == "local":  # a new local Ray even when one was started on this machine (`ray start`)
         kwargs["address"] = "local"
     if cfg.num_cpus:
@@ -84,6 +85,9 @@ def end_orphans(grace_s: float = 2.0) -> int:
     for pid in set(orphans()) & set(pids):
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s  # a killed process takes a moment to exit on a loaded machine
+    while time.monotonic() < deadline and set(orphans()) & set(pids):
+        time.sleep(0.05)
     if pids:
         print(f"[w2s-ray] ended {len(pids)} Ray processes left by an earlier run that was killed", file=sys.stderr, flush=True)
     return len(pids)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig, StageKeys
 from w2s_ray.metrics import StudentEval
+from w2s_ray import worker_setup
 from w2s_ray.raytools import ActorPool, init_ray
 from w2s_ray.storage import RunDir
 
@@ -67,6 +68,7 @@ class RunContext:
         return cls(cfg, RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache, cfg.output.wait))
 
     def __enter__(self) -> "RunContext":
+        worker_setup.setup_process()  # the driver computes too (the test split's posterior, the studies)
         return self
 
     def __exit__(self, *exc: Any) -> None:
