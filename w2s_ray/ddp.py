@@ -153,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with torch.no_grad():
             model.eval()
             logits = model(h_x)
-            hold_loss = float(loss_of(logits, h_t, h_log_t, step))
+            hold_loss = float(loss_of(logits, h_t, h_log_t, total_steps))  # the full λ, as the one-process loop scores it
             agree = float((logits.argmax(-1) == h_t.argmax(-1)).float().mean())
             teacher_ce = float(-(h_dual * torch.log_softmax(logits, -1)).sum(-1).mean())
         rec = {"epoch": epoch, "train_loss": total / max(rows, 1), "holdout_loss": hold_loss, "holdout_agreement": agree}
