@@ -446,7 +446,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path) -> Path:
     claims = claims_on(subsets["all"], p5s["all"])
     for name in "AB":
         for row, mine in zip(claims, claims_on(subsets[name], p5s[name])):
-            row.update({f"effect_{name}": mine["effect"], f"ci_lo_{name}": mine["ci_lo"], f"ci_hi_{name}": mine["ci_hi"], f"verdict_{name}": mine["verdict"]})
+            row.update({f"{k}_{name}": mine[k] for k in ("effect", "ci_lo", "ci_hi", "se_seed", "se_rows", "verdict")})
     for row in claims:  # final only when both seed sets agree
         row["verdict_all"] = row["verdict"]
         if row["verdict"] != "not tested":
