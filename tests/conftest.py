@@ -6,6 +6,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is on by defaul
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from w2s_ray import numerics  # noqa: E402
+
+# the test process computes as a run's driver does: pinned before torch loads (`w2s_ray.numerics`),
+# so what it recomputes from a run's files is the same bits as the run's workers
+numerics.pin_this_process()
+
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -20,8 +26,6 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from w2s_ray import numerics
-
         # the workers start as a run's do: pinned numerics (`w2s_ray.numerics`)
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2, logging_level="WARNING", runtime_env=numerics.runtime_env())
     yield ray

@@ -104,6 +104,31 @@ def test_stage_keys_depend_on_what_each_stage_reads():
     assert window.teachers != k.teachers and window.ceiling == k.ceiling
 
 
+SHIPPED_KEYS = {
+    "default": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "992c68cca230", "ceiling": "77e63bdfe864", "report": "8f4f45cb29ac", "student": "e3d01ed4ecc5"},
+    "w2s_window": {"data": "b6c0fc64fbcf", "teachers": "669f57518806", "labels": "1d1049f3a68a", "ceiling": "77e63bdfe864", "report": "e902c0d9a573", "student": "3f2eb801af1f"},
+    "digits_views": {"data": "e4135d6ee195", "teachers": "ac6bc86988a3", "labels": "3295c4685f6b", "ceiling": "57d2ebe4de92", "report": "3712762475ab", "student": "4e474b304406"},
+    "variance": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "7f07935193d7", "ceiling": "77e63bdfe864", "report": "ef669a00b3bb", "student": "02807c18eb57"},
+    "theory": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "992c68cca230", "ceiling": "77e63bdfe864", "report": "8f4f45cb29ac", "student": "e3d01ed4ecc5"},
+}
+"""Every stage key of the shipped configs (pinned numerics; the digits' Parquet file absent, so
+no fingerprint). A change here recomputes users' caches: make it on purpose, and raise
+`config.CACHE_FORMAT` when what a stage writes changes without its config."""
+
+
+def test_the_shipped_configs_stage_keys_change_only_on_purpose(tmp_path, monkeypatch):
+    from w2s_ray import numerics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(numerics, "pins", lambda: dict(numerics.PINS))
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for name, expected in SHIPPED_KEYS.items():
+        cfg = load_config(None if name == "default" else configs / f"{name}.yaml")
+        k = Keys(cfg)
+        keys = {s: getattr(k, s) for s in ("data", "teachers", "labels", "ceiling", "report")} | {"student": k.student(cfg.student.targets[0])}
+        assert keys == expected, (name, keys)
+
+
 def test_resources_and_the_run_plan_are_in_no_cache_key():
     k = Keys(load_config(None))
     elsewhere = Keys(load_config(None, {

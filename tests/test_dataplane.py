@@ -175,19 +175,6 @@ def test_workers_above_one_refuse_what_the_stream_cannot_give():
 
 
 @pytest.mark.slow
-def test_a_stage_written_before_packs_stored_sums_is_read_from_its_predictions(kept, tmp_path):
-    cfg, st, _ = kept
-    import shutil
-    old = tmp_path / "old"
-    shutil.copytree(st.teachers.dir, old)
-    shutil.rmtree(old / "sums")
-    n = len(st.data.splits["transfer"].y)
-    then = packfiles.split_posterior(TeacherStage(old, st.teachers.k, st.teachers.packs), "transfer", n, st.data.n_classes)
-    now = packfiles.split_posterior(st.teachers, "transfer", n, st.data.n_classes)
-    assert all(torch.equal(then.sums()[k], t) for k, t in now.sums().items())
-
-
-@pytest.mark.slow
 def test_label_blocks_equal_one_block_and_an_interrupted_labels_stage_keeps_its_parts(kept, tmp_path):
     """Blocks of 100 rows in Ray tasks give the one-block table bit for bit; after an interrupt
     (manifest and two parts gone) a rerun rebuilds those two alone, identical, and the stage's

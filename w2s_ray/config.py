@@ -545,13 +545,22 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+CACHE_FORMAT = 2
+"""Folded into every cache key (`config_hash`). Raised when what a stage writes, or how its key
+is made, changes: every cache then recomputes once, instead of each new config key or file
+layout carrying a rule that keeps old caches valid. 2: every config key in its stage's key with
+its default, the pinned numerics (`numerics`), students' and teachers' files as this version
+writes them."""
+
+
 def config_hash(*parts: Any) -> str:
-    """A short stable hash of config parts (pydantic models or plain JSON-able values)."""
+    """A short stable hash of config parts (pydantic models or plain JSON-able values) and the
+    cache format."""
 
     def plain(p: Any) -> Any:
         return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
 
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    blob = json.dumps([CACHE_FORMAT, *(plain(p) for p in parts)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -566,12 +575,8 @@ def source_fingerprint(path: str | None) -> list | None:
 
 def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
     out = s.model_dump(mode="json", exclude=exclude)
-    if out.get("workers") == 1:  # the default, as before the key existed: caches stay valid
-        del out["workers"]
-    if out.get("loss") != "aux_conf":  # no effect on other losses: their caches stay valid
+    if out.get("loss") != "aux_conf":  # read by that loss alone: changing it retrains no other student
         out.pop("aux_target", None)
-    if out.get("rce_warmup") == 0:  # the default, as before the key existed
-        out.pop("rce_warmup")
     return out
 
 
@@ -585,13 +590,7 @@ class StageKeys:
     @property
     def data(self) -> str:
         d = self.cfg.data
-        part = d.model_dump(mode="json")
-        for key in ("teacher_features", "teacher_feature_columns"):
-            if part[key] is None:  # the default, as before the keys existed: caches stay valid
-                del part[key]
-        if part["missing"] == "error":  # the default, as before the key existed
-            del part["missing"]
-        return config_hash("data", part, source_fingerprint(d.path) if d.source == "parquet" else None)
+        return config_hash("data", d.model_dump(mode="json"), source_fingerprint(d.path) if d.source == "parquet" else None)
 
     @property
     def teachers(self) -> str:
@@ -599,8 +598,6 @@ class StageKeys:
         a larger K extends the same directory with the missing teachers. Disjoint subsets
         depend on K, so there K is part of the key."""
         t = self.cfg.teachers.model_dump(mode="json", exclude={"resources"})
-        if t["keep_predictions"] == "all":  # the default, as before the key existed: caches stay valid
-            del t["keep_predictions"]
         if t["resample"] != "disjoint":
             t.pop("k")
         return config_hash("teachers", self.data, t, numerics.key())

@@ -215,9 +215,11 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, 
             raise W2SError(f"teachers stage {teachers.dir}: teachers {sorted(twice)[:5]} appear in two packs; the posterior would count them twice")
         seen.update(inside.tolist())
         sums = sums_path(teachers.dir, split, p)
-        if len(inside) == len(ids) and (sums.is_file() or (run is not None and run.fetch_file(sums))):
+        if len(inside) == len(ids):
+            if not (sums.is_file() or (run is not None and run.fetch_file(sums))):
+                raise W2SError(f"teachers stage {teachers.dir}: pack {p} has no {split} sums ({sums}); rerun the teachers stage")
             acc.merge(read_pack_sums(teachers.dir, split, p, rows))
-        elif len(inside):  # straddles k, or a stage written before packs stored their sums
+        elif len(inside):  # the pack straddles k: its first teachers from their predictions
             if run is not None:
                 run.fetch_file(pack_path(teachers.dir, split, p))
             got, logp = read_pack_logp(teachers.dir, split, p, teachers.k, rows)

@@ -243,9 +243,7 @@ class StudentResult:
     def from_json(cls, d: dict[str, Any]) -> "StudentResult":
         names = {f.name for f in dataclasses.fields(StudentEval)}
         rest = {k: v for k, v in d.items() if k not in names}
-        if rest.get("target") == "gold":  # written before the ceiling had a result type of its own
-            rest["target"] = None
-        return cls(eval=StudentEval(**{k: d[k] for k in names if k in d}), **rest)  # misfit_holdout: NaN before it existed
+        return cls(eval=StudentEval(**{k: d[k] for k in names}), **rest)
 
 
 @dataclass(frozen=True)

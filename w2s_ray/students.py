@@ -13,7 +13,6 @@ so they cannot starve it of CPUs. Studies fan out their students through the sam
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Hashable, Iterator
@@ -132,8 +131,7 @@ def cached_student(d: Path) -> StudentResult | None:
     """A student's result when its directory is complete and intact, else None."""
     if artifacts.read_manifest(d) is None or not (d / TEST_LOGP).is_file():
         return None
-    cached = StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
-    return None if math.isnan(cached.eval.misfit_holdout) else cached  # NaN: written before it was measured, trained again
+    return StudentResult.from_json(artifacts.read_json(d / "metrics.json"))
 
 
 def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, labels: LabelStage,

@@ -104,8 +104,7 @@ def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = Non
             sys.stderr.write(f"teachers: pack {pack} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); it is trained again\n")
             for f in [*pack_files(stage, pack), stage / artifacts.seal_name(pack_unit(pack))]:
                 run.remove(f)
-    # promote: packs written before a column was added (provenance) still concatenate
-    return pa.concat_tables(tables, promote_options="default") if tables else None
+    return pa.concat_tables(tables) if tables else None
 
 
 def check_teacher_ids(table: pa.Table, stage: Path) -> None:
