@@ -41,8 +41,7 @@ from w2s_ray.losses import student_loss
 from w2s_ray.models import build_model, count_params
 from w2s_ray.raytools import epoch_printer
 from w2s_ray.storage import RunDir
-from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import holdout_split, label_columns, loss_options, random_roll, target_of
+from w2s_ray.training import TrainResult, holdout_split, label_columns, loss_options, random_roll, target_of
 
 
 def _rows(batch: pa.Table, hold_ids: pa.Array, held_out: bool) -> pa.Table:

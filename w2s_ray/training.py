@@ -24,7 +24,10 @@ from w2s_ray.models import build_model, count_params
 
 
 @dataclass
-class StudentResult:
+class TrainResult:
+    """What a training loop returns: the selected weights and the record. A student evaluated
+    and saved is a `run.StudentResult`."""
+
     state_dict: dict[str, torch.Tensor]
     best_epoch: int
     epochs_run: int
@@ -91,7 +94,7 @@ def train_student(
     device: str = "cpu",
     on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
     resume: dict | None = None,
-) -> StudentResult:
+) -> TrainResult:
     """Fit a student to targets `t` (probabilities) with `log_t` (their logs).
 
     `loss` overrides `cfg.loss` (the gold ceiling trains with forward CE on one-hot labels).
@@ -180,7 +183,7 @@ def train_student(
     model.load_state_dict(best_state)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model.eval()
-    return StudentResult(state, best_epoch, len(history), count_params(model), time.perf_counter() - t0, history)
+    return TrainResult(state, best_epoch, len(history), count_params(model), time.perf_counter() - t0, history)
 
 
 def load_student(cfg: StudentConfig, state: dict, in_dim: int, n_classes: int) -> torch.nn.Module:

@@ -27,8 +27,7 @@ from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.run import Split, StudentResult, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.training import StudentResult as TrainResult
-from w2s_ray.training import holdout_split, label_columns, load_student, predict_log, target_of, train_student
+from w2s_ray.training import TrainResult, holdout_split, label_columns, load_student, predict_log, target_of, train_student
 
 MIN_PACK = 2  # smaller packs are padded with copies of their teachers (see fit_pack)
 
