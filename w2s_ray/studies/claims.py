@@ -39,7 +39,7 @@ from w2s_ray.config import ExperimentConfig, with_values
 from w2s_ray.errors import ConfigError
 from w2s_ray.labels import read_test_posterior
 from w2s_ray.packfiles import single_teacher
-from w2s_ray.posterior import gold_ce, kl
+from w2s_ray.posterior import kl
 from w2s_ray.replicates import crossed, paired_rows, summarize, two_level_means, two_level_weights, verdict
 from w2s_ray.report import md_section, write_table
 from w2s_ray.run import RunContext, StageRequest, Stages
