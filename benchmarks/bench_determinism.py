@@ -66,7 +66,7 @@ def child(rows: int, epochs: int, threads: int) -> None:
     import torch
 
     from w2s_ray.config import StudentConfig
-    from w2s_ray.training import train_student
+    from w2s_ray.student.core import train_student
 
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = os.environ.get("W2S_BENCH_MKLDNN", "1") == "1"

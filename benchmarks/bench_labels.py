@@ -7,11 +7,11 @@ blocks write it (parts of 100,000 rows, `packfiles.part_path`), then:
 1. streams all of it into torch tensors, batch by batch, with Ray Data and with pyarrow, with
    the same Arrow → torch conversion (`packfiles.batch_to_torch`);
 2. the inputs of a one-process student (`student.workers: 1`): `LabelSource.read` of the
-   target's columns in the task, then `training.epoch_rows` batches of `student.batch_size`
+   target's columns in the task, then `student.core.InMemory` batches of `student.batch_size`
    gathered from them, for --epochs epochs: rows delivered per second against pyarrow reading
    the same columns in-process (a fresh read per epoch);
-3. the inputs of a student across 2 Ray Train workers (`student.workers: 2`): `ddp.label_datasets`
-   (read once into the object store), then every worker's `ddp.epoch_batches` for --epochs
+3. the inputs of a student across 2 Ray Train workers (`student.workers: 2`): `ray_train.label_datasets`
+   (read once into the object store), then every worker's `ray_train.epoch_batches` for --epochs
    epochs inside a real `TorchTrainer`, the loop doing nothing with the batches.
 
     python benchmarks/bench_labels.py [--rows 500000] [--batch 65536] [--reps 3] [--epochs 3]
@@ -35,9 +35,9 @@ import torch
 from w2s_ray.artifacts import ROW_GROUP
 from w2s_ray.config import StudentConfig
 from w2s_ray.labels import iter_label_batches
-from w2s_ray.packfiles import LabelSource, batch_to_torch, labels_table, part_path
+from w2s_ray.labelfiles import batch_to_torch, labels_table, LabelSource, part_path
 from w2s_ray.storage import RunDir
-from w2s_ray.training import epoch_rows, holdout_split, label_columns, target_of
+from w2s_ray.student.core import in_memory, label_columns, target_of
 
 TARGET = "dual_mean"
 
@@ -65,14 +65,11 @@ def task_input(src: LabelSource, cfg: StudentConfig, epochs: int) -> int:
     """A one-process student's input with training stubbed: the read, then every batch gathered."""
     labels = src.read(label_columns(TARGET))
     t, log_t = target_of(labels, TARGET, cfg.log_floor)
-    x = labels["x"]
-    train_rows, _ = holdout_split(len(x), cfg.holdout_frac, cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    world = in_memory(cfg, labels["x"], t, log_t)
     n = 0
-    for _ in range(epochs):
-        for rows in epoch_rows(train_rows, cfg.batch_size, gen):
-            batch = (x[rows], t[rows], log_t[rows])  # the loop's gathers; the step is stubbed
-            n += len(batch[0])
+    for epoch in range(1, epochs + 1):
+        for xb, _, _ in world.batches(epoch):  # the loop's gathers; the step is stubbed
+            n += len(xb)
     return n
 
 
@@ -80,7 +77,7 @@ def stub_loop(config: dict) -> None:
     """A Ray Train worker's loop with training stubbed: every epoch's batches, nothing done."""
     import ray.train
 
-    from w2s_ray import ddp
+    from w2s_ray.student import ray_train as ddp
 
     ddp.STREAM_ROWS = config["stream_rows"]
     ctx = ray.train.get_context()
@@ -104,7 +101,7 @@ def ddp_input(run: RunDir, d: Path, cfg: StudentConfig, epochs: int, workers: in
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from w2s_ray.ddp import label_datasets
+    from w2s_ray.student.ray_train import label_datasets
 
     t0 = time.perf_counter()
     train, held, n_train = label_datasets(run, d, cfg, TARGET)
@@ -125,7 +122,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--stream-rows", type=int, nargs="+", default=[8192], help="ddp.STREAM_ROWS values to compare")
+    ap.add_argument("--stream-rows", type=int, nargs="+", default=[8192], help="ray_train.STREAM_ROWS values to compare")
     ap.add_argument("--student-only", action="store_true", help="skip the Ray Data vs pyarrow read (1.)")
     a = ap.parse_args()
     common.start_ray()

@@ -20,7 +20,8 @@ from w2s_ray.config import load_config
 from w2s_ray.data import make_splits
 from w2s_ray.mnist1d_gen import load_mnist1d
 from w2s_ray.packs import steps_per_teacher, teacher_indices, teacher_seed, train_one
-from w2s_ray.run import DataStage, RunContext
+from w2s_ray.results import DataStage
+from w2s_ray.run import RunContext
 from w2s_ray.teachers import train_teachers
 from w2s_ray.workers import train_pack_local
 

@@ -18,7 +18,7 @@ from w2s_ray.config import load_config
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.run import RunContext
 from w2s_ray.space import apply_params, load_space
-from w2s_ray.training import train_student
+from w2s_ray.student.core import train_student
 from w2s_ray.tune import trial_data
 
 

@@ -150,7 +150,8 @@ def test_override_into_a_value_that_is_not_a_section(tmp_path):
 def test_every_name_the_schema_allows_has_a_registry_entry():
     from typing import get_args
 
-    from w2s_ray import config, data, losses, packs, training
+    from w2s_ray import config, data, losses, packs
+    from w2s_ray.student import core as training
 
     assert set(get_args(config.LossName)) == set(losses.LOSSES)
     assert set(get_args(config.TargetName)) == set(training.TARGETS)

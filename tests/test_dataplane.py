@@ -19,11 +19,15 @@ from w2s_ray.config import ExperimentConfig, parse_config
 from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.posterior import PosteriorAccumulator
-from w2s_ray.run import TeacherStage
+from w2s_ray.results import TeacherStage
 from w2s_ray.space import load_space
 from w2s_ray.packfiles import pack_path, read_pack_logp, sums_path
 from w2s_ray.teachers import iter_pack_logp
-from w2s_ray.workers import PackTrainer
+from w2s_ray.labelfiles import LabelSource
+from w2s_ray.labels import read_test_posterior
+from w2s_ray.student.ray_train import fit_student
+from w2s_ray.student.recipe import StudentJob, TestSplit
+from w2s_ray.workers import PackTrainer, student_task
 
 
 def posterior(cfg):
@@ -170,8 +174,32 @@ def test_a_search_cannot_vary_what_a_trial_holds(tmp_path, param):
 
 
 def test_workers_above_one_refuse_what_the_stream_cannot_give():
-    with pytest.raises(ConfigError, match="student.workers > 1 needs student.selection: teacher"):
+    with pytest.raises(ConfigError, match="student.workers > 1 with student.input: stream needs student.selection: teacher"):
         parse_config({"student": {"workers": 2, "selection": "oracle"}})
+    with pytest.raises(ConfigError, match="student.input: stream: student.adaptive_quantile is a quantile over every training row"):
+        parse_config({"student": {"workers": 2, "adaptive_quantile": 0.5}})
+    # in memory every worker holds every row: every selection rule and the quantile work
+    parse_config({"student": {"workers": 2, "input": "memory", "selection": "oracle", "adaptive_quantile": 0.5}})
+
+
+@pytest.mark.slow
+def test_one_loop_the_student_task_and_the_ray_train_world_at_size_one_take_the_same_steps(ray_session, kept, tmp_path):
+    """The student task (`workers: 1`) and a Ray Train worker (`input: memory`, world size 1)
+    run the one loop (`student.core.fit`) on the same batches: the same held-out scores and
+    teacher CE every epoch, bit for bit, the same selected epoch and the same weights. With a
+    reverse-CE warm-up both score the held-out slice at the full λ (the two loops used to differ
+    there), and the augmentation draws come from the same generator."""
+    cfg, st, _ = kept
+    scfg = cfg.student.model_copy(update={"epochs": 4, "patience": 2, "rce_weight": 0.5, "rce_warmup": 0.5, "augment_shift": 3, "input": "memory"})
+    post = read_test_posterior(st.labels.dir)
+    test = TestSplit(torch.tensor(st.data.splits["test"].x), torch.tensor(st.data.splits["test"].y), post["dual_log"], post["single_log"])
+    job = StudentJob(scfg, "dual_mean", LabelSource(run_dir(cfg), st.labels.dir, st.data.splits.path("transfer")), st.data.n_classes)
+    task = ray_session.get(ray_session.remote(student_task).remote(job, test))
+    train = fit_student(job, st.data.in_dim, tmp_path / "train")
+    scores = [(h["epoch"], h["holdout_loss"], h["val_teacher_ce"]) for h in task.result.history]
+    assert scores == [(h["epoch"], h["holdout_loss"], h["val_teacher_ce"]) for h in train.history]
+    assert task.result.best_epoch == train.best_epoch and task.result.epochs_run == train.epochs_run
+    assert all(torch.equal(task.state_dict[k], train.state_dict[k]) for k in task.state_dict)
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def test_student_loss_dispatch_rejects_unknown():
 
 def test_reverse_ce_starts_after_the_warm_up_and_the_holdout_loss_uses_the_full_weight():
     from w2s_ray.config import StudentConfig
-    from w2s_ray.training import loss_options
+    from w2s_ray.student.core import loss_options
 
     cfg = StudentConfig(rce_weight=0.5, rce_warmup=0.25, aux_alpha=0.8, aux_warmup=0.5)
     assert loss_options(cfg, 0, 100, 0.5)["lam"] == 0.0 and loss_options(cfg, 24, 100, 0.5)["lam"] == 0.0

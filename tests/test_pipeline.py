@@ -12,7 +12,7 @@ from conftest import run_dir, small_config
 from w2s_ray import artifacts
 from w2s_ray.config import ExperimentConfig, StageKeys, load_config
 from w2s_ray.labels import iter_label_batches, stage_labels
-from w2s_ray.packfiles import LabelSource
+from w2s_ray.labelfiles import LabelSource
 from w2s_ray.pipeline import run_pipeline
 from w2s_ray.posterior import dual_mean_log
 from w2s_ray.run import RunContext
@@ -303,7 +303,7 @@ def test_teachers_on_their_own_features_and_the_student_on_its_own(warm, tmp_pat
     retrained here on the low-resolution split columns matches the actor's."""
     import importlib.util
 
-    from w2s_ray.run import Split
+    from w2s_ray.results import Split
     from w2s_ray.workers import train_pack_local
 
     from pathlib import Path

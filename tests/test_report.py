@@ -8,13 +8,13 @@ import pytest
 def test_pgr_is_not_a_number_when_the_ceiling_is_not_above_the_weak_reference():
     from w2s_ray.metrics import StudentEval
     from w2s_ray.report import format_table, results_rows
-    from w2s_ray.run import PosteriorSummary, StudentResult, StudentStage
+    from w2s_ray.results import PosteriorSummary, StudentResult, StudentStage
 
     def student(target, acc):
         return StudentResult(target, StudentEval(acc, 1.0, 0.1, 1.0, 0.5, 0.5), 3, 3, 100, 1.0, "cpu")
 
     post = PosteriorSummary(8, 0.56, 0.56, 0.5, [0.55, 0.57], [0.55, 0.57], 0.1, 0.1, 0.1, 1.0, 0.9)
-    rows = results_rows(np.array([0.50, 0.52, 0.54]), post, StudentStage({"dual_mean": student("dual_mean", 0.58)}, student(None, 0.55)), 0)
+    rows = results_rows(np.array([0.50, 0.52, 0.54]), post, StudentStage({"dual_mean": [student("dual_mean", 0.58)]}, [student(None, 0.55)]), 0)
     row = next(r for r in rows if r["role"] == "student")
     assert row["pgr_vs_teacher"] == pytest.approx((0.58 - 0.52) / (0.55 - 0.52))  # the ceiling is above the mean teacher
     assert np.isnan(row["pgr_vs_ensemble"]) and row["pgr_vs_ensemble_note"] == "n/a: the ceiling (0.5500) is not above the ensemble (0.5600)"

@@ -10,7 +10,7 @@ from conftest import run_dir, small_config
 from w2s_ray.pipeline import run_stages, run_study
 from w2s_ray.run import RunContext
 from w2s_ray.studies import STUDIES, theory, variance
-from w2s_ray.theory import TheoryConfig, ridge_fit, run_theory, squared_distance
+from w2s_ray.ridge_example import TheoryConfig, ridge_fit, run_theory, squared_distance
 
 
 def test_squared_distance_matches_the_closed_form_for_linear_teachers():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from w2s_ray.config import ModelConfig, StudentConfig
-from w2s_ray.training import holdout_split, load_student, predict_log, random_roll, train_student
+from w2s_ray.student.core import holdout_split, in_memory, load_student, predict_log, random_roll, train_student
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,42 @@ def test_shift_augmented_student_trains(toy):
     x, y, t, log_t = toy
     res = train_student(cfg(augment_shift=2), x, t, log_t, 3)
     assert res.epochs_run == 6 and all(math.isfinite(h["train_loss"]) for h in res.history)
+
+
+def test_n_in_memory_ranks_split_the_one_process_global_batches_with_the_same_draws(toy):
+    """Rank r of N draws the same order and augmentation shifts as one process and takes its
+    contiguous 1/N of each global batch: the ranks' batches, side by side, are the one-process
+    batches, row for row and shift for shift; a last global batch shorter than N is dropped."""
+    x, y, t, log_t = toy
+    c = cfg(batch_size=33, augment_shift=3)
+    one = in_memory(c, x, t, log_t)
+    ranks = [in_memory(c, x, t, log_t, rank=r, size=3) for r in range(3)]
+    for epoch in (1, 2):
+        whole = list(one.batches(epoch))
+        parts = [list(w.batches(epoch)) for w in ranks]
+        assert all(len(p) == len(whole) == one.steps_per_epoch for p in parts)  # 360 training rows: 11 steps, the last of 30 rows
+        for i, (xb, tb, lb) in enumerate(whole):
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), xb) and torch.equal(torch.cat([p[i][1] for p in parts]), tb)
+    short = in_memory(c.model_copy(update={"batch_size": 359}), x, t, log_t, rank=1, size=2)
+    assert short.steps_per_epoch == 1 and len(list(short.batches(1))) == 1  # 360 = 359 + 1: the 1-row batch cannot feed 2 ranks
+
+
+def test_the_loop_scores_the_held_out_slice_at_the_full_reverse_ce_weight(toy):
+    """With a forward-CE warm-up (λ = 0 for the first half of the steps) the held-out score is
+    the objective at the full λ from the first epoch on, so the selection rule compares epochs
+    on one objective."""
+    from w2s_ray.losses import student_loss
+    from w2s_ray.student.core import fit
+
+    x, y, t, log_t = toy
+    c = cfg(epochs=2, rce_weight=0.5, rce_warmup=0.5)
+    world = in_memory(c, x, t, log_t)
+    seen = []
+    fit(c, world, 12, 3, on_epoch=lambda rec, ckpt: seen.append((rec, ckpt()["model"])))
+    rec, state = seen[0]
+    model = load_student(c, state, 12, 3)
+    with torch.no_grad():
+        logits = model(world.holdout.x)
+    full = student_loss("mixture", logits, world.holdout.t, world.holdout.log_t, lam=0.5, alpha=c.sym_alpha, beta=c.sym_beta,
+                        threshold=c.adaptive_threshold, aux_alpha=0.0, aux_soft=c.aux_target == "soft", log_floor=c.log_floor).mean()
+    assert rec["holdout_loss"] == pytest.approx(float(full), rel=1e-6)

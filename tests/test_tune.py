@@ -168,7 +168,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(warm, tmp_
     # then make sure nothing it started is left
     os.killpg(proc.pid, signal.SIGINT)
     try:
-        assert proc.wait(timeout=60) != 0  # an interrupted search says so and writes no results
+        code = proc.wait(timeout=60)
+        assert code != 0, f"the interrupted search exited {code}: {log.read_text()[-4000:]}"  # it says so and writes no results
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

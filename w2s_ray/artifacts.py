@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -200,3 +201,19 @@ def replace_dir(src: Path, dst: Path) -> None:
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
+
+
+# --- Arrow <-> numpy ---------------------------------------------------------------------------
+
+
+def fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
+    """`[rows, size]` as a fixed-size-list column of float32 (how every matrix is stored)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, np.float32).reshape(-1)), a.shape[1])
+
+
+def matrix(col: Any, copy: bool = False) -> np.ndarray:
+    """A fixed-size-list column as `[rows, size]`: zero-copy and read-only (Arrow's buffer),
+    or a writable copy."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    out = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+    return out.copy() if copy else out

@@ -274,6 +274,12 @@ class StudentConfig(Strict):
         1, ge=1, description="train one student across this many Ray Train workers (DDP; gloo on CPU, NCCL on GPUs), "
         "each fed its shard of the pseudo-label stream; 1: one task on the whole table",
     )
+    input: Literal["stream", "memory"] = Field(
+        "stream", description="with workers > 1, where each worker's batches come from: 'stream', its shard of a Ray Data stream "
+        "of the labels (a worker holds a few batches); 'memory', the labels' columns read whole by every worker, which then takes "
+        "its 1/N of the same global batches as one process (the one-worker student's steps, up to the gradient all-reduce's "
+        "order; every selection rule). Not read with workers: 1",
+    )
     resources: StudentResources = Field(default_factory=StudentResources)
 
     @field_validator("model", mode="before")
@@ -357,10 +363,12 @@ class ExperimentConfig(Strict):
             if self.teachers.keep_predictions == "none" and max(singles) >= ALWAYS_KEPT:
                 raise ValueError(f"posterior.single_teachers={singles}: with teachers.keep_predictions='none' only teachers "
                                  f"0..{ALWAYS_KEPT - 1} keep their transfer predictions")
-        if self.student.workers > 1 and self.student.selection == "oracle":
-            raise ValueError("student.workers > 1 needs student.selection: teacher (gold labels never enter the label stream the workers read)")
-        if self.student.workers > 1 and self.student.adaptive_quantile is not None:
-            raise ValueError("student.workers > 1: student.adaptive_quantile is a quantile over every training row; set student.adaptive_threshold instead")
+        if self.student.workers > 1 and self.student.input == "stream" and self.student.selection == "oracle":
+            raise ValueError("student.workers > 1 with student.input: stream needs student.selection: teacher (gold labels never enter "
+                             "the label stream the workers read); student.input: memory supports every selection rule")
+        if self.student.workers > 1 and self.student.input == "stream" and self.student.adaptive_quantile is not None:
+            raise ValueError("student.workers > 1 with student.input: stream: student.adaptive_quantile is a quantile over every training row; "
+                             "set student.adaptive_threshold instead, or student.input: memory")
         if self.teachers.keep_predictions == "none" and self.posterior.single_teacher >= ALWAYS_KEPT:
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher}: with teachers.keep_predictions='none' only "
@@ -577,6 +585,8 @@ def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
     out = s.model_dump(mode="json", exclude=exclude)
     if out.get("loss") != "aux_conf":  # read by that loss alone: changing it retrains no other student
         out.pop("aux_target", None)
+    if out.get("workers") == 1:  # read across workers alone
+        out.pop("input", None)
     return out
 
 
@@ -621,7 +631,7 @@ class StageKeys:
     def report(self) -> str:
         """The whole experiment (not where it runs, nor where it writes): one report per config,
         so two configs sharing `output.name` keep their results apart."""
-        exclude = {"teachers": {"resources"}, "student": {"resources"}, "ray": True, "output": True}
+        exclude = {"teachers": {"resources"}, "student": {"resources"} | ({"input"} if self.cfg.student.workers == 1 else set()), "ray": True, "output": True}
         return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude), numerics.key())
 
     @property

@@ -33,7 +33,8 @@ from w2s_ray import synthetic
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.synthetic import load_synthetic
 from w2s_ray.raytools import parallel_map
-from w2s_ray.run import DataStage, RunContext, Split, SplitFiles
+from w2s_ray.results import DataStage, Split, SplitFiles
+from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
 
 SPLITS = ("weak", "transfer", "test")

@@ -31,10 +31,13 @@ from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
-from w2s_ray.packfiles import STAT_COLUMNS, batch_to_torch, bootstrap_block, fixed_list_to_numpy, part_path, pack_ids, single_teacher, split_posterior, test_table
+from w2s_ray.labelfiles import batch_to_torch, part_path, STAT_COLUMNS, test_table
+from w2s_ray.packfiles import bootstrap_block, pack_ids, single_teacher, split_posterior
+from w2s_ray.artifacts import matrix
 from w2s_ray.posterior import percentile_ci
 from w2s_ray.raytools import Progress, alive_nodes, as_completed
-from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, TeacherStage
+from w2s_ray.results import DataStage, LabelStage, PosteriorSummary, TeacherStage
+from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
 from w2s_ray.workers import label_block
 
@@ -175,9 +178,9 @@ def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:
     t = pq.read_table(stage / "test_posterior.parquet")
     # copies (the test split is small): Arrow's buffers are read-only, and torch warns on them
     return {
-        "dual_log": torch.from_numpy(fixed_list_to_numpy(t["logt_dual"]).copy()),
-        "arith_log": torch.from_numpy(fixed_list_to_numpy(t["t_arith"]).copy()).clamp_min(1e-30).log(),
-        "single_log": torch.from_numpy(fixed_list_to_numpy(t["logt_single"]).copy()),
+        "dual_log": torch.from_numpy(matrix(t["logt_dual"]).copy()),
+        "arith_log": torch.from_numpy(matrix(t["t_arith"]).copy()).clamp_min(1e-30).log(),
+        "single_log": torch.from_numpy(matrix(t["logt_single"]).copy()),
         **{s: torch.from_numpy(t[s].to_numpy().copy()) for s in STAT_COLUMNS},
     }
 

@@ -1,8 +1,8 @@
 """A teacher pack's files: where they live, how the worker that trained the pack writes them,
-and how any process reads them back, whole or by a range of rows; and the per-row tables built
-from them (the pseudo-label parts, the test-split posterior).
+and how any process reads them back, whole or by a range of rows (the labels stage's own tables,
+built from them, are in `labelfiles`).
 
-Plain pyarrow and torch, no Ray: the pack workers write with it, the label-block tasks and the
+Plain pyarrow and torch, no Ray (a test enforces it): the pack workers write with it, the label-block tasks and the
 driver read with it. Per pack and split (transfer, test) there are three files:
 
 - `sums/<split>/pack-NNNNN.parquet`: per row, float64 Σp[C], Σlog p[C], Σp·log p over the pack's
@@ -21,8 +21,6 @@ only the groups that hold them (`artifacts.read_rows`).
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,12 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from w2s_ray import artifacts
-from w2s_ray.artifacts import ROW_GROUP, read_rows
+from w2s_ray.artifacts import ROW_GROUP, matrix, read_rows
 from w2s_ray.config import ALWAYS_KEPT
 from w2s_ray.errors import W2SError
 from w2s_ray.posterior import PosteriorAccumulator
-from w2s_ray.run import TeacherStage
+from w2s_ray.results import TeacherStage
 from w2s_ray.storage import RunDir
 
 PRED_SPLITS = ("transfer", "test")
@@ -151,12 +148,6 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
 # --- reading, whole or by rows ---------------------------------------------------------------
 
 
-def fixed_list_to_numpy(col: Any) -> np.ndarray:
-    """A fixed-size-list column as `[rows, size]` (zero-copy: read-only)."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
-
-
 def pack_ids(teachers: TeacherStage) -> dict[int, np.ndarray]:
     """Teacher ids of every pack of the stage directory (it may hold more than the first k)."""
     t = pq.read_table(teachers.dir / "teachers.parquet", columns=["teacher_id", "pack"])
@@ -190,8 +181,8 @@ def read_pack_sums(stage: Path, split: str, pack: int, rows: Rows = None) -> Pos
     t = read_rows(path, rows)
     return PosteriorAccumulator.from_sums(
         int(pq.read_schema(path).metadata[b"k"]),
-        torch.from_numpy(fixed_list_to_numpy(t["sum_p"]).copy()),  # copies: Arrow buffers are read-only
-        torch.from_numpy(fixed_list_to_numpy(t["sum_logp"]).copy()),
+        torch.from_numpy(matrix(t["sum_p"]).copy()),  # copies: Arrow buffers are read-only
+        torch.from_numpy(matrix(t["sum_logp"]).copy()),
         torch.from_numpy(t["sum_neg_entropy"].to_numpy().copy()),
     )
 
@@ -262,98 +253,4 @@ def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows 
     t = pq.read_table(path, filters=filters)
     if t.num_rows == 0:
         raise W2SError(f"teachers stage {teachers.dir}: teacher {teacher}'s {split} predictions were not kept")
-    return torch.from_numpy(fixed_list_to_numpy(t["logp"]).astype(np.float32, copy=False).copy())
-
-
-# --- the tables built from them ------------------------------------------------------------
-
-STAT_COLUMNS = ("variance", "pred_entropy", "mutual_info")
-
-
-def fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, np.float32).reshape(-1)), a.shape[1])
-
-
-def labels_table(ids: np.ndarray, x: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
-    cols: dict[str, Any] = {"id": ids, "x": fixed_list(x)}
-    cols["t_dual"] = fixed_list(post["dual_log"].exp().numpy())
-    cols["logt_dual"] = fixed_list(post["dual_log"].numpy())
-    cols["t_arith"] = fixed_list(post["arith"].numpy())
-    cols["t_single"] = fixed_list(post["single_log"].exp().numpy())
-    cols["logt_single"] = fixed_list(post["single_log"].numpy())
-    for s in STAT_COLUMNS:
-        cols[s] = post[s].numpy()
-    return pa.table(cols)
-
-
-def test_table(ids: np.ndarray, post: dict[str, torch.Tensor]) -> pa.Table:
-    return pa.table(
-        {
-            "id": ids,
-            "logt_dual": fixed_list(post["dual_log"].numpy()),
-            "t_arith": fixed_list(post["arith"].numpy()),
-            "logt_single": fixed_list(post["single_log"].numpy()),
-            **{s: post[s].numpy() for s in STAT_COLUMNS},
-        }
-    )
-
-
-def batch_to_torch(batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
-    """Arrow columns → tensors without copies: fixed-size lists become `[rows, size]`.
-
-    Ray Data's numpy format turns a fixed-size-list column into an object array of arrays,
-    which costs more than the read; converting from Arrow ourselves avoids that. The tensors
-    share the (read-only) Arrow buffers: copy before writing into them.
-    """
-    out = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for name, col in zip(batch.schema.names, batch.columns):
-            if isinstance(col, pa.ChunkedArray):
-                col = col.combine_chunks()
-            a = fixed_list_to_numpy(col) if pa.types.is_fixed_size_list(col.type) else col.to_numpy()
-            out[name] = torch.from_numpy(a)
-    return out
-
-
-def part_path(stage: Path, r0: int) -> Path:
-    """The labels part whose first row is `r0` (one per label block)."""
-    return stage / "parts" / f"part-{r0:012d}.parquet"
-
-
-@dataclass(frozen=True)
-class LabelSource:
-    """Where a student task reads its inputs itself: the labels stage's parts and the data
-    stage's transfer split (for gold labels: the ceiling, oracle selection). Small to pickle:
-    the driver sends this, never the rows. Reading in the task with pyarrow delivers 1.0× of
-    pyarrow's rate by construction; Ray Data's `read_parquet` measured 0.11× of it on 2 cores
-    (`benchmarks/bench_labels.py`), so it is used only to split the stream across Ray Train
-    workers (`ddp`)."""
-
-    run: RunDir
-    labels: Path
-    transfer: Path
-
-    def parts(self) -> list[Path]:
-        """The parts the labels manifest lists, fetched from the run's store where missing."""
-        manifest = self.labels / artifacts.MANIFEST
-        if not self.run.fetch_file(manifest):
-            raise FileNotFoundError(f"{manifest}: the labels stage is not complete here or in the run's store")
-        names = sorted(f for f in json.loads(manifest.read_text())["files"] if f.startswith("parts/"))
-        for name in names:
-            if not self.run.fetch_file(self.labels / name):
-                raise FileNotFoundError(f"{self.labels / name}: listed in the labels manifest, neither here nor in the store")
-        return [self.labels / name for name in names]
-
-    def read(self, columns: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """The pseudo-label columns of every row, as tensors, in row (id) order."""
-        return batch_to_torch(pa.concat_tables([pq.read_table(p, columns=columns) for p in self.parts()]))
-
-    def gold(self, ids: torch.Tensor) -> torch.Tensor:
-        """The transfer split's gold labels, row for row with the pseudo-labels' `ids`."""
-        if not self.run.fetch_file(self.transfer):
-            raise FileNotFoundError(f"{self.transfer}: the transfer split is neither here nor in the run's store")
-        t = pq.read_table(self.transfer, columns=["id", "y"])
-        if not np.array_equal(t["id"].to_numpy(), ids.numpy()):
-            raise RuntimeError(f"pseudo-labels in {self.labels} do not match the transfer split's rows in {self.transfer}")
-        return torch.from_numpy(t["y"].to_numpy().astype(np.int64))
+    return torch.from_numpy(matrix(t["logp"]).astype(np.float32, copy=False).copy())

@@ -24,7 +24,8 @@ from w2s_ray.config import STAGES, ExperimentConfig, to_yaml
 from w2s_ray.data import stage_data
 from w2s_ray.labels import stage_labels
 from w2s_ray.report import stage_report
-from w2s_ray.run import RunContext, Stages
+from w2s_ray.run import RunContext
+from w2s_ray.results import Stages
 from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students

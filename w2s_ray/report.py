@@ -21,7 +21,8 @@ from tensorboardX import SummaryWriter
 from w2s_ray.config import to_yaml
 from w2s_ray.metrics import pgr, wilson_interval
 from w2s_ray.replicates import paired, summarize
-from w2s_ray.run import DataStage, LabelStage, PosteriorSummary, RunContext, StudentResult, StudentStage, TeacherStage
+from w2s_ray.results import DataStage, LabelStage, PosteriorSummary, StudentResult, StudentStage, TeacherStage
+from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
 
 
@@ -78,7 +79,7 @@ def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students:
     PGR is against its own teacher, the other students' against the mean single teacher."""
     weak = float(teacher_acc.mean())
     ens = posterior.test_acc_dual
-    ceilings = students.ceilings or ([students.ceiling] if students.ceiling else [])
+    ceilings = students.ceilings
     ceiling = float(np.mean([c.test_acc for c in ceilings])) if ceilings else math.nan
     rows: list[dict[str, Any]] = [
         {"model": f"teachers (mean of {len(teacher_acc)})", "role": "teachers", "test_acc": weak, "sd": float(teacher_acc.std(ddof=1))},
@@ -86,7 +87,7 @@ def results_rows(teacher_acc: np.ndarray, posterior: PosteriorSummary, students:
         {"model": "ensemble: arithmetic mean", "role": "ensemble", "test_acc": posterior.test_acc_arith, "ci": posterior.ci_arith},
         {"model": "ensemble: dual mean", "role": "ensemble", "test_acc": ens, "ci": posterior.ci_dual},
     ]
-    replicates = students.replicates or {tgt: [r] for tgt, r in students.students.items()}
+    replicates = students.replicates
     singles = sorted({r.teacher for r in replicates.get("single", []) if r.teacher is not None})
     if len(singles) > 1:
         accs = [float(teacher_acc[t]) for t in singles]

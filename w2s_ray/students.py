@@ -1,11 +1,12 @@
 """The student stage on Ray: one task per target (and one for the gold-label ceiling), in parallel.
 
-Each task (`workers.student_task`) reads its own pseudo-labels from the labels stage's parts
-(`packfiles.LabelSource`, fetched from the run's store on a node that lacks them), trains a
-student with `training.train_student`, evaluates it with `metrics.evaluate_student` and returns a
-`StudentResult` with its weights; the driver sends only where the labels are and the test split
-with its posterior (`StudentInputs`), and writes `weights.pt`, `metrics.json` and a manifest per
-student. No transfer row passes through the driver. Tasks start no Ray Data work of their own,
+Each task (`workers.student_task`) runs the student recipe (`student.recipe`): it reads its own
+pseudo-labels from the labels stage's parts (`labelfiles.LabelSource`, fetched from the run's
+store on a node that lacks them), trains with the one student loop (`student.core.fit`),
+evaluates and returns the `StudentResult` with its weights; the driver sends a `StudentJob`
+(which student, where its labels are) and the test split with its posterior (`TestSplit`), and
+writes `weights.pt`, `metrics.json` and a manifest per student. A student across Ray Train
+workers (`student.workers > 1`) trains through `student.ray_train` with the same loop. No transfer row passes through the driver. Tasks start no Ray Data work of their own,
 so they cannot starve it of CPUs. Studies fan out their students through the same
 `StudentInputs.train_all`.
 """
@@ -22,22 +23,26 @@ import ray
 import torch
 
 from w2s_ray import artifacts
+from w2s_ray.artifacts import fixed_list
 from w2s_ray.config import StudentConfig
-from w2s_ray.ddp import fit_student
-from w2s_ray.labels import read_test_posterior
 from w2s_ray.errors import W2SError
-from w2s_ray.packfiles import LabelSource, fixed_list
+from w2s_ray.labelfiles import LabelSource
+from w2s_ray.labels import read_test_posterior
 from w2s_ray.raytools import Progress, as_completed, check_placeable
-from w2s_ray.run import TEST_LOGP, DataStage, LabelStage, RunContext, StudentResult, StudentStage, TeacherStage
+from w2s_ray.results import TEST_LOGP, DataStage, LabelStage, StudentResult, StudentStage, TeacherStage
+from w2s_ray.run import RunContext
+from w2s_ray.student.core import TrainResult
+from w2s_ray.student.ray_train import fit_student
+from w2s_ray.student.recipe import StudentJob, TestSplit, Trained
 from w2s_ray.workers import evaluate_task, student_task
 
 
 class StudentInputs:
-    """What every student task of a run needs: where its labels are (`LabelSource`: each task
-    reads them itself) and the test split with its posterior (grows with the test split only),
-    put in the object store once; `submit` starts one student task."""
+    """What every student task of a run shares: where its labels are (`LabelSource`: each task
+    reads them itself) and the test split with its posterior (`TestSplit`, put in the object
+    store once); `submit` starts one student task on a `StudentJob`."""
 
-    def __init__(self, src: LabelSource, test: dict, n_classes: int, teachers: TeacherStage | None = None, single: int = 0):
+    def __init__(self, src: LabelSource, test: TestSplit, n_classes: int, teachers: TeacherStage | None = None, single: int = 0):
         self.src, self.test, self.n_classes = src, test, n_classes
         self.teachers, self.single = teachers, single  # the ensemble, and the teacher the labels' single column holds
         self.test_ref = ray.put(test)
@@ -45,36 +50,41 @@ class StudentInputs:
     @classmethod
     def load(cls, ctx: RunContext, data: DataStage, labels: LabelStage, teachers: TeacherStage | None = None) -> "StudentInputs":
         test_post = read_test_posterior(labels.dir)
-        test = {
-            "x": torch.tensor(data.splits["test"].x),  # a copy: the split's array shares Arrow's read-only buffer
-            "y": torch.tensor(data.splits["test"].y),
-            "dual_log": test_post["dual_log"],
-            "single_log": test_post["single_log"],
-        }
+        test = TestSplit(
+            x=torch.tensor(data.splits["test"].x),  # a copy: the split's array shares Arrow's read-only buffer
+            y=torch.tensor(data.splits["test"].y),
+            dual_log=test_post["dual_log"],
+            single_log=test_post["single_log"],
+        )
         src = LabelSource(ctx.run, labels.dir, data.splits.path("transfer"))
         return cls(src, test, data.n_classes, teachers, ctx.cfg.posterior.single_teacher)
 
-    def submit(self, scfg: StudentConfig, target: str | None, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None, teacher: int | None = None):
-        """Start one student task on a named target, on given probabilities `t` (with logs; then
-        `target` only names it), with `target` None on the gold labels (the ceiling), or for the
-        single target on `teacher` (default: the designated one, in the labels table)."""
-        res = scfg.resources
+    def job(self, scfg: StudentConfig, target: str | None, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None,
+            teacher: int | None = None) -> StudentJob:
+        """A student on a named target, on given probabilities `t` (with logs; then `target` only
+        names it), with `target` None on the gold labels (the ceiling), or for the single target
+        on `teacher` (default: the designated one, in the labels table)."""
         single = None
         if target == "single" and teacher is not None and teacher != self.single:
             if self.teachers is None:
                 raise ValueError("a single-teacher student on another teacher needs the teacher stage")
             single = (self.teachers, teacher)
+        return StudentJob(scfg, target, self.src, self.n_classes, single, t, log_t)
+
+    def submit(self, job: StudentJob):
+        """Start one student task."""
+        res = job.cfg.resources
         task = ray.remote(student_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-        return task.remote(scfg.model_dump(mode="json"), target, self.src, self.n_classes, self.test_ref, max(1, int(res.num_cpus)), t, log_t, single)
+        return task.remote(job, self.test_ref, max(1, int(res.num_cpus)))
 
-    def evaluate(self, scfg: StudentConfig, target: str, res) -> Any:
-        """Evaluate a student trained across workers (`ddp.fit_student`), in one task."""
-        task = ray.remote(evaluate_task).options(num_cpus=scfg.resources.num_cpus)
-        return task.remote(scfg.model_dump(mode="json"), target, res, self.src, self.n_classes, self.test_ref, max(1, int(scfg.resources.num_cpus)))
+    def evaluate(self, job: StudentJob, res: TrainResult) -> Any:
+        """Evaluate a student trained across workers (`ray_train.fit_student`), in one task."""
+        task = ray.remote(evaluate_task).options(num_cpus=job.cfg.resources.num_cpus)
+        return task.remote(job, res, self.test_ref, max(1, int(job.cfg.resources.num_cpus)))
 
-    def train_all(self, jobs: dict[Hashable, tuple]) -> Iterator[tuple[Hashable, dict[str, Any]]]:
-        """Run `submit(*job)` for every job at once; yield `(tag, output)` as each finishes."""
-        running = {self.submit(*job): tag for tag, job in jobs.items()}
+    def train_all(self, jobs: dict[Hashable, tuple]) -> Iterator[tuple[Hashable, Trained]]:
+        """Train `job(*args)` for every job at once; yield `(tag, trained)` as each finishes."""
+        running = {self.submit(self.job(*args)): tag for tag, args in jobs.items()}
         for tag, ref in as_completed(running):
             yield tag, ray.get(ref)
 
@@ -123,8 +133,7 @@ def stage_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             train_students(ctx, data, teachers, labels, plan, todo, results)
     replicates = {tgt: [results[(tgt, i)] for i in range(scfg.seeds)] for tgt in scfg.targets}
     ceilings = [results[(None, i)] for i in range(scfg.seeds)] if scfg.ceiling else []
-    return StudentStage({tgt: r[0] for tgt, r in replicates.items()}, ceilings[0] if ceilings else None, replicates, ceilings,
-                        {job: d for job, (d, _) in plan.items()})
+    return StudentStage(replicates, ceilings, {job: d for job, (d, _) in plan.items()})
 
 
 def cached_student(d: Path) -> StudentResult | None:
@@ -157,15 +166,16 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     def replicate_cfg(i: int) -> StudentConfig:
         return scfg.model_copy(update={"seed": scfg.seed + i})
 
-    def outputs() -> Iterator[tuple[tuple[str | None, int], dict[str, Any]]]:
+    def outputs() -> Iterator[tuple[tuple[str | None, int], Trained]]:
         for tgt, i in spread:
             d, teacher = plan[(tgt, i)]
             if teacher is not None and teacher != cfg.posterior.single_teacher:
                 raise W2SError(f"student.workers > 1 trains the single target on the designated teacher only; "
                                f"posterior.single_teachers {singles} needs student.workers: 1")
             ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
-            res = fit_student(ctx.run, labels.dir, replicate_cfg(i), tgt, data.in_dim, data.n_classes, d / "train")
-            yield (tgt, i), ray.get(inputs.evaluate(replicate_cfg(i), tgt, res))
+            job = inputs.job(replicate_cfg(i), tgt)
+            res = fit_student(job, data.in_dim, d / "train")
+            yield (tgt, i), ray.get(inputs.evaluate(job, res))
         jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
         yield from inputs.train_all(jobs)
 
@@ -175,9 +185,9 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             d, teacher = plan[(tgt, i)]
             d = ctx.run.reset(d)
             with ctx.run.atomic(d / "weights.pt") as tmp:
-                torch.save(out["state_dict"], tmp)
-            ctx.run.write_parquet(d / TEST_LOGP, pa.table({"id": test_ids, "logp": fixed_list(out["log_test"].numpy())}))
-            result = dataclasses.replace(out["result"], seed=scfg.seed + i, teacher=teacher)
+                torch.save(out.state_dict, tmp)
+            ctx.run.write_parquet(d / TEST_LOGP, pa.table({"id": test_ids, "logp": fixed_list(out.log_test.numpy())}))
+            result = dataclasses.replace(out.result, seed=scfg.seed + i, teacher=teacher)
             ctx.run.write_json(d / "metrics.json", result.to_json())
             ctx.run.write_manifest(d, d.name, target=tgt, seed=scfg.seed + i, teacher=teacher)
             results[(tgt, i)] = result

@@ -34,9 +34,10 @@ from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import TeacherResources
 from w2s_ray.raytools import Progress, as_completed, check_placeable
-from w2s_ray.run import DataStage, RunContext, TeacherStage
+from w2s_ray.results import DataStage, TeacherStage
+from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
-from w2s_ray.packfiles import PRED_SPLITS, kept_teachers, meta_path, pack_files, pack_ids, pack_path, pack_unit, read_pack_logp, sums_path
+from w2s_ray.packfiles import kept_teachers, meta_path, pack_files, pack_ids, pack_path, pack_unit, PRED_SPLITS, read_pack_logp, sums_path
 from w2s_ray.workers import PackTrainer
 
 def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]:

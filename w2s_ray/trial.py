@@ -6,6 +6,7 @@ and the math modules only (not the driver's search, report and figure code in `t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,9 +23,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from w2s_ray import metrics
 from w2s_ray.config import ExperimentConfig
-from w2s_ray.ddp import fit_student
 from w2s_ray.space import apply_params
-from w2s_ray.training import holdout_split, label_columns, load_student, predict_log, target_of, train_student
+from w2s_ray.student import recipe
+from w2s_ray.student.ray_train import fit_student
+from w2s_ray.student.recipe import Evaluation, StudentJob, TestSplit
 
 
 @dataclass(frozen=True)
@@ -73,46 +75,43 @@ class FinishedTrials:
 # --- the trial (runs in a Ray worker) ------------------------------------------------------
 
 
-def student_trial(config: dict, data: dict, base: dict, refs: dict, fault: TrialFault | None = None, finished: FinishedTrials | None = None) -> None:
+def student_trial(config: dict, job: StudentJob, test: TestSplit, base: dict, refs: dict, fault: TrialFault | None = None,
+                  finished: FinishedTrials | None = None) -> None:
+    """One search point: `job` (where the labels are) with the point's student config."""
     done = finished.get(config) if finished is not None else None
     if done is not None:  # this point ran to the end before the driver was interrupted
         tune.report(done)
         return
     cfg = apply_params(ExperimentConfig.model_validate(base), config)
-    if cfg.student.workers > 1:
-        last = spread_trial(cfg, data, refs)
+    s = cfg.student
+    job = dataclasses.replace(job, cfg=s, target=s.targets[0])
+    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
+    if s.workers > 1:
+        last = spread_trial(job, test, refs)
     else:
-        last = process_trial(cfg, data, refs, fault)
+        last = process_trial(job, test, refs, fault)
     if finished is not None and last:
         finished.put(config, last)
 
 
-def trial_metrics(log_test: torch.Tensor, log_tr: torch.Tensor, labels: dict, log_t: torch.Tensor, hold: torch.Tensor, data: dict, refs: dict) -> dict[str, Any]:
+def trial_metrics(ev: Evaluation, record: dict, refs: dict) -> dict[str, Any]:
     """What a trial reports of the student it would return now: its selection metrics on the
-    held-out transfer slice (no gold label) and its test metrics."""
-    evaluation = metrics.evaluate_student(log_test, data["test_y"], log_tr, log_t, data["test_dual_log"], data["test_single_log"], hold)
+    held-out transfer slice (no gold label; `val_teacher_ce` from the loop's record of that
+    epoch) and its test metrics."""
     return dict(
-        val_teacher_ce=float(-(labels["t_dual"][hold] * log_tr[hold]).sum(-1).mean()),
-        val_agreement=metrics.agreement(log_tr[hold], labels["logt_dual"][hold]),
-        **asdict(evaluation),
-        pgr_vs_teacher=metrics.pgr(evaluation.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
-        pgr_vs_ensemble=metrics.pgr(evaluation.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
+        val_teacher_ce=record["val_teacher_ce"],
+        val_agreement=ev.val_agreement,
+        **asdict(ev.eval),
+        pgr_vs_teacher=metrics.pgr(ev.eval.test_acc, refs["weak_acc"], refs["ceiling_acc"]),
+        pgr_vs_ensemble=metrics.pgr(ev.eval.test_acc, refs["ensemble_acc"], refs["ceiling_acc"]),
     )
 
 
-def process_trial(cfg: ExperimentConfig, data: dict, refs: dict, fault: TrialFault | None) -> dict[str, Any]:
-    """The student in this trial's process: a Tune report and checkpoint after every epoch
-    (resumed from the last checkpoint when the trial is restarted). Returns the last report."""
-    s = cfg.student
-    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
-    target = s.targets[0]
-    src = data["src"]
-    labels = src.read(label_columns(target, "t_dual"))  # in this trial's worker, from the labels stage's parts (its columns only)
-    t, log_t = target_of(labels, target, s.log_floor)
-    x = labels["x"]
-    _, hold = holdout_split(len(x), s.holdout_frac, s.seed)
-    y_gold = src.gold(labels["id"]) if s.selection == "oracle" else None
-
+def process_trial(job: StudentJob, test: TestSplit, refs: dict, fault: TrialFault | None) -> dict[str, Any]:
+    """The student in this trial's process (the recipe, `student.recipe`): a Tune report and
+    checkpoint after every epoch (resumed from the last checkpoint when the trial is restarted).
+    Returns the last report."""
+    inputs = recipe.read_inputs(job, test)  # in this trial's worker, from the labels stage's parts (its columns only)
     resume = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -124,8 +123,7 @@ def process_trial(cfg: ExperimentConfig, data: dict, refs: dict, fault: TrialFau
     def on_epoch(rec: dict, checkpoint) -> None:
         state = checkpoint()
         if rec["best_epoch"] == rec["epoch"]:  # improved: evaluate the new best student
-            model = load_student(s, state["model"], x.shape[1], refs["n_classes"])
-            current.update(trial_metrics(predict_log(model, data["test_x"]), predict_log(model, x), labels, log_t, hold, data, refs), best_epoch=rec["epoch"])
+            current.update(trial_metrics(recipe.evaluate(inputs, state["model"]), rec, refs), best_epoch=rec["epoch"])
         if fault and rec["epoch"] == fault.epoch and not (fault.marker and os.path.exists(fault.marker)):
             if fault.marker:
                 Path(fault.marker).write_text("failed once\n")
@@ -136,31 +134,24 @@ def process_trial(cfg: ExperimentConfig, data: dict, refs: dict, fault: TrialFau
             torch.save({**state, "metrics": current}, Path(d) / "state.pt")
             tune.report(dict(last), checkpoint=tune.Checkpoint.from_directory(d))
 
-    train_student(s, x, t, log_t, refs["n_classes"], y_gold=y_gold, on_epoch=on_epoch, resume=resume)
+    recipe.train(inputs, on_epoch=on_epoch, resume=resume)
     return last
 
 
-def spread_trial(cfg: ExperimentConfig, data: dict, refs: dict) -> dict[str, Any]:
-    """The student across `student.workers` Ray Train workers (`ddp.fit_student`), each holding
-    the space's per-trial resources; this trial's own process holds none and only waits and
-    evaluates. Rank 0's report after every epoch (epoch, best held-out loss and teacher CE so
+def spread_trial(job: StudentJob, test: TestSplit, refs: dict) -> dict[str, Any]:
+    """The student across `student.workers` Ray Train workers (`ray_train.fit_student`), each
+    holding the space's per-trial resources; this trial's own process holds none and only waits
+    and evaluates. Rank 0's report after every epoch (epoch, best held-out loss and teacher CE so
     far) reaches Tune through `TuneReportCallback`, so ASHA can stop the trial; the full metrics
     of the best epoch follow once, at the end. A restarted trial trains again from its start
     (the Ray Train run keeps no Tune checkpoint)."""
-    s = cfg.student
+    s = job.cfg
     s = s.model_copy(update={"resources": s.resources.model_copy(update={"num_cpus": refs.get("cpus", 1), "num_gpus": refs.get("gpus", 0)})})
-    torch.set_num_threads(max(1, int(refs.get("cpus", 1))))
-    target, src, n_classes = s.targets[0], data["src"], refs["n_classes"]
-    in_dim = data["test_x"].shape[1]
+    job = dataclasses.replace(job, cfg=s)
     storage = Path(refs["train_dir"]) / tune.get_context().get_trial_id()
-    res = fit_student(src.run, src.labels, s, target, in_dim, n_classes, storage, callbacks=[TuneReportCallback()])
-    labels = src.read(label_columns(target, "t_dual"))
-    _, log_t = target_of(labels, target, s.log_floor)
-    _, hold = holdout_split(len(labels["x"]), s.holdout_frac, s.seed)
-    model = load_student(s, res.state_dict, in_dim, n_classes)
+    res = fit_student(job, test.x.shape[1], storage, callbacks=[TuneReportCallback()])
     best = res.history[res.best_epoch - 1]
-    last = {"epoch": res.epochs_run, "holdout_loss": best["holdout_loss"],
-            **trial_metrics(predict_log(model, data["test_x"]), predict_log(model, labels["x"]), labels, log_t, hold, data, refs),
-            "best_epoch": res.best_epoch}
+    ev = recipe.evaluate(recipe.read_inputs(job, test), res.state_dict)
+    last = {"epoch": res.epochs_run, "holdout_loss": best["holdout_loss"], **trial_metrics(ev, best, refs), "best_epoch": res.best_epoch}
     tune.report(dict(last))
     return last

@@ -38,9 +38,11 @@ from w2s_ray import metrics, raytools
 from w2s_ray.config import ExperimentConfig, to_yaml, with_values
 from w2s_ray.errors import W2SError
 from w2s_ray.report import plot_capacity, plot_heatmaps, write_table
-from w2s_ray.run import RunContext, Stages
+from w2s_ray.run import RunContext
+from w2s_ray.results import Stages
 from w2s_ray.space import SearchSpace, apply_params, baseline_point
 from w2s_ray.replicates import paired, summarize, verdict
+from w2s_ray.student.recipe import StudentJob, TestSplit
 from w2s_ray.students import StudentInputs, stage_students
 from w2s_ray.trial import FinishedTrials, TrialFault, student_trial
 
@@ -164,18 +166,18 @@ def build_tuner(ctx: RunContext, space: SearchSpace, name: str, search_dir: Path
 # --- the search ----------------------------------------------------------------------------
 
 
-def trial_data(ctx: RunContext, stages: Stages) -> tuple[dict, dict]:
+def trial_data(ctx: RunContext, stages: Stages) -> tuple[tuple[StudentJob, TestSplit], dict]:
     """What every trial needs: where its pseudo-labels are (each trial reads them itself), the
     test split with its posterior, and the reference accuracies."""
     inputs = StudentInputs.load(ctx, stages.data, stages.labels)
-    data = {"src": inputs.src, **{f"test_{k}": v for k, v in inputs.test.items()}}
+    job = inputs.job(ctx.cfg.student, ctx.cfg.student.targets[0])  # each trial puts its point's config in
     refs = {
         "n_classes": stages.data.n_classes,
         "weak_acc": float(stages.teachers.accuracies().mean()),
         "ensemble_acc": stages.labels.posterior.test_acc_dual,
         "ceiling_acc": stages.students.ceiling.test_acc,
     }
-    return data, refs
+    return (job, inputs.test), refs
 
 
 def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, resume: bool = False, fault: TrialFault | None = None,
@@ -192,7 +194,7 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     # short epochs make Tune snapshot its state often (to never point at a deleted checkpoint)
     # and warn about it on every snapshot; the snapshot is cheap on local disk
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    data, refs = trial_data(ctx, stages)
+    (job, test), refs = trial_data(ctx, stages)
     refs["cpus"], refs["gpus"] = space.resources.cpu, space.resources.gpu
     refs["train_dir"] = str(search_dir / "train")  # a trial across workers keeps its Ray Train run here, by trial id
     fs, experiment = ctx.run.remote(search_dir) or (pafs.LocalFileSystem(), str(search_dir.resolve()))
@@ -203,7 +205,7 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     # token 1 MiB of Ray's logical `memory` resource
     own = {"cpu": space.resources.cpu, "gpu": space.resources.gpu} if workers == 1 else {"cpu": 0, "memory": 2**20}
     trainable = tune.with_resources(
-        tune.with_parameters(student_trial, data=data, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault, finished=finished), own)
+        tune.with_parameters(student_trial, job=job, test=test, base=ctx.cfg.model_dump(mode="json"), refs=refs, fault=fault, finished=finished), own)
     per = "per trial" if workers == 1 else f"per worker, {workers} Ray Train workers per trial"
     ctx.log(f"tune: {space.search} search '{name}', {space.num_samples} sample(s), {space.resources.cpu} CPU / {space.resources.gpu} GPU {per} → {search_dir}")
     t0 = time.perf_counter()
@@ -213,7 +215,7 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
     ctx.log(f"tune: {len(grid)} trials in {time.perf_counter() - t0:.1f}s")
     drop_orphan_trials(ctx, search_dir, grid)
     expected = n_trials(space)
-    if grid.num_terminated + grid.num_errors < max(len(grid), expected):
+    if grid.num_terminated + grid.num_errors < max(len(grid), expected) or unfinished_in_saved_state(fs, experiment):
         raise W2SError(
             f"the search was interrupted ({grid.num_terminated + grid.num_errors} of {expected} trials done); "
             f"continue it with: w2s-ray tune ... --space ... --resume"
@@ -225,6 +227,17 @@ def run_search(ctx: RunContext, stages: Stages, space: SearchSpace, name: str, r
         summary["confirmed"] = confirm(ctx, stages, space, search_dir, best)
         ctx.run.write_json(search_dir / "summary.json", summary)
     return summary
+
+
+def unfinished_in_saved_state(fs: pafs.FileSystem, experiment: str) -> int:
+    """Trials the experiment state Tune saved last calls neither TERMINATED nor ERROR.
+
+    On SIGINT Tune saves its state, then stops every trial it has an actor for and marks it
+    TERMINATED in the ResultGrid, pending trials whose actors were scheduled included: in one
+    CI run all six trials of an interrupted grid read TERMINATED and the search wrote its
+    results. The state saved before that stop keeps their true status (RUNNING, PENDING)."""
+    saved = tune.ExperimentAnalysis(experiment, storage_filesystem=fs)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved.trials)
 
 
 CONFIRM_SEED_OFFSET = 1000

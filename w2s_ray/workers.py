@@ -1,5 +1,6 @@
-"""What runs inside Ray workers: the pack-training actor and the student task (the Tune trial
-is in `trial`, which needs Ray Tune).
+"""What runs inside Ray workers: the pack-training actor, the student task (the student recipe,
+`student.recipe`, in a task) and the label-block task (the Tune trial is in `trial`, which needs
+Ray Tune).
 
 They live apart from the stage modules so that a worker imports only what it runs: Ray core,
 torch, pydantic and the math modules, not pandas, Ray Data, matplotlib, TensorBoard or the
@@ -19,15 +20,17 @@ import numpy as np
 import ray
 import torch
 
-from w2s_ray import metrics
-from w2s_ray.config import StudentConfig, TeachersConfig
 from w2s_ray.artifacts import ROW_GROUP
-from w2s_ray.packfiles import PRED_SPLITS, STAT_COLUMNS, LabelSource, labels_table, pack_ids, single_teacher, split_posterior, write_pack
+from w2s_ray.config import TeachersConfig
+from w2s_ray.labelfiles import STAT_COLUMNS, labels_table
+from w2s_ray.packfiles import PRED_SPLITS, pack_ids, single_teacher, split_posterior, write_pack
 from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
 from w2s_ray.raytools import epoch_printer, gpu_device
-from w2s_ray.run import Split, StudentResult, TeacherStage
+from w2s_ray.results import Split, TeacherStage
 from w2s_ray.storage import RunDir
-from w2s_ray.training import TrainResult, holdout_split, label_columns, load_student, predict_log, target_of, train_student
+from w2s_ray.student import recipe
+from w2s_ray.student.core import TrainResult
+from w2s_ray.student.recipe import StudentJob, TestSplit, Trained
 
 MIN_PACK = 2  # smaller packs are padded with copies of their teachers (see fit_pack)
 
@@ -138,53 +141,20 @@ class PackTrainer:
 # --- students ------------------------------------------------------------------------------
 
 
-def student_task(cfg_json: dict, target: str | None, src: LabelSource, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1,
-                 t: torch.Tensor | None = None, log_t: torch.Tensor | None = None, single: tuple[TeacherStage, int] | None = None) -> dict[str, Any]:
-    """Train and evaluate one student, in a Ray task that reads its own labels (`src`): on the
-    named `target`, on given probabilities `t` (with logs; `target` then only names them), on
-    teacher `single = (stage, id)`'s own predictions (read here from its pack; a single-teacher
-    replicate other than the designated one), or with `target` None on the gold labels (the
-    ceiling: forward CE, without the students' augmentation unless `ceiling_augment`)."""
+def student_task(job: StudentJob, test: TestSplit, threads: int = 1) -> Trained:
+    """Train and evaluate one student in a Ray task that reads its own labels (`job.src`): the
+    recipe (`student.recipe`) on this worker's CPU or GPU."""
     torch.set_num_threads(max(1, threads))
-    cfg = StudentConfig.model_validate(cfg_json)
     device = gpu_device()
-    labels = src.read(label_columns(None if t is not None else target))
-    ceiling = target is None
-    gold = src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
-    if ceiling:  # forward CE on one-hot gold labels, whatever the students' loss
-        cfg = cfg.model_copy(update={"rce_weight": 0.0} | ({} if cfg.ceiling_augment else {"augment_shift": 0}))
-        t = torch.nn.functional.one_hot(gold, n_classes).float()
-        log_t = t.clamp_min(1e-8).log()
-    elif single is not None:
-        stage, tid = single
-        log_t = single_teacher(stage, "transfer", tid, run=src.run)
-        t = log_t.exp()
-        test = {**test, "single_log": single_teacher(stage, "test", tid, run=src.run)}
-    elif t is None:
-        t, log_t = target_of(labels, target, cfg.log_floor)
-    show = epoch_printer("ceiling" if ceiling else f"student[{target}]", cfg.epochs)
-    res = train_student(cfg, labels["x"], t, log_t, n_classes, loss="mixture" if ceiling else None, y_gold=gold, device=device, on_epoch=lambda rec, _: show(rec))
-    return evaluate_trained(cfg, target, res, labels, log_t, n_classes, test, device)
+    inputs = recipe.read_inputs(job, test)
+    show = epoch_printer(job.name, job.cfg.epochs)
+    return recipe.finish(inputs, recipe.train(inputs, device, on_epoch=lambda rec, _: show(rec)), device)
 
 
-def evaluate_task(cfg_json: dict, target: str, res: TrainResult, src: LabelSource, n_classes: int, test: dict[str, torch.Tensor], threads: int = 1) -> dict[str, Any]:
+def evaluate_task(job: StudentJob, res: TrainResult, test: TestSplit, threads: int = 1) -> Trained:
     """Evaluate a student trained elsewhere (across Ray Train workers); runs in a Ray task."""
     torch.set_num_threads(max(1, threads))
-    cfg = StudentConfig.model_validate(cfg_json)
-    labels = src.read(label_columns(target))
-    return evaluate_trained(cfg, target, res, labels, target_of(labels, target, cfg.log_floor)[1], n_classes, test, "cpu")
-
-
-def evaluate_trained(cfg: StudentConfig, target: str | None, res: TrainResult, labels: dict[str, torch.Tensor], log_t: torch.Tensor, n_classes: int, test: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
-    x = labels["x"]
-    model = load_student(cfg, res.state_dict, x.shape[1], n_classes)
-    log_test = predict_log(model, test["x"])
-    log_transfer = predict_log(model, x)
-    # the ceiling has no teacher target: its misfit is measured against the dual posterior mean
-    holdout = holdout_split(len(x), cfg.holdout_frac, cfg.seed)[1]
-    evaluation = metrics.evaluate_student(log_test, test["y"], log_transfer, labels["logt_dual"] if target is None else log_t, test["dual_log"], test["single_log"], holdout)
-    result = StudentResult(target, evaluation, res.best_epoch, res.epochs_run, res.n_params, res.seconds, device, res.history)
-    return {"result": result, "state_dict": res.state_dict, "log_test": log_test}
+    return recipe.finish(recipe.read_inputs(job, test), res, "cpu")
 
 
 # --- labels --------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from w2s_ray.packfiles import single_teacher
 from w2s_ray.posterior import kl
 from w2s_ray.replicates import crossed, paired_rows, summarize, two_level_means, two_level_weights, verdict
 from w2s_ray.report import md_section, write_table
-from w2s_ray.run import RunContext, StageRequest, Stages
+from w2s_ray.run import RunContext
+from w2s_ray.results import StageRequest, Stages
 
 SEEDS = 5
 """Replicates per seed set. Every setting runs two disjoint sets (`SETS`): replicates 0–4 and

@@ -21,10 +21,11 @@ from w2s_ray.labels import read_test_posterior
 from w2s_ray.metrics import accuracy, gold_ce, pgr
 from w2s_ray.posterior import PosteriorAccumulator, bias_variance, kl
 from w2s_ray.report import figure, md_section, write_table
-from w2s_ray.run import RunContext, StageRequest, Stages
+from w2s_ray.run import RunContext
+from w2s_ray.results import StageRequest, Stages
 from w2s_ray.students import StudentInputs
 from w2s_ray.teachers import iter_pack_logp
-from w2s_ray.theory import TheoryConfig, run_theory
+from w2s_ray.ridge_example import TheoryConfig, run_theory
 
 RUN_WIDTHS = (4, 16, 64)
 RUN_TARGETS = ("single", "arith_mean", "dual_mean")
@@ -122,11 +123,11 @@ def student_runs(ctx: RunContext, stages: Stages) -> tuple[pd.DataFrame, dict[st
     ctx.log(f"study theory: {len(plan)} students ({len(RUN_WIDTHS)} widths × {len(RUN_TARGETS)} targets × {len(RUN_LAMBDAS)} λ, and {SEEDS} seeds)")
     rows, seed_logs = [], []
     for (kind, w, t, lam, seed), out in inputs.train_all(jobs):
-        s = out["log_test"]
+        s = out.log_test
         teacher = target_test[t]
         row = {
             "kind": kind, "width": w, "target": t, "lambda": lam, "seed": seed,
-            **dataclasses.asdict(out["result"].eval),
+            **dataclasses.asdict(out.result.eval),
             "teacher_acc": accuracy(teacher, y), "teacher_ce": gold_ce(teacher.clamp_min(-1e4), y),
             "kl_to_dual_mean": float(kl(s, test["dual_log"]).mean()),
         }
@@ -157,7 +158,7 @@ def sub_ensemble_students(ctx: RunContext, stages: Stages, inputs: StudentInputs
         dual_log = accum.finalize()["dual_log"]
         jobs[g] = (ctx.cfg.student, f"dual_mean[teachers {g * size}..{(g + 1) * size - 1}]", dual_log.exp(), dual_log)
     done = dict(inputs.train_all(jobs))
-    return [done[g]["log_test"] for g in range(groups)]
+    return [done[g].log_test for g in range(groups)]
 
 
 def students_section(ctx: RunContext, stages: Stages, out: Path) -> list[str]:

@@ -20,7 +20,8 @@ from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
 from w2s_ray.posterior import PosteriorAccumulator, kl
 from w2s_ray.report import figure, md_section, write_table
-from w2s_ray.run import RunContext, StageRequest, Stages, TeacherStage
+from w2s_ray.run import RunContext
+from w2s_ray.results import StageRequest, Stages, TeacherStage
 from w2s_ray.teachers import iter_pack_logp
 
 RESAMPLES = ("seed", "bootstrap", "disjoint")
