@@ -52,12 +52,13 @@ def run_dir(cfg) -> RunDir:
 
 
 @pytest.fixture(scope="session")
-def warm(ray_session, tmp_path_factory):
+def warm(tmp_path_factory):
     """`warm(tmp_path, make=small_config, until="report")`: the config `make(tmp_path)` with its
     run directory already holding every stage up to `until`, as a cache hit. The stages are
-    computed once per session and per (`make`, `until`) and copied, so each test owns its files.
-    On 2 cores a fresh small pipeline costs about 30 s, most of it Ray worker processes
-    importing torch; tests about what a run does with its stages need not pay it each time."""
+    computed once per session and per (`make`, `until`), in this process (`executor.InProcess`:
+    the bits a Ray run writes, `test_pipeline.py` checks), and copied, so each test owns its
+    files. No Ray: a test that needs it asks for `ray_session`."""
+    from w2s_ray.executor import InProcess
     from w2s_ray.pipeline import run_pipeline
 
     built: dict[tuple, Path] = {}
@@ -66,7 +67,7 @@ def warm(ray_session, tmp_path_factory):
         key = (make.__module__, make.__qualname__, until)
         if key not in built:
             root = tmp_path_factory.mktemp("warm")
-            run_pipeline(make(root), until=until)
+            run_pipeline(make(root), until=until, executor=InProcess())
             built[key] = root
         cfg = make(tmp_path)
         src = run_dir(make(built[key])).path

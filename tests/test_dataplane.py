@@ -20,6 +20,7 @@ from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.posterior import PosteriorAccumulator
 from w2s_ray.results import TeacherStage
+from w2s_ray.run import RunContext
 from w2s_ray.space import load_space
 from w2s_ray.packfiles import pack_path, read_pack_logp, sums_path
 from w2s_ray.teachers import iter_pack_logp
@@ -47,7 +48,7 @@ def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, w
     st = run_pipeline(cfg, until="data")
     run, stage = run_dir(cfg), tmp_path / "stage"
     # the actor reads the splits from the data stage's files: only their directory crosses
-    out = ray_session.get(PackTrainer.remote(1).train.remote(st.data.dir, cfg.teachers.model_dump(mode="json"), st.data.n_classes, 0, [0, 1, 2], run, stage))
+    out = ray_session.get(ray_session.remote(PackTrainer).remote(1).train.remote(st.data.dir, cfg.teachers.model_dump(mode="json"), st.data.n_classes, 0, [0, 1, 2], run, stage))
     # what crossed to the driver: ids, seeds, accuracies, timings; no arrays
     assert len(pickle.dumps(out)) < 2048 and not any(isinstance(v, np.ndarray) for v in out.values())
     n = st.data.sizes["transfer"]
@@ -97,7 +98,9 @@ def test_bootstrap_counts_by_row_blocks_and_teacher_groups_equal_one_block_in_pr
         # float32 sums in another order: a replicate may flip a near-tie, moving a bound by 1/N
         assert np.allclose(blocked[name], whole[name], atol=1 / len(y) + 1e-9), name
     # the same blocks as Ray tasks (what the labels stage does): the same counts, so the same CIs
-    assert labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, run_dir(cfg)) == blocked
+    with RunContext.open(cfg) as ctx:
+        ctx.ray()
+        assert labels_mod.bootstrap_ci(st.teachers, y, st.data.n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, ctx) == blocked
 
 
 @pytest.mark.slow

@@ -233,3 +233,28 @@ def test_a_damaged_manifest_or_seal_reads_as_incomplete(tmp_path):
     assert artifacts.read_manifest(d) is None and "damaged" in artifacts.check_seal(d, "part-0")
     run.write_json(d / "manifest.json", {"files": {"parts/part-0.parquet": {"size": 4}}})  # not a manifest's shape
     assert artifacts.read_manifest(d) is None
+
+
+def test_a_stage_file_neither_here_nor_in_the_store_is_one_error_that_names_it(tmp_path):
+    """`RunDir.need` / `read_table` / `read_json`: the file, fetched from the store when only the
+    store has it; otherwise one error type (a W2SError, so the CLI prints it in one line) that
+    names what the file is and where it was looked for."""
+    import pyarrow as pa
+
+    from w2s_ray.errors import MissingArtifact, W2SError
+    from w2s_ray.storage import RunDir
+
+    local = RunDir.open(str(tmp_path / "runs"), "r")
+    with pytest.raises(MissingArtifact, match=r"the labels stage's manifest: .*manifest.json is not here, and this run has no store; on a cluster"):
+        local.read_json(local.path / "labels" / "k" / "manifest.json", "the labels stage's manifest")
+    assert issubclass(MissingArtifact, W2SError)
+    f = local.path / "t.parquet"
+    local.write_parquet(f, pa.table({"a": [1, 2]}))
+    assert local.read_table(f, "a table", columns=["a"])["a"].to_pylist() == [1, 2]
+    remote = RunDir.open(f"file://{tmp_path / 'store'}", "r", cache=str(tmp_path / "cache"))
+    remote.write_json(remote.path / "x.json", {"v": 1})  # written here and published to the store
+    (remote.path / "x.json").unlink()  # as on a node that did not write it
+    assert remote.read_json(remote.path / "x.json", "x") == {"v": 1}
+    with pytest.raises(MissingArtifact, match=r"y: .*y.json is neither here nor in the run's store; rerun the stage"):
+        remote.need(remote.path / "y.json", "y")
+    assert json.loads((remote.path / "x.json").read_text()) == {"v": 1}  # fetched into the local cache

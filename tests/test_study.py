@@ -1,4 +1,5 @@
-"""The studies: the squared-loss math, then each study section on a real local Ray."""
+"""The studies: the squared-loss math, then each study section, its work in this process
+(`executor.InProcess`, the bits a Ray run gives: `test_pipeline.py`)."""
 
 import numpy as np
 import pandas as pd
@@ -7,6 +8,7 @@ import torch
 from scipy import stats
 
 from conftest import run_dir, small_config
+from w2s_ray.executor import InProcess
 from w2s_ray.pipeline import run_stages, run_study
 from w2s_ray.run import RunContext
 from w2s_ray.studies import STUDIES, theory, variance
@@ -59,9 +61,8 @@ def study_config(tmp_path):
     return small_config(tmp_path, teachers={"k": 16, "epochs": 3, "model": {"name": "mlp", "width": 8}})
 
 
-@pytest.mark.slow
 def test_variance_study_report(warm, tmp_path):
-    out = run_study("variance", warm(tmp_path, study_config, "labels"))
+    out = run_study("variance", warm(tmp_path, study_config, "labels"), InProcess())
     table = pd.read_parquet(out / "scaling.parquet")
     assert table["K"].tolist() == [2, 4, 8, 16]
     assert table["kl_full_to_K"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
@@ -78,11 +79,10 @@ def test_variance_study_report(warm, tmp_path):
 @pytest.fixture(scope="module")
 def ensemble(warm, tmp_path_factory):
     cfg = warm(tmp_path_factory.mktemp("theory"), study_config, "labels")
-    with RunContext.open(cfg) as ctx:
+    with RunContext.open(cfg, InProcess()) as ctx:
         yield ctx, run_stages(ctx, "labels")
 
 
-@pytest.mark.slow
 def test_theory_students_section(ensemble, tmp_path):
     ctx, stages = ensemble
     lines = theory.students_section(ctx, stages, tmp_path)
@@ -101,7 +101,7 @@ def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
     # the students section has its own test; here the report is composed with two regimes
     monkeypatch.setattr(theory, "REGIMES", {k: theory.REGIMES[k] for k in ("default", "teacher window 20, no shifts")})
     monkeypatch.setattr(theory, "students_section", lambda ctx, stages, out: ["", "## students (tested on its own)"])
-    out = run_study("theory", warm(tmp_path, study_config, "labels"))
+    out = run_study("theory", warm(tmp_path, study_config, "labels"), InProcess())
     assert (out / "theory.png").stat().st_size > 0 and len(pd.read_parquet(out / "theory.parquet")) == len(TheoryConfig().widths)
     report = (out / "report.md").read_text()
     assert "squared-loss example" in report and "students (tested on its own)" in report and "Where the student generalizes" in report
@@ -111,7 +111,6 @@ def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
     assert regimes["mean_teacher_acc"].iloc[1] != regimes["mean_teacher_acc"].iloc[0]
 
 
-@pytest.mark.slow
 def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
     """C1, C2, C5, C6 over 5 seeds, C3 (P5) over 10 teacher draws per width; the effects
     recomputed here from the saved per-student test predictions and the teachers' own, the C2
@@ -119,7 +118,7 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
     from w2s_ray.posterior import bregman_variance, kl
     from w2s_ray.studies import claims
 
-    out = run_study("claims", warm(tmp_path, study_config, "labels"))
+    out = run_study("claims", warm(tmp_path, study_config, "labels"), InProcess())
     table = pd.read_parquet(out / "claims.parquet").set_index("claim")
     assert list(table.index) == ["C1", "C2", "C2b", "C3", "C3b", "S1", "C4", "C5", "C5b", "C6"]
     n = claims.REPLICATES

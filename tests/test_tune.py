@@ -50,7 +50,7 @@ def stage_files(run) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tuned(warm, tmp_path_factory):
+def tuned(ray_session, warm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     cfg = warm(tmp)  # the run the search starts from
     run = run_dir(cfg).path
@@ -94,7 +94,7 @@ def test_the_search_trains_no_teacher_and_builds_no_labels(tuned):
 
 
 @pytest.mark.slow
-def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(warm, tmp_path):
+def test_a_trial_that_fails_once_is_retried_from_its_checkpoint(ray_session, warm, tmp_path):
     cfg = warm(tmp_path)
     marker = tmp_path / "failed-once"
     space_file = write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"})
@@ -218,7 +218,7 @@ def test_a_search_name_cannot_leave_the_tune_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_where_every_trial_fails_ends_in_one_line(warm, tmp_path):
+def test_a_search_where_every_trial_fails_ends_in_one_line(ray_session, warm, tmp_path):
     cfg = warm(tmp_path)
     space = load_space(write_space(tmp_path / "space.yaml", num_samples=2, scheduler={"type": "none"}, max_failures=0), cfg)
     with pytest.raises(W2SError, match=r"every trial failed; the first \(.+\): RuntimeError: injected failure \(TrialFault\) \(its log: .+\)"):
@@ -226,7 +226,7 @@ def test_a_search_where_every_trial_fails_ends_in_one_line(warm, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_search_that_lost_tune_state_trains_no_finished_point_again(warm, tmp_path):
+def test_a_resumed_search_that_lost_tune_state_trains_no_finished_point_again(ray_session, warm, tmp_path):
     """A driver killed before Tune saved its state: on resume Tune starts those points again as
     new trials; each finds its finished record and reports it without training (a TrialFault
     makes any trial that trains fail), and the replaced trial folders are removed."""

@@ -24,15 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
 from w2s_ray import artifacts, storage
 from w2s_ray.config import DataConfig, check_shapes
-from w2s_ray.errors import ConfigError, DataError, W2SError
+from w2s_ray.errors import ConfigError, DataError
 from w2s_ray import synthetic
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.synthetic import load_synthetic
-from w2s_ray.raytools import parallel_map
 from w2s_ray.results import DataStage, Split, SplitFiles
 from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
@@ -323,11 +321,12 @@ def write_splits(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[st
     return fields
 
 
-def build_splits(cfg: DataConfig, run: RunDir, d: Path) -> dict[str, Any]:
-    """A generated source, from chunk generation to split files, in a Ray task: the rows stay
-    in this worker and the files it writes (published to the run's store); the driver gets the
-    manifest's fields. Measured with 1M synthetic rows on 2 CPUs: see benchmarks/README.md."""
-    x, y, classes, xt = load_source(cfg, parallel_map)
+def build_splits(cfg: DataConfig, run: RunDir, d: Path, map_fn: Callable) -> dict[str, Any]:
+    """A generated source, from chunk generation (`map_fn`: Ray tasks) to split files, in a
+    task: the rows stay in this worker and the files it writes (published to the run's store);
+    the driver gets the manifest's fields. Measured with 1M synthetic rows on 2 CPUs: see
+    benchmarks/README.md."""
+    x, y, classes, xt = load_source(cfg, map_fn)
     return write_splits(cfg, x, y, classes, run, d, xt)
 
 
@@ -343,11 +342,9 @@ def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
     if cfg.source in GENERATED:
         ctx.ray()
         ctx.run.reset(d)
-        fields = ray.get(ray.remote(build_splits).options(num_cpus=1).remote(cfg, ctx.run, d))
+        fields = ctx.get(ctx.submit(build_splits, cfg, ctx.run, d, ctx.executor.map_fn()))
         for name in SPLITS:
-            if not ctx.run.fetch_file(d / f"{name}.parquet"):
-                raise W2SError(f"data: {d / name}.parquet was written on another node and is not in the store; "
-                               "on a cluster, output.root must be a filesystem every node mounts or a URI")
+            ctx.run.need(d / f"{name}.parquet", f"data: the {name} split (written by a task on another node)")
     else:
         x, y, classes, xt = load_source(cfg)
         if not shape:  # user data is read in this process: still before Ray starts

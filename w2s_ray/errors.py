@@ -9,5 +9,9 @@ class ConfigError(W2SError):
     pass
 
 
+class MissingArtifact(W2SError):
+    """A stage's file is neither on this node nor in the run's store (`RunDir.need`)."""
+
+
 class DataError(W2SError):
     pass

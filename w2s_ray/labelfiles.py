@@ -9,7 +9,6 @@ statistics `STAT_COLUMNS`; matrices are fixed-size lists of float32 (`artifacts.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +89,9 @@ class LabelSource:
 
     def parts(self) -> list[Path]:
         """The parts the labels manifest lists, fetched from the run's store where missing."""
-        manifest = self.labels / artifacts.MANIFEST
-        if not self.run.fetch_file(manifest):
-            raise FileNotFoundError(f"{manifest}: the labels stage is not complete here or in the run's store")
-        names = sorted(f for f in json.loads(manifest.read_text())["files"] if f.startswith("parts/"))
-        for name in names:
-            if not self.run.fetch_file(self.labels / name):
-                raise FileNotFoundError(f"{self.labels / name}: listed in the labels manifest, neither here nor in the store")
-        return [self.labels / name for name in names]
+        manifest = self.run.read_json(self.labels / artifacts.MANIFEST, "the labels stage's manifest (the stage is not complete)")
+        names = sorted(f for f in manifest["files"] if f.startswith("parts/"))
+        return [self.run.need(self.labels / name, "a labels part its manifest lists") for name in names]
 
     def read(self, columns: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The pseudo-label columns of every row, as tensors, in row (id) order."""
@@ -105,9 +99,7 @@ class LabelSource:
 
     def gold(self, ids: torch.Tensor) -> torch.Tensor:
         """The transfer split's gold labels, row for row with the pseudo-labels' `ids`."""
-        if not self.run.fetch_file(self.transfer):
-            raise FileNotFoundError(f"{self.transfer}: the transfer split is neither here nor in the run's store")
-        t = pq.read_table(self.transfer, columns=["id", "y"])
+        t = self.run.read_table(self.transfer, "the data stage's transfer split", columns=["id", "y"])
         if not np.array_equal(t["id"].to_numpy(), ids.numpy()):
             raise RuntimeError(f"pseudo-labels in {self.labels} do not match the transfer split's rows in {self.transfer}")
         return torch.from_numpy(t["y"].to_numpy().astype(np.int64))

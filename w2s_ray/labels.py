@@ -1,13 +1,13 @@
 """The labels stage: the posterior over teachers and the pseudo-label table, built where the data is.
 
-The transfer split's pseudo-labels are built in blocks of `labels.rows_per_file` rows, one Ray
-task per block (`workers.label_block`): each reads its rows of the transfer split and of every
+The transfer split's pseudo-labels are built in blocks of `labels.rows_per_file` rows, one task
+(the run's executor: Ray) per block (`workers.label_block`): each reads its rows of the transfer split and of every
 pack's stored posterior sums, computes the posterior and writes its part of the table
 (`parts/part-<first row>.parquet`) into the run's store itself, returning only counts and summed
 statistics. The driver holds no transfer row, whatever N and K are; an interrupted stage keeps
 the parts it finished. The test split's posterior (`test_posterior.parquet`), the designated
 single teacher's rows are built in the driver, and the bootstrap CIs are counted block by block
-of test rows (`bootstrap_ci`; blocks beyond the first in Ray tasks that return `[B]` counts):
+of test rows (`bootstrap_ci`; several blocks run as tasks that return `[B]` counts):
 their memory grows with the test split, not with the transfer split or K. `posterior_summary`
 condenses them into the typed `posterior.json`.
 Students read the parts with Ray Data (`iter_label_batches`) or pyarrow, in their own workers.
@@ -35,7 +35,7 @@ from w2s_ray.labelfiles import batch_to_torch, part_path, STAT_COLUMNS, test_tab
 from w2s_ray.packfiles import bootstrap_block, pack_ids, single_teacher, split_posterior
 from w2s_ray.artifacts import matrix
 from w2s_ray.posterior import percentile_ci
-from w2s_ray.raytools import Progress, alive_nodes, as_completed
+from w2s_ray.raytools import Progress
 from w2s_ray.results import DataStage, LabelStage, PosteriorSummary, TeacherStage
 from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
@@ -65,11 +65,11 @@ BOOT_TEACHERS = 32
 
 
 def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: int, seed: int, ci: float,
-                 run: RunDir | None = None) -> dict[str, list[float]]:
+                 ctx: RunContext | None = None) -> dict[str, list[float]]:
     """Percentile CIs of both posterior means' test accuracy over Poisson resamples of the
     teachers, counted block by block of test rows (`packfiles.bootstrap_block`): memory
-    `[B, block, C]`, never `[B, N, C]`. With `run` and Ray started, blocks beyond the first run
-    as Ray tasks (one CPU each), which return `[B]` counts: the driver adds integers, so the CIs
+    `[B, block, C]`, never `[B, N, C]`. With a run context `ctx`, several blocks run as its
+    tasks (one CPU each), which return `[B]` counts: the driver adds integers, so the CIs
     are those of one process. One block (the default run's test split) runs here."""
     if not n_boot:
         return {}
@@ -78,10 +78,9 @@ def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: 
               for p, ids in pack_ids(teachers).items() for t0 in range(int(ids.min()), min(int(ids.max()) + 1, teachers.k), BOOT_TEACHERS)]
     blocks = [(r0, min(len(y), r0 + block)) for r0 in range(0, len(y), block)]
     args = (groups, n_classes, n_boot, seed)
-    if run is not None and len(blocks) > 1 and ray.is_initialized():
-        task = ray.remote(bootstrap_block).options(num_cpus=1)
-        running = {task.remote(teachers, y[r0:r1], (r0, r1), *args, run): (r0, r1) for r0, r1 in blocks}
-        counts = [ray.get(ref) for _, ref in as_completed(running)]
+    if ctx is not None and len(blocks) > 1:
+        running = {ctx.submit(bootstrap_block, teachers, y[r0:r1], (r0, r1), *args, ctx.run): (r0, r1) for r0, r1 in blocks}
+        counts = [ctx.get(ref) for _, ref in ctx.as_completed(running)]
     else:
         counts = [bootstrap_block(teachers, y[r0:r1], (r0, r1), *args) for r0, r1 in blocks]
     total = {name: sum(c[name] for c in counts) for name in counts[0]}
@@ -89,14 +88,14 @@ def bootstrap_ci(teachers: TeacherStage, y: np.ndarray, n_classes: int, n_boot: 
 
 
 def test_posterior(cfg: ExperimentConfig, y_test: np.ndarray, n_classes: int, teachers: TeacherStage,
-                   run: RunDir | None = None) -> tuple[dict[str, torch.Tensor], int, dict[str, list[float]]]:
+                   ctx: RunContext | None = None) -> tuple[dict[str, torch.Tensor], int, dict[str, list[float]]]:
     """(the test split's posterior with the single teacher's rows, K, bootstrap CIs), from the
-    packs' stored sums: the driver never holds a `[k, N, C]` array. With `run`, the bootstrap's
-    row blocks beyond the first run as Ray tasks."""
+    packs' stored sums: the driver never holds a `[k, N, C]` array. With `ctx`, the bootstrap's
+    row blocks run as its tasks."""
     acc = split_posterior(teachers, "test", len(y_test), n_classes)
     post = acc.finalize()
     post["single_log"] = single_teacher(teachers, "test", cfg.posterior.single_teacher)
-    ci = bootstrap_ci(teachers, y_test, n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, run)
+    ci = bootstrap_ci(teachers, y_test, n_classes, cfg.posterior.n_boot, cfg.teachers.seed, cfg.posterior.ci, ctx)
     return post, acc.k, ci
 
 
@@ -152,15 +151,12 @@ def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage:
             continue
         add({"rows": t.num_rows, "k": teachers.k, **{f"sum_{s}": float(t[s].to_numpy().astype(np.float64).sum()) for s in STAT_COLUMNS}})
     if todo:
-        task = ray.remote(label_block).options(num_cpus=1)
         single, c = ctx.cfg.posterior.single_teacher, data.n_classes
-        running = {task.remote(ctx.run, data.dir, teachers, single, c, rows, path): path for path, rows in todo.items()}
+        running = {ctx.submit(label_block, ctx.run, data.dir, teachers, single, c, rows, path): path for path, rows in todo.items()}
         with Progress("labels", len(blocks), len(blocks) - len(todo), unit="block") as bar:
-            for path, ref in as_completed(running):
-                add(ray.get(ref))
-                if not ctx.run.fetch_file(path):
-                    raise W2SError(f"labels: {path} was written on another node and is not in the store; "
-                                   "on a cluster, output.root must be a filesystem every node mounts or a URI")
+            for path, ref in ctx.as_completed(running):
+                add(ctx.get(ref))
+                ctx.run.need(path, "labels: a part written on another node")
                 bar.update(1)
     return totals
 
@@ -191,7 +187,7 @@ def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:
 def warn_if_unshared(ctx: RunContext) -> None:
     """Ray Data writes and reads the pseudo-labels on any node: a local run directory must be
     one every node mounts at the same path. We cannot see whether it is; say what is needed."""
-    nodes = alive_nodes()
+    nodes = ctx.executor.nodes()
     if nodes > 1 and ctx.run.store is None:
         ctx.log(f"warning: the cluster has {nodes} nodes and output.root={ctx.cfg.output.root!r} is a local path; "
                 "it must be a filesystem every node mounts at the same path (NFS), or use a URI such as s3://bucket/prefix")
@@ -208,7 +204,7 @@ def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> La
             ctx.run.remove(d / artifacts.MANIFEST)
             totals = label_parts(ctx, data, teachers, d)
             y_test = data.splits["test"].y
-            te, k, ci = test_posterior(ctx.cfg, y_test, data.n_classes, teachers, ctx.run)
+            te, k, ci = test_posterior(ctx.cfg, y_test, data.n_classes, teachers, ctx)
             if k != totals["k"]:
                 raise W2SError(f"labels stage {d}: the transfer split saw {totals['k']} teachers, the test split {k}")
             summary = posterior_summary(te, k, ci, totals["sum_variance"] / totals["rows"], y_test)

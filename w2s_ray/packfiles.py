@@ -198,7 +198,7 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, 
     r0, r1 = rows or (0, n)
     acc, seen = PosteriorAccumulator(r1 - r0, n_classes), set()
     if packs is None and run is not None:
-        run.fetch_file(teachers.dir / "teachers.parquet")
+        run.need(teachers.dir / "teachers.parquet", "the teachers stage's table")
     for p, ids in (packs if packs is not None else pack_ids(teachers)).items():
         inside = ids[ids < teachers.k]
         twice = seen.intersection(inside.tolist())
@@ -212,7 +212,7 @@ def split_posterior(teachers: TeacherStage, split: str, n: int, n_classes: int, 
             acc.merge(read_pack_sums(teachers.dir, split, p, rows))
         elif len(inside):  # the pack straddles k: its first teachers from their predictions
             if run is not None:
-                run.fetch_file(pack_path(teachers.dir, split, p))
+                run.need(pack_path(teachers.dir, split, p), f"teachers: pack {p}'s {split} predictions")
             got, logp = read_pack_logp(teachers.dir, split, p, teachers.k, rows)
             if len(got) != len(inside):
                 raise W2SError(f"teachers stage {teachers.dir}: pack {p} straddles teachers.k={teachers.k} and its {split} predictions "
@@ -232,7 +232,7 @@ def bootstrap_block(teachers: TeacherStage, y: np.ndarray, rows: tuple[int, int]
     acc = PosteriorAccumulator(r1 - r0, n_classes, n_boot=n_boot, boot_seed=seed)
     for p, t0, t1 in groups:  # only the row groups holding these teachers' rows of the block are read
         if run is not None:
-            run.fetch_file(pack_path(teachers.dir, "test", p))
+            run.need(pack_path(teachers.dir, "test", p), f"teachers: pack {p}'s test predictions")
         ids, logp = read_pack_logp(teachers.dir, "test", p, t1, (r0, r1), first=t0)
         if len(ids):
             acc.add(torch.tensor(logp), ids.tolist())
@@ -244,11 +244,11 @@ def single_teacher(teachers: TeacherStage, split: str, teacher: int, rows: Rows 
     """`[rows, C]` log-probs of one teacher (kept for ids below `config.ALWAYS_KEPT` in any case).
     `packs`: the stage's `pack_ids`, when the caller has read them already."""
     if packs is None and run is not None:
-        run.fetch_file(teachers.dir / "teachers.parquet")
+        run.need(teachers.dir / "teachers.parquet", "the teachers stage's table")
     pack = next(p for p, ids in (packs if packs is not None else pack_ids(teachers)).items() if teacher in ids)
     path = pack_path(teachers.dir, split, pack)
     if run is not None:
-        run.fetch_file(path)
+        run.need(path, f"teachers: pack {pack}'s {split} predictions")
     filters = [("teacher_id", "=", teacher)] + ([("row", ">=", rows[0]), ("row", "<", rows[1])] if rows else [])
     t = pq.read_table(path, filters=filters)
     if t.num_rows == 0:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from w2s_ray.config import STAGES, ExperimentConfig, to_yaml
 from w2s_ray.data import stage_data
+from w2s_ray.executor import Executor
 from w2s_ray.labels import stage_labels
 from w2s_ray.report import stage_report
 from w2s_ray.run import RunContext
@@ -55,12 +56,12 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
 
 
 @contextmanager
-def open_run(cfg: ExperimentConfig) -> Iterator[RunContext]:
+def open_run(cfg: ExperimentConfig, executor: Executor | None = None) -> Iterator[RunContext]:
     """The run's context. A command that fails leaves the root as it found it, less what it
     finished: the directories it created and left empty are removed (stages it finished, and
     teacher packs of an interrupted stage, stay for a rerun). The config is saved by
     `validated`, once the data stage has checked it against the data."""
-    with RunContext.open(cfg) as ctx:
+    with RunContext.open(cfg, executor) as ctx:
         try:
             yield ctx
         except BaseException:
@@ -76,9 +77,10 @@ def validated(ctx: RunContext) -> Stages:
     return stages
 
 
-def run_pipeline(cfg: ExperimentConfig, until: str = "report") -> Stages:
-    """`w2s-ray run`, or one stage with its predecessors."""
-    with open_run(cfg) as ctx:
+def run_pipeline(cfg: ExperimentConfig, until: str = "report", executor: Executor | None = None) -> Stages:
+    """`w2s-ray run`, or one stage with its predecessors; on Ray unless `executor` says otherwise
+    (`executor.InProcess`: the same stages in this process, as the fast tests run them)."""
+    with open_run(cfg, executor) as ctx:
         t0 = time.perf_counter()
         stages = run_stages(ctx, until, done=validated(ctx))
         ctx.log(f"done in {time.perf_counter() - t0:.1f}s; outputs in {ctx.run.path}")
@@ -98,10 +100,10 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
         return run_search(ctx, stages, space, name, resume=resume, fault=fault, verbose=verbose)
 
 
-def run_study(kind: str, cfg: ExperimentConfig) -> Path:
+def run_study(kind: str, cfg: ExperimentConfig, executor: Executor | None = None) -> Path:
     """`w2s-ray study KIND`: the runs the study needs (from the cache where possible), then the study."""
     study = STUDIES[kind]
-    with open_run(cfg) as ctx:
+    with open_run(cfg, executor) as ctx:
         validated(ctx)
         done = {req.name: run_stages(ctx.derive(req.cfg), req.until) for req in study.needs(cfg)}
         out = ctx.run.reset(ctx.run / "study" / kind)

@@ -18,7 +18,7 @@ import sys
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import ray
 import torch
@@ -173,40 +173,6 @@ def parallel_map(fn: Callable, items: Iterable, num_cpus: float = 1.0) -> list:
 
 def _call(fn: Callable, item: Any) -> Any:
     return fn(item)
-
-
-class ActorPool:
-    """Long-lived actors of one kind, started on demand and reused between calls.
-
-    Starting an actor costs about a second (a worker process importing torch), so a study that
-    trains many ensembles reuses them. Actors hold their CPUs/GPUs while alive: the owner
-    (`run.RunContext`) releases them when a stage no longer needs them, and on exit.
-    """
-
-    def __init__(self) -> None:
-        self.key: Hashable | None = None
-        self.actors: list = []
-
-    def get(self, key: Hashable, n: int, start: Callable[[], Any]) -> list:
-        """`n` actors started by `start()`; a different `key` (resources) starts fresh ones."""
-        if key != self.key:
-            self.release()
-            self.key = key
-        self.actors += [start() for _ in range(n - len(self.actors))]
-        return self.actors[:n]
-
-    def replace(self, dead, start: Callable[[], Any]):
-        """A fresh actor in place of one Ray gave up on (restarts used up, or its node gone)."""
-        ray.kill(dead)
-        new = start()
-        self.actors[self.actors.index(dead)] = new
-        return new
-
-    def release(self) -> None:
-        if ray.is_initialized():
-            for actor in self.actors:
-                ray.kill(actor)
-        self.actors, self.key = [], None
 
 
 class Progress:

@@ -8,12 +8,12 @@ Imports, for the whole package: every module imports what it depends on at its t
 header says what it needs. The math modules (`losses`, `posterior`, `metrics`, `models`,
 `packs`, `student.core`, `ridge_example`) and the file formats (`artifacts`, `results`, `packfiles`,
 `labelfiles`, `student.recipe`) never import Ray (a test enforces it); the Ray layer
-(`raytools`, `run` and everything above) imports Ray at the top. Nothing touches CUDA at
+(`raytools`, `executor`, `run` and everything above) imports Ray at the top. Nothing touches CUDA at
 import: a worker asks for a device only when Ray gave it a GPU. The one function-level import
 is in `cli`, which imports the pipeline only once the config (and search space) validated, so
 a bad input answers in seconds instead of waiting for Ray, Tune and the dataset packages; figures
 use matplotlib's object API, so no pyplot backend is switched in the caller. Modules form a
-stack with no cycles: `config` → math → file formats → `storage` → `raytools` → `run` → what Ray
+stack with no cycles: `config` → math → file formats → `storage` → `raytools` → `executor` → `run` → what Ray
 workers run (`workers`, `trial`, `student.ray_train`: kept light, since every worker process
 imports them) → stages (`data`, `teachers`, `labels`, `students`) → `report`, `tune`, `studies`
 → `pipeline` → `cli`; only `cli` imports `pipeline`.
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from w2s_ray import worker_setup
 from w2s_ray.config import ExperimentConfig, StageKeys
-from w2s_ray.raytools import ActorPool, init_ray
+from w2s_ray.executor import ActorPool, Executor, RayExecutor
 from w2s_ray.storage import RunDir
 
 def log(msg: str) -> None:
@@ -36,21 +36,27 @@ def log(msg: str) -> None:
 
 @dataclass
 class RunContext:
-    """Everything a stage needs besides its inputs; a context manager that releases the actors."""
+    """Everything a stage needs besides its inputs; a context manager that releases the actors.
+
+    Stages run their work through `executor` (`executor.RayExecutor` by default; `InProcess` runs
+    it in this process) and its shortcuts here, never through `ray.remote` themselves."""
 
     cfg: ExperimentConfig
     run: RunDir
-    pool: ActorPool = field(default_factory=ActorPool)
+    executor: Executor = field(default_factory=RayExecutor)
+    pool: ActorPool | None = None
     log: Callable[[str], None] = log
     keys: StageKeys = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = StageKeys(self.cfg)
+        if self.pool is None:
+            self.pool = ActorPool(self.executor)
 
     @classmethod
-    def open(cls, cfg: ExperimentConfig) -> "RunContext":
+    def open(cls, cfg: ExperimentConfig, executor: Executor | None = None) -> "RunContext":
         """The run directory is opened (a store's filesystem once, here); Ray is not started."""
-        return cls(cfg, RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache, cfg.output.wait))
+        return cls(cfg, RunDir.open(cfg.output.root, cfg.output.name, cfg.output.cache, cfg.output.wait), executor or RayExecutor())
 
     def __enter__(self) -> "RunContext":
         worker_setup.setup_process()  # the driver computes too (the test split's posterior, the studies)
@@ -60,11 +66,22 @@ class RunContext:
         self.pool.release()
 
     def derive(self, cfg: ExperimentConfig) -> "RunContext":
-        """The same run (directory, store, actors, log) for a variant of the config, as studies use."""
+        """The same run (directory, store, executor, actors, log) for a variant of the config, as studies use."""
         if cfg.output != self.cfg.output:
             raise ValueError("a derived context must write to the same run directory")
-        return RunContext(cfg, self.run, self.pool, self.log)
+        return RunContext(cfg, self.run, self.executor, self.pool, self.log)
 
     def ray(self) -> None:
-        """Start or join Ray: called by a stage that has work for it, never for a cached one."""
-        init_ray(self.cfg.ray)
+        """Start or join Ray (the Ray executor): called by a stage that has work for it, never for a cached one."""
+        self.executor.start(self.cfg.ray)
+
+    def submit(self, fn: Callable, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+        """Run `fn(*args)` as a task with these resources; `get` its handle for the result."""
+        return self.executor.submit(fn, *args, num_cpus=num_cpus, num_gpus=num_gpus)
+
+    def get(self, handle: Any) -> Any:
+        return self.executor.get(handle)
+
+    def as_completed(self, running: dict[Any, Any]) -> Iterator[tuple[Any, Any]]:
+        """`(tag, handle)` for each task of `running` (handle → tag) as it finishes."""
+        return self.executor.as_completed(running)

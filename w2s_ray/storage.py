@@ -36,9 +36,10 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from w2s_ray import artifacts
-from w2s_ray.errors import ConfigError, W2SError
+from w2s_ray.errors import ConfigError, MissingArtifact, W2SError
 
 DEFAULT_CACHE = "~/.cache/w2s-ray"
 T = TypeVar("T")
@@ -409,6 +410,25 @@ class RunDir:
         pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, path)
         return True
+
+    def need(self, path: Path, what: str) -> Path:
+        """`path`, fetched from the store when only the store has it (a file a worker on another
+        node wrote); a `MissingArtifact` naming `what` (the stage and the file's role) when
+        neither has it. Every reader of another stage's file goes through here."""
+        if self.fetch_file(path):
+            return path
+        where = "neither here nor in the run's store" if self.store is not None else "not here, and this run has no store"
+        hint = ("; on a cluster, output.root must be a filesystem every node mounts or a URI" if self.store is None
+                else "; rerun the stage that writes it")
+        raise MissingArtifact(f"{what}: {path} is {where}{hint}")
+
+    def read_table(self, path: Path, what: str, **kwargs: Any) -> pa.Table:
+        """A Parquet file of a stage (`need`, then pyarrow's `read_table` with `kwargs`)."""
+        return pq.read_table(self.need(path, what), **kwargs)
+
+    def read_json(self, path: Path, what: str) -> Any:
+        """A JSON file of a stage (`need`, then parsed)."""
+        return json.loads(self.need(path, what).read_text())
 
     def move_aside(self, directory: Path, new: Path) -> bool:
         """Rename a directory here and in the store (object stores: copy, then delete)."""

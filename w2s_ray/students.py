@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator
 
 import pyarrow as pa
-import ray
 import torch
 
 from w2s_ray import artifacts
@@ -28,7 +27,7 @@ from w2s_ray.config import StudentConfig
 from w2s_ray.errors import W2SError
 from w2s_ray.labelfiles import LabelSource
 from w2s_ray.labels import read_test_posterior
-from w2s_ray.raytools import Progress, as_completed, check_placeable
+from w2s_ray.raytools import Progress
 from w2s_ray.results import TEST_LOGP, DataStage, LabelStage, StudentResult, StudentStage, TeacherStage
 from w2s_ray.run import RunContext
 from w2s_ray.student.core import TrainResult
@@ -42,10 +41,11 @@ class StudentInputs:
     reads them itself) and the test split with its posterior (`TestSplit`, put in the object
     store once); `submit` starts one student task on a `StudentJob`."""
 
-    def __init__(self, src: LabelSource, test: TestSplit, n_classes: int, teachers: TeacherStage | None = None, single: int = 0):
-        self.src, self.test, self.n_classes = src, test, n_classes
+    def __init__(self, ctx: RunContext, src: LabelSource, test: TestSplit, n_classes: int, teachers: TeacherStage | None = None,
+                 single: int = 0):
+        self.ctx, self.src, self.test, self.n_classes = ctx, src, test, n_classes
         self.teachers, self.single = teachers, single  # the ensemble, and the teacher the labels' single column holds
-        self.test_ref = ray.put(test)
+        self.test_ref = ctx.executor.put(test)
 
     @classmethod
     def load(cls, ctx: RunContext, data: DataStage, labels: LabelStage, teachers: TeacherStage | None = None) -> "StudentInputs":
@@ -57,7 +57,7 @@ class StudentInputs:
             single_log=test_post["single_log"],
         )
         src = LabelSource(ctx.run, labels.dir, data.splits.path("transfer"))
-        return cls(src, test, data.n_classes, teachers, ctx.cfg.posterior.single_teacher)
+        return cls(ctx, src, test, data.n_classes, teachers, ctx.cfg.posterior.single_teacher)
 
     def job(self, scfg: StudentConfig, target: str | None, t: torch.Tensor | None = None, log_t: torch.Tensor | None = None,
             teacher: int | None = None) -> StudentJob:
@@ -74,19 +74,18 @@ class StudentInputs:
     def submit(self, job: StudentJob):
         """Start one student task."""
         res = job.cfg.resources
-        task = ray.remote(student_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-        return task.remote(job, self.test_ref, max(1, int(res.num_cpus)))
+        return self.ctx.submit(student_task, job, self.test_ref, max(1, int(res.num_cpus)), num_cpus=res.num_cpus, num_gpus=res.num_gpus)
 
     def evaluate(self, job: StudentJob, res: TrainResult) -> Any:
         """Evaluate a student trained across workers (`ray_train.fit_student`), in one task."""
-        task = ray.remote(evaluate_task).options(num_cpus=job.cfg.resources.num_cpus)
-        return task.remote(job, res, self.test_ref, max(1, int(job.cfg.resources.num_cpus)))
+        cpus = job.cfg.resources.num_cpus
+        return self.ctx.submit(evaluate_task, job, res, self.test_ref, max(1, int(cpus)), num_cpus=cpus)
 
     def train_all(self, jobs: dict[Hashable, tuple]) -> Iterator[tuple[Hashable, Trained]]:
         """Train `job(*args)` for every job at once; yield `(tag, trained)` as each finishes."""
         running = {self.submit(self.job(*args)): tag for tag, args in jobs.items()}
-        for tag, ref in as_completed(running):
-            yield tag, ray.get(ref)
+        for tag, ref in self.ctx.as_completed(running):
+            yield tag, self.ctx.get(ref)
 
 
 def label(target: str | None, replicate: int = 0, teacher: int | None = None) -> str:
@@ -154,8 +153,8 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     ctx.ray()
     each = scfg.resources
     per = "one student" if scfg.workers == 1 else f"one student's {scfg.workers} Ray Train workers"
-    check_placeable({"CPU": each.num_cpus * scfg.workers, "GPU": each.num_gpus * scfg.workers},
-                    {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per, wait_s=cfg.ray.placement_wait_s)
+    ctx.executor.check_placeable({"CPU": each.num_cpus * scfg.workers, "GPU": each.num_gpus * scfg.workers},
+                                 {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per, wait_s=cfg.ray.placement_wait_s)
     inputs = StudentInputs.load(ctx, data, labels, teachers)
     ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
             f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")
@@ -172,10 +171,11 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             if teacher is not None and teacher != cfg.posterior.single_teacher:
                 raise W2SError(f"student.workers > 1 trains the single target on the designated teacher only; "
                                f"posterior.single_teachers {singles} needs student.workers: 1")
+            ctx.executor.needs_ray(f"student.workers: {scfg.workers} (Ray Train)")
             ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
             job = inputs.job(replicate_cfg(i), tgt)
             res = fit_student(job, data.in_dim, d / "train")
-            yield (tgt, i), ray.get(inputs.evaluate(job, res))
+            yield (tgt, i), ctx.get(inputs.evaluate(job, res))
         jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
         yield from inputs.train_all(jobs)
 

@@ -1,8 +1,8 @@
 """The teacher stage on Ray: actors train packs of teachers and write them where they run.
 
 The driver starts a few `PackTrainer` actors (each reads the weak, transfer and test splits from
-the data stage's files once), hands each a pack of teacher ids at a time and waits on the packs with
-`ray.wait`. The actor that trained a pack writes its files into the run's store itself
+the data stage's files once), hands each a pack of teacher ids at a time and waits on the packs as they finish
+(`ctx.as_completed`: `ray.wait` on Ray). The actor that trained a pack writes its files into the run's store itself
 (`packfiles.write_pack`: the posterior's per-pack sums, the predictions `teachers.keep_predictions`
 asks for, the metadata row last) and returns only metadata, so no `[k, N, C]` array reaches the
 driver, and an interrupted stage resumes with the teachers it has not trained yet.
@@ -26,14 +26,13 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import torch
 from ray import exceptions as ray_errors
 
 from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import TeacherResources
-from w2s_ray.raytools import Progress, as_completed, check_placeable
+from w2s_ray.raytools import Progress
 from w2s_ray.results import DataStage, TeacherStage
 from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
@@ -58,9 +57,9 @@ def default_num_actors(res: TeacherResources, cluster: dict[str, float]) -> int:
     return min(res.num_actors, fit) if res.num_actors else fit
 
 
-def actor_starter(res: TeacherResources):
-    """(pool key, start()) for `raytools.ActorPool`: actors with these resources, SPREAD over nodes."""
-    options = PackTrainer.options(
+def actor_starter(ctx: RunContext, res: TeacherResources):
+    """(pool key, start()) for `executor.ActorPool`: actors with these resources, SPREAD over nodes."""
+    options = dict(
         num_cpus=res.num_cpus_per_actor,
         num_gpus=res.num_gpus_per_actor,
         max_restarts=res.max_retries,
@@ -68,7 +67,7 @@ def actor_starter(res: TeacherResources):
         scheduling_strategy="SPREAD",
     )
     key = (res.num_cpus_per_actor, res.num_gpus_per_actor, res.max_retries)
-    return key, lambda: options.remote(max(1, int(res.num_cpus_per_actor)))
+    return key, lambda: ctx.executor.actor(PackTrainer, max(1, int(res.num_cpus_per_actor)), **options)
 
 
 # --- on-disk layout ------------------------------------------------------------------------
@@ -138,10 +137,6 @@ def iter_pack_logp(teachers: TeacherStage, split: str, k: int | None = None) -> 
 
 # --- the stage -----------------------------------------------------------------------------
 
-LOST_ERRORS = (ray_errors.RayActorError, ray_errors.ObjectLostError, ray_errors.WorkerCrashedError, ray_errors.NodeDiedError)
-"""Failures of the system (a dead actor, worker or node; a lost result), not of training."""
-
-
 def log_lost(pack: int, err: Exception) -> None:
     sys.stderr.write(f"\nteachers: pack {pack} lost ({type(err).__name__}); queued again\n")
 
@@ -187,21 +182,21 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
     else:
         ctx.log(f"teachers: all K={tcfg.k} teachers are on disk (an interrupted stage); writing its table → {stage}")
     next_pack = (max(done["pack"].to_pylist()) + 1) if done is not None else 0
-    check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
-                    {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"},
-                    what="one teacher actor", wait_s=ctx.cfg.ray.placement_wait_s)
-    n_actors = default_num_actors(res, ray.cluster_resources())
+    ctx.executor.check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
+                                 {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"},
+                                 what="one teacher actor", wait_s=ctx.cfg.ray.placement_wait_s)
+    n_actors = default_num_actors(res, ctx.executor.resources())
     packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
         cfg_json = tcfg.model_dump(mode="json")
-        key, start = actor_starter(res)
+        key, start = actor_starter(ctx, res)
         actors = ctx.pool.get(key, min(n_actors, len(packs)), start)
         queue = list(enumerate(packs, start=next_pack))
         running: dict[Any, tuple] = {}
 
         def submit(actor) -> None:
             p, ids = queue.pop(0)
-            running[actor.train.remote(data.dir, cfg_json, data.n_classes, p, ids, ctx.run, stage)] = (actor, p, ids)
+            running[ctx.executor.call(actor, "train", data.dir, cfg_json, data.n_classes, p, ids, ctx.run, stage)] = (actor, p, ids)
 
         for actor in actors:
             if queue:
@@ -209,10 +204,10 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
         n_done, t0 = len(done_ids), time.perf_counter()
         requeued: dict[int, int] = {}
         with Progress("teachers", tcfg.k, n_done, unit="teacher") as bar:
-            for (actor, p, ids), ref in as_completed(running):
+            for (actor, p, ids), ref in ctx.as_completed(running):
                 try:
-                    result = ray.get(ref)
-                except LOST_ERRORS as err:
+                    result = ctx.get(ref)
+                except ctx.executor.lost as err:
                     # Ray's own restarts and retries did not save this pack: queue it again
                     requeued[p] = requeued.get(p, 0) + 1
                     if requeued[p] > res.max_retries + 1:
@@ -227,9 +222,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
                     continue
                 # the worker wrote the pack; a worker on another node published it to the store
                 for f in (meta_path(stage, p), *(sums_path(stage, split, p) for split in PRED_SPLITS)):
-                    if not ctx.run.fetch_file(f):
-                        raise W2SError(f"teachers: pack {p} finished on {result['node']}, but {f} is neither here nor in the store; "
-                                       "on a cluster, output.root must be a filesystem every node mounts or a URI")
+                    ctx.run.need(f, f"teachers: pack {p} (finished on {result['node']})")
                 bar.update(len(result["teacher_ids"]), f"{time.perf_counter() - t0:.1f}s")
                 if queue:
                     submit(actor)

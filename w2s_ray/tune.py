@@ -76,6 +76,7 @@ def tune_param(p) -> Any:
 def check_cluster(ctx: RunContext, space: SearchSpace) -> None:
     """Start or join the configured Ray (`ray.address`, `ray.num_cpus`: also when every stage is
     cached) and refuse trials the cluster cannot place, which would otherwise wait forever."""
+    ctx.executor.needs_ray("w2s-ray tune (Ray Tune)")
     ctx.ray()
     check_placeable(space, None, ctx.cfg.student.workers, ctx.cfg.ray.placement_wait_s)
 

@@ -94,15 +94,16 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     return out
 
 
-@ray.remote
 class PackTrainer:
     """Trains pack after pack on its CPU or GPU; stateless between packs, so a restarted
-    actor (after a node loss) retries its pack with nothing to recover."""
+    actor (after a node loss) retries its pack with nothing to recover. A plain class: the
+    executor makes it a Ray actor (`executor.RayExecutor.actor`) or an object in this process."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(max(1, threads))
         self.device = gpu_device()
-        self.node = ray.get_runtime_context().get_node_id()
+        self.in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "this process"
         self.inputs: dict[Path, dict[str, np.ndarray]] = {}
 
     def data(self, run: RunDir, data_dir: Path) -> dict[str, np.ndarray]:
@@ -111,10 +112,7 @@ class PackTrainer:
         if data_dir not in self.inputs:
             out = {}
             for name in ("weak", "transfer", "test"):
-                path = data_dir / f"{name}.parquet"
-                if not run.fetch_file(path):
-                    raise FileNotFoundError(f"{path}: the data stage's {name} split is neither here nor in the run's store")
-                split = Split.read(path)
+                split = Split.read(run.need(data_dir / f"{name}.parquet", f"the data stage's {name} split"))
                 out[f"x_{name}"], out[f"y_{name}"] = split.teacher_x, split.y  # the teachers' features
             self.inputs = {data_dir: out}
         return self.inputs[data_dir]
@@ -128,9 +126,11 @@ class PackTrainer:
         pack, out = fit_pack(data, cfg, n_classes, teacher_ids, self.device)
         # provenance: a pack trained by an actor Ray restarted after losing it (a node died);
         # Ray 2.60 deprecates the property with a warning per actor but offers no replacement
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        restarted = False
+        if self.in_actor:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
         blocks = {split: pack_log_probs(pack, data[f"x_{split}"], cfg, len(teacher_ids)) for split in PRED_SPLITS}
         out["seconds"] = time.perf_counter() - t0  # training; the blocks are predicted while written
@@ -166,11 +166,8 @@ def label_block(run: RunDir, data_dir: Path, teachers: TeacherStage, single: int
     (`PosteriorAccumulator.finalize`) and the labels part written into the run's store from here.
     Returns the block's size, K and its summed statistics, never rows. Memory: a few
     `[rows, C]` arrays, whatever N and K are."""
-    split = data_dir / "transfer.parquet"
-    if not run.fetch_file(split):
-        raise FileNotFoundError(f"{split}: the data stage's transfer split is neither here nor in the run's store")
-    tr = Split.read(split, rows, teacher_features=False)
-    run.fetch_file(teachers.dir / "teachers.parquet")
+    tr = Split.read(run.need(data_dir / "transfer.parquet", "the data stage's transfer split"), rows, teacher_features=False)
+    run.need(teachers.dir / "teachers.parquet", "the teachers stage's table")
     packs = pack_ids(teachers)  # read once for both
     acc = split_posterior(teachers, "transfer", rows[1], n_classes, rows, run, packs)
     post = acc.finalize()
