@@ -21,6 +21,7 @@ from conftest import run_dir, small_config
 from w2s_ray import artifacts, storage
 from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_pipeline, run_tune
+from w2s_ray.pipeline import run_pipeline as run_on
 from w2s_ray.space import load_space
 from w2s_ray.storage import RunDir
 
@@ -52,8 +53,17 @@ def check_store_matches(cfg, fs, base):
     return files
 
 
-@pytest.mark.slow
-def test_file_uri_run_resumes_from_the_store(ray_session, tmp_path, capfd):
+def test_file_uri_run_resumes_from_the_store(tmp_path, capfd, monkeypatch):
+    """A run in a `file://` store, in this process (`executor.InProcess`: the store logic is the
+    stage code's; the S3 test below runs on Ray): a fresh machine takes every stage from the
+    store, and half a teacher stage there is resumed, not retrained."""
+    from w2s_ray.executor import InProcess
+
+    def run_pipeline(cfg, until="report"):
+        return run_on(cfg, until, executor=InProcess())
+
+    # one run here: a lease read back at once is its own (the 1 s settle is for two writers of an object store)
+    monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.01)
     store_root = tmp_path / "store"
     cfg = small_config(tmp_path, output={"root": f"file://{store_root}", "cache": str(tmp_path / "cache"), "name": "s"})
     assert run_dir(cfg).path == tmp_path / "cache" / "file" / str(store_root).strip("/") / "s"
@@ -113,8 +123,9 @@ def s3_root():
 
 
 @pytest.mark.slow
-def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root):
+def test_s3_run_and_tune_live_in_the_bucket(ray_session, tmp_path, s3_root, monkeypatch):
     root, fs = s3_root
+    monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.01)  # one run: see test_file_uri_run_resumes_from_the_store
     cfg = small_config(tmp_path, output={"root": root, "cache": str(tmp_path / "cache"), "name": "s3"})
     run_pipeline(cfg)
     base = "w2s-runs/exp/s3"
