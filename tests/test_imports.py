@@ -62,3 +62,19 @@ def test_math_modules_import_no_ray_and_nothing_touches_cuda_at_import():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_stages_submit_their_work_through_the_run_context():
+    """The executor seam (`w2s_ray.executor`): no stage, study or report calls Ray's task and
+    actor API itself, so the same stage code runs on Ray and in process (`InProcess`). Only
+    the executor, the Ray plumbing, the Ray Train student and Tune touch it."""
+    ray_api = {"remote", "get", "put", "wait", "kill", "cluster_resources", "nodes"}
+    allowed = {"executor.py", "raytools.py", "tune.py", "trial.py", "ray_train.py"}
+    calls = {}
+    for p in PACKAGE.rglob("*.py"):
+        if p.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ray_api and isinstance(node.value, ast.Name) and node.value.id == "ray"):
+                calls.setdefault(p.name, set()).add(f"ray.{node.attr}")
+    assert calls == {}, calls

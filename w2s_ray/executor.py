@@ -8,7 +8,7 @@ one executor:
 - `put(obj)` shares one object with many tasks; `map_fn()` is the `map` a task that fans out
   uses (the data stage's chunk generator);
 - `actor(cls, *args, **options)` and `call(actor, method, *args)` for the teacher actors
-  (through `raytools.ActorPool`), `kill(actor)`;
+  (through `ActorPool`, below), `kill(actor)`;
 - `resources()`, `nodes()` and `check_placeable(...)` describe the cluster; `lost` is the tuple
   of errors that mean "the system lost this work", not "the work failed" (the teacher stage
   queues a lost pack again).

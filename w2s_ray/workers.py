@@ -100,7 +100,8 @@ class PackTrainer:
     executor makes it a Ray actor (`executor.RayExecutor.actor`) or an object in this process."""
 
     def __init__(self, threads: int):
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         self.device = gpu_device()
         self.in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "this process"
@@ -120,6 +121,7 @@ class PackTrainer:
     def train(self, data_dir: Path, cfg_json: dict, n_classes: int, pack_index: int, teacher_ids: list[int], run: RunDir, stage: Path) -> dict[str, Any]:
         """Train a pack, write its files into the run's store from here, return its metadata
         (ids, seeds, accuracies, timings: a few hundred bytes, never its predictions)."""
+        torch.set_num_threads(self.threads)  # again: an in-process "actor" shares its process's setting (`executor.InProcess`)
         data = self.data(run, data_dir)
         cfg = TeachersConfig.model_validate(cfg_json)
         t0 = time.perf_counter()
