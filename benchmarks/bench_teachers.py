@@ -1,29 +1,59 @@
-"""(a) Teacher training: the project's Ray path vs a bare packed loop vs one model at a time.
+"""(a) Teacher training: the project's Ray path against the fairest bare loops we know.
 
-All three train the same MLP teachers on the same weak-gold split (MNIST-1D) and predict the
-transfer and test splits; rates are teacher-steps/s (one optimizer step of one teacher).
+All paths train the same MLP teachers on the same weak-gold split (the data stage's own files)
+and predict the transfer and test splits; rates are teacher-steps/s (one optimizer step of one
+teacher). The references, each printed with its layout:
 
-    python benchmarks/bench_teachers.py [--k 64] [--epochs 30] [--reps 3] [--one-at-a-time 8]
+- the bare pack in as many single-thread processes as the stage has actors, each process
+  training its share of the K teachers as one stacked pack (`workers.train_pack_local`), the
+  processes started, warmed and handed their data before the timing starts: the layout a good
+  engineer would use on these cores (on 2 cores a second thread in one process was worth
+  nothing at K = 64, a second process 1.65×, in issue 22's measurement);
+- the bare pack in one process with every thread (what this benchmark used to compare with);
+- one model at a time, best of 1 and all threads.
+
+The Ray path is timed twice: with the run's actor pool reused (a study), and with actors
+started inside the timing (a one-off `w2s-ray teachers`). Not measured here: the GEMM-only
+bound of a pack step (issue 22).
+
+    python benchmarks/bench_teachers.py [--k 64] [--epochs 30] [--reps 3] [--one-at-a-time 8] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import common  # noqa: F401  (sets Ray env defaults)
 import torch
 
 from w2s_ray.config import load_config
-from w2s_ray.data import make_splits
-from w2s_ray.mnist1d_gen import load_mnist1d
+from w2s_ray.data import stage_data
 from w2s_ray.packs import steps_per_teacher, teacher_indices, teacher_seed, train_one
-from w2s_ray.results import DataStage
+from w2s_ray.results import Split
 from w2s_ray.run import RunContext
-from w2s_ray.teachers import train_teachers
+from w2s_ray.teachers import default_num_actors, plan_packs, train_teachers
 from w2s_ray.workers import train_pack_local
+
+SMOKE = {"data.num_samples": 1500, "data.chunk_size": 500, "data.n_weak": 300, "data.n_transfer": 600, "data.n_test": 500}
+
+_STATE: dict = {}
+
+
+def _worker_init(data, tcfg, n_classes) -> None:
+    """A reference process: one thread, the splits in memory, torch warmed by a tiny pack."""
+    torch.set_num_threads(1)
+    _STATE.update(data=data, tcfg=tcfg, n_classes=n_classes)
+    train_pack_local(data, tcfg.model_copy(update={"epochs": 1}), n_classes, [0, 1])
+
+
+def _train(ids: list[int]) -> int:
+    train_pack_local(_STATE["data"], _STATE["tcfg"], _STATE["n_classes"], ids)
+    return len(ids)
 
 
 def main() -> None:
@@ -34,72 +64,96 @@ def main() -> None:
     ap.add_argument("--one-at-a-time", type=int, default=8, help="teachers timed in the sequential loop")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: checks that it runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.k, a.epochs, a.reps, a.one_at_a_time = 4, 1, 1, 1
 
-    cfg = load_config(None, {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile})
-    x, y = load_mnist1d(cfg.data)
-    splits = make_splits(x, y, cfg.data)
-    data = {f"x_{s}": splits[s].x for s in splits} | {f"y_{s}": splits[s].y for s in splits}
+    root = Path(tempfile.mkdtemp(prefix="w2s-bench-teachers-"))
+    values = {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile, "output.root": str(root)}
+    cfg = load_config(None, values | (SMOKE if a.smoke else {}))
     tc = cfg.teachers
     steps = a.k * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
     print(f"K={a.k} MLP-{tc.model.width} teachers, {tc.epochs} epochs on {cfg.data.n_weak} rows, batch {tc.batch_size}: {steps} teacher-steps; device {a.device}")
 
-    common.start_ray()
-    import ray
+    try:
+        with RunContext.open(cfg) as ctx:
+            data_stage = stage_data(ctx)  # the files the actors read
+            ctx.ray()
+            import ray
 
-    n_cpus = int(ray.cluster_resources()["CPU"])
+            n_cpus = int(ray.cluster_resources()["CPU"])
+            n_actors = default_num_actors(tc.resources, ray.cluster_resources())
 
-    ctx = RunContext.open(cfg)
-    data_stage = DataStage(Path("."), splits, 10, x.shape[1])
+            def ray_path(cold: bool):
+                d = Path(tempfile.mkdtemp(dir=root))
+                try:
+                    if cold:
+                        ctx.pool.release()  # a one-off `w2s-ray teachers` run: actors start inside the timing
+                    return train_teachers(ctx, data_stage, d)
+                finally:
+                    shutil.rmtree(d)
 
-    def ray_path(cold: bool):
-        d = Path(tempfile.mkdtemp())
-        try:
-            if cold:
-                ctx.pool.release()  # a one-off `w2s-ray teachers` run: actors start inside the timing
-            return train_teachers(ctx, data_stage, d)
-        finally:
-            shutil.rmtree(d)
+            ray_path(False)  # warm the actor pool
+            t_ray, ts_ray, _ = common.timed(lambda: ray_path(False), a.reps)
+            t_cold, ts_cold, _ = common.timed(lambda: ray_path(True), a.reps)
+            ctx.pool.release()
+        ray.shutdown()  # the references get the CPUs to themselves
 
-    with ctx:
-        ray_path(False)  # warm the worker pool
-        t_ray, ts_ray, _ = common.timed(lambda: ray_path(False), a.reps)
-        t_cold, ts_cold, _ = common.timed(lambda: ray_path(True), a.reps)
+        splits = {s: Split.read(data_stage.splits.path(s)) for s in ("weak", "transfer", "test")}
+        data = {f"x_{s}": sp.teacher_x for s, sp in splits.items()} | {f"y_{s}": sp.y for s, sp in splits.items()}
+        c = data_stage.n_classes
 
-    torch.set_num_threads(n_cpus)
-    train_pack_local(data, tc.model_copy(update={"epochs": 1}), 10, list(range(4)), a.device)  # warm-up
-    t_pack, ts_pack, _ = common.timed(lambda: train_pack_local(data, tc, 10, list(range(a.k)), a.device), a.reps)
+        # the fair reference: the stage's layout (n_actors processes × 1 thread, one pack each)
+        packs = plan_packs(list(range(a.k)), n_actors, tc.resources.max_pack_size)
+        with mp.get_context("spawn").Pool(n_actors, initializer=_worker_init, initargs=(data, tc, c)) as pool:
+            pool.map(_train, [[0, 1]] * n_actors)  # every process warm before the timing
 
-    xw, yw = torch.from_numpy(data["x_weak"]).to(a.device), torch.from_numpy(data["y_weak"]).to(a.device)
-    xs = [torch.from_numpy(data[f"x_{s}"]).to(a.device) for s in ("transfer", "test")]
+            def processes():
+                return sum(pool.map(_train, packs, chunksize=1))
 
-    def sequential():
-        for t in range(a.one_at_a_time):
-            s = teacher_seed(tc.seed, t)
-            idx = teacher_indices(tc.resample, len(yw), tc.k, t, s, tc.seed)
-            m = train_one(tc.model, xw, yw, 10, s, idx, tc.epochs, tc.batch_size, tc.lr)
-            with torch.no_grad():
-                [torch.log_softmax(m(xx), -1) for xx in xs]
+            t_proc, ts_proc, _ = common.timed(processes, a.reps)
 
-    steps_one = a.one_at_a_time * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
-    one = {}
-    for threads in sorted({1, n_cpus}):
-        torch.set_num_threads(threads)
-        t_one, ts_one, _ = common.timed(sequential, a.reps)
-        one[threads] = (steps_one / t_one, ts_one)
+        torch.set_num_threads(n_cpus)
+        train_pack_local(data, tc.model_copy(update={"epochs": 1}), c, list(range(4)), a.device)  # warm-up
+        t_pack, ts_pack, _ = common.timed(lambda: train_pack_local(data, tc, c, list(range(a.k)), a.device), a.reps)
+
+        xw, yw = torch.tensor(data["x_weak"], device=a.device), torch.tensor(data["y_weak"], device=a.device)  # copies: Arrow buffers are read-only
+        xs = [torch.tensor(data[f"x_{s}"], device=a.device) for s in ("transfer", "test")]
+
+        def sequential():
+            for t in range(a.one_at_a_time):
+                s = teacher_seed(tc.seed, t)
+                idx = teacher_indices(tc.resample, len(yw), tc.k, t, s, tc.seed)
+                m = train_one(tc.model, xw, yw, c, s, idx, tc.epochs, tc.batch_size, tc.lr)
+                with torch.no_grad():
+                    [torch.log_softmax(m(xx), -1) for xx in xs]
+
+        steps_one = a.one_at_a_time * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
+        one = {}
+        for threads in sorted({1, n_cpus}):
+            torch.set_num_threads(threads)
+            t_one, ts_one, _ = common.timed(sequential, a.reps)
+            one[threads] = (steps_one / t_one, ts_one)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     best_threads = max(one, key=lambda th: one[th][0])
     r_one = one[best_threads][0]
 
-    r_ray, r_cold, r_pack = steps / t_ray, steps / t_cold, steps / t_pack
-    print(f"Ray path, actor pool reused        {r_ray:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_ray)}")
-    print(f"Ray path, actors started per run   {r_cold:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_cold)}")
-    print(f"bare packed loop ({n_cpus} threads)       {r_pack:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_pack)}")
+    r_ray, r_cold, r_proc, r_pack = steps / t_ray, steps / t_cold, steps / t_proc, steps / t_pack
+    sizes = "+".join(str(len(p)) for p in packs)
+    print(f"Ray path: {n_actors} actor(s) × {tc.resources.num_cpus_per_actor:g} CPU, packs {sizes}; references on the same {n_cpus} CPUs after Ray stopped")
+    print(f"Ray path, actor pool reused               {r_ray:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_ray)}")
+    print(f"Ray path, actors started per run          {r_cold:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_cold)}")
+    print(f"bare pack, {n_actors} process(es) × 1 thread         {r_proc:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_proc)}  (packs {sizes}, warm, data in memory)")
+    print(f"bare pack, 1 process × {n_cpus} thread(s)          {r_pack:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_pack)}")
     for th, (r, ts) in one.items():
-        print(f"one model at a time ({th} thread{'s' if th > 1 else ''})    {r:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts)} for {a.one_at_a_time} teachers")
-    print(f"ratio Ray (pool) / bare pack          = {r_ray / r_pack:.2f}x   (target >= 0.9)")
-    print(f"ratio Ray (cold) / bare pack          = {r_cold / r_pack:.2f}x")
-    print(f"ratio Ray (pool) / one-at-a-time best = {r_ray / r_one:.1f}x   (target >= 15 on a 2-core CPU; best loop: {best_threads} thread(s))")
-    print(f"ratio bare pack / one-at-a-time best  = {r_pack / r_one:.1f}x")
+        print(f"one model at a time, 1 process × {th} thread(s) {r:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts)} for {a.one_at_a_time} teachers")
+    fair = max(r_proc, r_pack)
+    print(f"ratio Ray (pool) / fairest bare pack     = {r_ray / fair:.2f}x   (target >= 0.8 at K = 64, >= 0.9 at K >= 256)")
+    print(f"ratio Ray (cold) / fairest bare pack     = {r_cold / fair:.2f}x")
+    print(f"ratio bare processes / bare threads      = {r_proc / r_pack:.2f}x")
+    print(f"ratio Ray (pool) / one-at-a-time best    = {r_ray / r_one:.1f}x   (best loop: {best_threads} thread(s))")
 
 
 if __name__ == "__main__":
