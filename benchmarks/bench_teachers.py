@@ -25,7 +25,6 @@ import argparse
 import multiprocessing as mp
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (sets Ray env defaults)
