@@ -194,14 +194,14 @@ def test_a_stage_directory_is_written_by_one_run_at_a_time(tmp_path):
 def test_a_stage_in_a_store_is_written_by_one_run_at_a_time(tmp_path, monkeypatch):
     """Two machines (two caches) on one store: the second is kept out by the lease in the store,
     a lease whose run stopped renewing it is taken over, and a released lease is gone."""
-    monkeypatch.setattr(RunDir, "LEASE_S", 2.0)
+    monkeypatch.setattr(RunDir, "LEASE_S", 3.0)  # renewed every 0.75 s: a loaded CI machine may delay a renewal by a second
     monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.05)
     root = f"file://{tmp_path / 'store'}"
     a, b = RunDir.open(root, "r", cache=str(tmp_path / "cache-a")), RunDir.open(root, "r", cache=str(tmp_path / "cache-b"))
     lease = tmp_path / "store" / "r" / "teachers" / ".abc.lock"
     with a.lock(a.stage("teachers", "abc"), "teachers stage"):
         owner = json.loads(lease.read_text())["owner"]
-        time.sleep(2.5)  # past one lease period: renewed, so still held
+        time.sleep(3.5)  # past one lease period: renewed, so still held
         with pytest.raises(W2SError, match=r"being written by another run .*lease in the store"):
             with dataclasses.replace(b, wait=False).lock(b.stage("teachers", "abc"), "teachers stage"):
                 pass

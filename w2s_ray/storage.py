@@ -308,8 +308,13 @@ class RunDir:
                 return {}
 
         def write() -> None:
-            with fs.open_output_stream(path) as f:
+            # whole or not at all: a local or NFS stream is truncated on open, and a reader that
+            # came between truncate and write would see no lease and take it (object stores put
+            # an object whole on close, and the move is a copy)
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            with fs.open_output_stream(tmp) as f:
                 f.write(json.dumps({"owner": me, "expires": time.time() + self.LEASE_S}).encode())
+            fs.move(tmp, path)
 
         def refuse(holder: dict) -> tuple[str, str]:
             return (f"{what} {directory} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store at {path})",
