@@ -111,6 +111,7 @@ def test_theory_study_report_with_regimes(warm, tmp_path, monkeypatch):
     assert regimes["mean_teacher_acc"].iloc[1] != regimes["mean_teacher_acc"].iloc[0]
 
 
+@pytest.mark.slow  # 7 s in process: kept out of the fast tier's minute
 def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
     """C1, C2, C5, C6 over 5 seeds, C3 (P5) over 10 teacher draws per width; the effects
     recomputed here from the saved per-student test predictions and the teachers' own, the C2
