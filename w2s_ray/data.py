@@ -350,18 +350,13 @@ def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
     if shape:  # known without generating: the models are checked before Ray starts
         check_models(ctx, shape[0], cfg.n_classes or shape[1])
     ctx.log(f"data: building {cfg.source} splits → {d}")
-    if cfg.source in GENERATED and cfg.num_samples <= IN_DRIVER_ROWS:
-        ctx.run.reset(d)  # small: generated here, before Ray starts (see IN_DRIVER_ROWS)
-        x, y, classes, xt = load_source(cfg)
-        fields = write_splits(cfg, x, y, classes, ctx.run, d, xt)
-        del x, y, xt
-    elif cfg.source in GENERATED:
+    if cfg.source in GENERATED and cfg.num_samples > IN_DRIVER_ROWS:
         ctx.ray()
         ctx.run.reset(d)
         fields = ctx.get(ctx.submit(build_splits, cfg, ctx.run, d, ctx.executor.map_fn()))
         for name in SPLITS:
             ctx.run.need(d / f"{name}.parquet", f"data: the {name} split (written by a task on another node)")
-    else:
+    else:  # digits, user data and a small generated source (`IN_DRIVER_ROWS`): made here, before Ray starts
         x, y, classes, xt = load_source(cfg)
         if not shape:  # user data is read in this process: still before Ray starts
             check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y), None if xt is None else int(xt.shape[1]))
@@ -372,8 +367,8 @@ def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
 
 
 def stage_data(ctx: RunContext) -> DataStage:
-    """The three splits, built once per data key. A generated source is built in a Ray task
-    (`build_splits`); digits and user Parquet are read here, user data validated before Ray
+    """The three splits, built once per data key. A generated source above `IN_DRIVER_ROWS` is
+    built in a Ray task (`build_splits`); digits, user Parquet and small generated sources are made here, user data validated before Ray
     starts (its rows then pass through the driver once: memory grows with the file)."""
     d = ctx.run.open_stage("data", ctx.keys.data)
     with ctx.run.claim(d, "data stage", lambda: artifacts.read_manifest(d)) as manifest:
