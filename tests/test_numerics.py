@@ -43,13 +43,27 @@ def test_the_numerics_are_part_of_every_trained_result_key(tmp_path, monkeypatch
     assert all(after[k] != before[k] for k in ("teachers", "labels", "ceiling", "report", "student"))
 
 
+IN_PROCESS_RUN = """
+import sys
+from w2s_ray import numerics
+numerics.pin_this_process()  # first, as the CLI does: before torch loads
+from w2s_ray.config import load_config
+from w2s_ray.executor import InProcess
+from w2s_ray.pipeline import run_pipeline
+run_pipeline(load_config(sys.argv[1]), executor=InProcess())
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="emulates a CPU through the libraries' Linux switches")
 def test_a_run_is_the_same_bits_on_a_cpu_without_avx512(tmp_path):
-    """The whole pipeline twice, as `w2s-ray run` processes: on this CPU, and with MKL and
-    oneDNN capped at AVX2 (a CPU without AVX-512). Without the pins the teachers and the CNN
-    student differ between the two (`benchmarks/bench_determinism.py`); with them every
-    teacher prediction, the posterior and every student's test predictions are equal bytes."""
+    """The whole pipeline twice, each in a fresh process that pins itself as the CLI does: on
+    this CPU, and with MKL and oneDNN capped at AVX2 (a CPU without AVX-512). Without the pins
+    the teachers and the CNN student differ between the two (`benchmarks/bench_determinism.py`);
+    with them every teacher prediction, the posterior and every student's test predictions are
+    equal bytes. The stages run in that process (`executor.InProcess`, 41 → ~15 s): Ray workers
+    start with the same pins (`test_workers_start_with_the_pins`) and write the same bits as the
+    in-process stages (`test_pipeline.test_the_stages_in_this_process_write_what_ray_writes`)."""
     from w2s_ray import numerics
 
     if not numerics.has_avx2():
@@ -61,8 +75,7 @@ def test_a_run_is_the_same_bits_on_a_cpu_without_avx512(tmp_path):
         conf = tmp_path / f"{name}.yaml"
         conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         env = {k: v for k, v in os.environ.items() if k not in numerics.PINS} | extra
-        out = subprocess.run([sys.executable, "-m", "w2s_ray.cli", "run", str(conf), "--set", "ray.num_cpus=2"], env=env,
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run([sys.executable, "-c", IN_PROCESS_RUN, str(conf)], env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         roots[name] = Path(cfg.output.root) / cfg.output.name
     patterns = ("teachers/*/preds/*/*.parquet", "teachers/*/sums/*/*.parquet", "labels/*/parts/*.parquet", "labels/*/test_posterior.parquet",
