@@ -42,8 +42,9 @@ def session_members(sid: int) -> list[int]:
 
 
 def kill_session(sid: int, signals=(signal.SIGTERM, signal.SIGKILL), wait: float = 2.0, timeout: float = 20.0) -> None:
-    """Send each signal to every process of the session, then SIGKILL whatever is still there
-    (a raylet may fork a worker while we kill) until the session is empty or `timeout` passes."""
+    """Send each signal to every process of the session, waiting up to `wait` after each for
+    the session to end, then SIGKILL whatever is still there (a raylet may fork a worker while
+    we kill) until the session is empty or `timeout` passes."""
 
     def send(sig) -> None:
         for pid in session_members(sid):
@@ -54,7 +55,9 @@ def kill_session(sid: int, signals=(signal.SIGTERM, signal.SIGKILL), wait: float
 
     for sig in signals:
         send(sig)
-        time.sleep(wait)
+        settle = time.time() + wait  # up to `wait` for the session to end on this signal
+        while session_members(sid) and time.time() < settle:
+            time.sleep(0.1)
     deadline = time.time() + timeout
     while session_members(sid) and time.time() < deadline:
         send(signal.SIGKILL)

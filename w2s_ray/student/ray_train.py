@@ -28,7 +28,9 @@ ceiling is trained by one task, as with one worker.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -183,6 +185,28 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
 
+HEALTH_CHECK_S = "0.5"
+"""How often the Ray Train controller polls its workers, unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+is set (Ray's default: 2 s). The controller sees the end of training only at its next poll,
+and a student here trains in seconds: measured on 2 CPUs, a 4-epoch student took 5.3 s from the
+workers' last report to `fit` returning at 2 s, 2.4 s at 0.2 s."""
+
+
+@contextmanager
+def controller_polling() -> Iterator[None]:
+    """`HEALTH_CHECK_S` in this process's environment while a trainer starts and runs (Ray Train
+    passes the variable on to its controller), as it was afterwards."""
+    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = HEALTH_CHECK_S
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def fit_student(job: StudentJob, in_dim: int, storage: Path, callbacks: list | None = None) -> TrainResult:
     """Train `job`'s student across `job.cfg.workers` Ray Train workers; its best weights. With
     `callbacks` (a Tune trial's `TuneReportCallback`), every epoch is reported to them."""
@@ -206,7 +230,8 @@ def fit_student(job: StudentJob, in_dim: int, storage: Path, callbacks: list | N
         dataset_config=dataset_config,
         run_config=RunConfig(name=f"student-{target}", storage_path=path, storage_filesystem=fs, callbacks=callbacks),
     )
-    result = trainer.fit()
+    with controller_polling():
+        result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
         raise W2SError(f"student[{target}] across {cfg.workers} workers failed: {result.error}")
     with result.checkpoint.as_directory() as d:
