@@ -14,7 +14,7 @@ blocks write it (parts of 100,000 rows, `packfiles.part_path`), then:
    (read once into the object store), then every worker's `ray_train.epoch_batches` for --epochs
    epochs inside a real `TorchTrainer`, the loop doing nothing with the batches.
 
-    python benchmarks/bench_labels.py [--rows 500000] [--batch 65536] [--reps 3] [--epochs 3]
+    python benchmarks/bench_labels.py [--rows 500000] [--batch 65536] [--reps 3] [--epochs 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stream-rows", type=int, nargs="+", default=[8192], help="ray_train.STREAM_ROWS values to compare")
     ap.add_argument("--student-only", action="store_true", help="skip the Ray Data vs pyarrow read (1.)")
+    ap.add_argument("--smoke", action="store_true", help="20,000 rows, one rep, one epoch: checks that it runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.rows, a.reps, a.epochs = 20_000, 1, 1
     common.start_ray()
     rng = np.random.default_rng(0)
     n, c = a.rows, 10
@@ -169,15 +172,20 @@ def main() -> None:
             assert m == n
             print(f"pyarrow iter_batches({size}) of those columns    {n / t_ref:>12,.0f} rows/s  median of {common.fmt_times(ts_ref)}")
         ref = n / t_ref  # the reference: pyarrow in-process at the training batch size
-        for epochs in (1, a.epochs):
+        for epochs in sorted({1, a.epochs}):
             t_task, ts_task, rows = common.timed(lambda: task_input(src, cfg, epochs), a.reps)
             print(f"workers: 1, read + {epochs} epoch(s) of batches       {rows / t_task:>12,.0f} rows/s  median of {common.fmt_times(ts_task)}"
-                  f"   ratio {rows / t_task / ref:.2f}x (target >= 0.8)")
+                  f"   ratio {rows / t_task / ref:.2f}x against pyarrow reading every epoch (target >= 0.8)")
+        # the fair reference for several workers: the one-process input (read once, batches
+        # gathered in memory), over the same epochs, in one process
+        mem = rows / t_task
+        print(f"reference for the Ray Train input: workers: 1 (1 process, read once, gathered in memory), {a.epochs} epoch(s): {mem:,.0f} rows/s")
         for stream_rows in a.stream_rows:
             t_read, rows, t_loop = ddp_input(run, d, cfg, a.epochs, a.workers, stream_rows)
             print(f"workers: {a.workers}, read into the object store once          {n / t_read:>12,.0f} rows/s  ({t_read:.1f} s)")
             print(f"workers: {a.workers}, {a.epochs} epochs of shard batches ({stream_rows}-row takes) {rows / t_loop:>12,.0f} rows/s  "
-                  f"ratio {rows / t_loop / ref:.2f}x; with the read {rows / (t_loop + t_read) / ref:.2f}x (target >= 0.8)", flush=True)
+                  f"ratio {rows / t_loop / mem:.2f}x the in-memory reference; with the read {rows / (t_loop + t_read) / mem:.2f}x "
+                  "(target >= 0.5)", flush=True)
     finally:
         shutil.rmtree(d)
 

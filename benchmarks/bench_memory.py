@@ -4,7 +4,7 @@ Trains (or reuses) one 1024-teacher ensemble, then runs the streaming posterior 
 variance study for K_max = 256 and K_max = 1024, each in a fresh child process, and prints each
 child's peak RSS. Flat memory means the pass holds running sums, not the teachers' predictions.
 
-    python benchmarks/bench_memory.py [--run-root /tmp/w2s-mem]
+    python benchmarks/bench_memory.py [--run-root /tmp/w2s-mem] [--smoke]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import multiprocessing as mp
 import resource
 import tempfile
 
-import common  # noqa: F401
+import common
 
 from w2s_ray.config import load_config
 from w2s_ray.data import stage_data
@@ -24,9 +24,9 @@ from w2s_ray.studies.variance import variance_table
 from w2s_ray.teachers import stage_teachers
 
 
-def posterior_pass(args: tuple[str, int], queue) -> None:
-    root, k = args
-    cfg = load_config(None, {"output.root": root, "teachers.k": k})
+def posterior_pass(args: tuple[str, int, dict], queue) -> None:
+    root, k, extra = args
+    cfg = load_config(None, {"output.root": root, "teachers.k": k} | extra)
     with RunContext.open(cfg) as ctx:  # both stages are cached: no Ray starts here
         data = stage_data(ctx)
         teachers = stage_teachers(ctx, data)
@@ -38,13 +38,15 @@ def posterior_pass(args: tuple[str, int], queue) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-root", default=tempfile.mkdtemp(prefix="w2s-mem-"))
+    ap.add_argument("--smoke", action="store_true", help="K 4 and 8 on small data: checks that it runs")
     a = ap.parse_args()
+    ks, extra = ((4, 8), {**common.SMOKE_RUN, "teachers.epochs": 1}) if a.smoke else ((256, 1024), {})
     common.start_ray()
-    run_pipeline(load_config(None, {"output.root": a.run_root, "teachers.k": 1024}), until="teachers")
+    run_pipeline(load_config(None, {"output.root": a.run_root, "teachers.k": ks[-1]} | extra), until="teachers")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    for k in (256, 1024):
-        p = ctx.Process(target=posterior_pass, args=((a.run_root, k), queue))
+    for k in ks:
+        p = ctx.Process(target=posterior_pass, args=((a.run_root, k, extra), queue))
         p.start()
         p.join()
         k_, before, peak = queue.get()

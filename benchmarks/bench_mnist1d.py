@@ -1,13 +1,13 @@
 """(c) MNIST-1D generation: the project's seeded chunks as parallel Ray tasks vs the package's loop.
 
-    python benchmarks/bench_mnist1d.py [--samples 20000] [--reps 3]
+    python benchmarks/bench_mnist1d.py [--samples 20000] [--reps 3] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 
-import common  # noqa: F401
+import common
 
 from w2s_ray.config import DataConfig
 from w2s_ray.mnist1d_gen import load_mnist1d, mnist1d_chunk, mnist1d_plan
@@ -17,7 +17,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: checks that it runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.samples, a.reps = 2000, 1
     common.start_ray()
     import ray
 

@@ -16,6 +16,7 @@ bytes each stage wrote.
 
     python benchmarks/bench_scale.py --ns 100000 1000000 [--k 256] [--run-root DIR]
     python benchmarks/bench_scale.py --ks 64 256 1024 [--keep all none]
+    python benchmarks/bench_scale.py --smoke     # both, tiny: checks that it runs
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-import common  # noqa: F401
+import common
 
 STAGES = ("data", "teachers", "labels", "student", "report")
 
@@ -108,13 +109,14 @@ def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
     queue.put((n, k, walls, rss, store, totals, written, read))
 
 
-def teachers_and_labels(args: tuple[str, int, str], queue) -> None:
+def teachers_and_labels(args: tuple[str, int, str, dict], queue) -> None:
     from w2s_ray.config import load_config
     from w2s_ray.pipeline import run_pipeline
 
-    root, k, keep = args
+    root, k, keep, extra = args
     t0 = time.perf_counter()
-    st = run_pipeline(load_config(None, {"output.root": root, "output.name": "scale", "teachers.k": max(k, 2), "teachers.keep_predictions": keep}), until="data" if k == 0 else "labels")
+    values = {"output.root": root, "output.name": "scale", "teachers.k": max(k, 2), "teachers.keep_predictions": keep} | extra
+    st = run_pipeline(load_config(None, values), until="data" if k == 0 else "labels")
     if k == 0:
         queue.put(None)
         return
@@ -140,7 +142,12 @@ def main() -> None:
     ap.add_argument("--keep", nargs="+", default=["all", "none"])
     ap.add_argument("--run-root", default=None)
     ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: removed after each N)")
+    ap.add_argument("--smoke", action="store_true", help="N 3,000 with K 4, and K 4 on small data: checks that it runs")
     a = ap.parse_args()
+    extra = {}
+    if a.smoke:
+        a.ns, a.k, a.pack, a.epochs, a.ks, a.keep = [3000], 4, 2, 1, [4], ["none"]
+        extra = {**common.SMOKE_DATA, "teachers.epochs": 2, "posterior.n_boot": 10}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     root = a.run_root or tempfile.mkdtemp(prefix="w2s-scale-")
@@ -156,11 +163,11 @@ def main() -> None:
             if not a.keep_runs:
                 shutil.rmtree(Path(root) / f"n{n}", ignore_errors=True)
     if a.ks:
-        child(teachers_and_labels, (root, 0, "all"), ctx, queue)  # the data, cached for the others
+        child(teachers_and_labels, (root, 0, "all", extra), ctx, queue)  # the data, cached for the others
         print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
         for k in a.ks:
             for keep in a.keep:
-                k_, keep_, wall, rss, mb = child(teachers_and_labels, (root, k, keep), ctx, queue)
+                k_, keep_, wall, rss, mb = child(teachers_and_labels, (root, k, keep, extra), ctx, queue)
                 print(f"{k_:>6} {keep_:>7} {wall:>8.1f} {rss:>19,.0f} {mb:>17,.1f}", flush=True)
 
 

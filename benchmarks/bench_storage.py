@@ -2,7 +2,7 @@
 `file://` URI and an `s3://` bucket on a local S3 server (moto), interleaved, medians of `--reps`.
 Also the cost of starting on a machine with an empty local copy (every stage fetched from the store).
 
-    python benchmarks/bench_storage.py [--reps 3] [--config CONFIG]
+    python benchmarks/bench_storage.py [--reps 3] [--config CONFIG] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--smoke", action="store_true", help="small data up to the teachers, one rep: checks that it runs")
     a = ap.parse_args()
+    until = "report"
+    if a.smoke:
+        a.reps, until = 1, "teachers"
     from moto.server import ThreadedMotoServer
 
     import pyarrow.fs as pafs
@@ -43,17 +47,18 @@ def main() -> None:
     for rep in range(a.reps):
         for label, root in roots.items():
             over = {"output.root": root, "output.name": f"r{rep}", "output.cache": str(tmp / "cache"), "output.tensorboard": False}
+            over |= common.SMOKE_RUN if a.smoke else {}
             cfg = load_config(a.config, over)
             t0 = time.perf_counter()
-            run_pipeline(cfg)
+            run_pipeline(cfg, until=until)
             times[label].append(time.perf_counter() - t0)
             if label in fetch:
                 shutil.rmtree(RunDir.open(root, cfg.output.name, cfg.output.cache).path)  # a new machine: every stage comes from the store
                 t0 = time.perf_counter()
-                run_pipeline(cfg)
+                run_pipeline(cfg, until=until)
                 fetch[label].append(time.perf_counter() - t0)
     base = statistics.median(times["local path"])
-    print(f"\nthe default pipeline from scratch, medians of {a.reps} (interleaved):")
+    print(f"\nthe default pipeline from scratch{'' if until == 'report' else ' up to ' + until}, medians of {a.reps} (interleaved):")
     for label, ts in times.items():
         print(f"  {label:14s} {statistics.median(ts):6.2f} s  ({statistics.median(ts) / base:.2f}x local)  {common.fmt_times(ts)}")
     print("a rerun with an empty local copy (all stages fetched from the store):")

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (sets Ray env defaults)
+import common
 import torch
 
 from w2s_ray.config import load_config
@@ -37,8 +37,6 @@ from w2s_ray.results import Split
 from w2s_ray.run import RunContext
 from w2s_ray.teachers import default_num_actors, plan_packs, train_teachers
 from w2s_ray.workers import train_pack_local
-
-SMOKE = {"data.num_samples": 1500, "data.chunk_size": 500, "data.n_weak": 300, "data.n_transfer": 600, "data.n_test": 500}
 
 _STATE: dict = {}
 
@@ -70,7 +68,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="w2s-bench-teachers-"))
     values = {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile, "output.root": str(root)}
-    cfg = load_config(None, values | (SMOKE if a.smoke else {}))
+    cfg = load_config(None, values | (common.SMOKE_DATA if a.smoke else {}))
     tc = cfg.teachers
     steps = a.k * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
     print(f"K={a.k} MLP-{tc.model.width} teachers, {tc.epochs} epochs on {cfg.data.n_weak} rows, batch {tc.batch_size}: {steps} teacher-steps; device {a.device}")

@@ -1,24 +1,26 @@
 """Tune overhead: a 16-trial grid through `w2s-ray tune` vs the same 16 student trainings run one
 after another in one process without Ray.
 
-    python benchmarks/bench_tune.py [--space tune_spaces/grid_capacity_x_rce.yaml] [--run-root /tmp/w2s-bench]
+    python benchmarks/bench_tune.py [--space tune_spaces/grid_capacity_x_rce.yaml] [--run-root /tmp/w2s-bench] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import tempfile
 import time
+from pathlib import Path
 
-import common  # noqa: F401
+import common
 import torch
 
 from w2s_ray.config import load_config
 from w2s_ray.pipeline import run_pipeline, run_tune
 from w2s_ray.run import RunContext
 from w2s_ray.space import apply_params, load_space
-from w2s_ray.student.core import train_student
+from w2s_ray.student import recipe
 from w2s_ray.tune import trial_data
 
 
@@ -26,8 +28,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--space", default="tune_spaces/grid_capacity_x_rce.yaml")
     ap.add_argument("--run-root", default=tempfile.mkdtemp(prefix="w2s-bench-"))
+    ap.add_argument("--smoke", action="store_true", help="small data and a 2-point grid: checks that it runs")
     a = ap.parse_args()
-    cfg = load_config(None, {"output.root": a.run_root, "output.name": "bench"})
+    if a.smoke:
+        a.space = str(Path(a.run_root) / "smoke_space.yaml")
+        Path(a.space).write_text("search: grid\nscheduler: {type: none}\nconfirm_seeds: 0\n"
+                                 "params: {student.rce_weight: {type: grid, values: [0.0, 0.5]}}\n")
+    cfg = load_config(None, {"output.root": a.run_root, "output.name": "bench"} | (common.SMOKE_RUN if a.smoke else {}))
     space = load_space(a.space, cfg)
     common.start_ray()
     import ray
@@ -40,15 +47,15 @@ def main() -> None:
     n = summary["n_trials"]
 
     with RunContext.open(cfg) as ctx:
-        data, refs = trial_data(ctx, st)
+        (job, test), refs = trial_data(ctx, st)
     names = list(space.params)
     points = [dict(zip(names, vals)) for vals in itertools.product(*(space.params[k].values for k in names))]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    for point in points:
+    for point in points:  # what each trial does (`trial.process_trial`), without Tune's reports
         s = apply_params(cfg, point).student
-        lab = data["labels"]
-        train_student(s, lab["x"], lab["t_dual"], lab["logt_dual"], refs["n_classes"])
+        inputs = recipe.read_inputs(dataclasses.replace(job, cfg=s, target=s.targets[0]), test)
+        recipe.evaluate(inputs, recipe.train(inputs).state_dict)
     t_seq = time.perf_counter() - t0
     cpus = int(ray.cluster_resources()["CPU"])
     print(f"Tune grid: {n} trials on {cpus} CPUs in {t_tune:.1f} s = {60 * n / t_tune:.1f} trials/min")

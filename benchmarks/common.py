@@ -11,6 +11,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+SMOKE_DATA = {"data.num_samples": 1500, "data.chunk_size": 500, "data.n_weak": 300, "data.n_transfer": 600, "data.n_test": 500}
+"""The built-in data at the size the tests use: a `--smoke` run checks that a benchmark runs
+end to end (its numbers mean nothing at this size)."""
+SMOKE_RUN = SMOKE_DATA | {"teachers.k": 4, "teachers.epochs": 2, "posterior.n_boot": 10, "student.epochs": 1, "student.seeds": 1}
+
+
 def timed(fn: Callable[[], object], reps: int) -> tuple[float, list[float], object]:
     """Median wall time of `reps` calls, all the times, and the last result."""
     times, out = [], None
