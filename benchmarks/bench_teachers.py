@@ -13,8 +13,11 @@ teacher). The references, each printed with its layout:
 - one model at a time, best of 1 and all threads.
 
 The Ray path is timed twice: with the run's actor pool reused (a study), and with actors
-started inside the timing (a one-off `w2s-ray teachers`). Not measured here: the GEMM-only
-bound of a pack step (issue 22).
+started inside the timing (a one-off `w2s-ray teachers`). Beside them, for MLP teachers of
+depth 1 (the default), the GEMM-only bound of a pack step (`gemm_bound`): the gather, the five
+batched matmuls and a fused Adam alone, on this CPU. The bare pack's rate includes its
+predictions on the transfer and test splits; the bound only steps, so their ratio understates
+the step's own efficiency.
 
     python benchmarks/bench_teachers.py [--k 64] [--epochs 30] [--reps 3] [--one-at-a-time 8] [--smoke]
 """
@@ -25,6 +28,7 @@ import argparse
 import multiprocessing as mp
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import common
@@ -51,6 +55,42 @@ def _worker_init(data, tcfg, n_classes) -> None:
 def _train(ids: list[int]) -> int:
     train_pack_local(_STATE["data"], _STATE["tcfg"], _STATE["n_classes"], ids)
     return len(ids)
+
+
+def gemm_bound(k: int, d: int, width: int, c: int, batch: int, n_rows: int, threads: int, seconds: float = 1.0) -> float:
+    """Teacher-steps/s of only the work a pack step of K MLP teachers (depth 1) cannot avoid:
+    the batch gather, the 5 batched matmuls of forward and backward (x·W1, h·W2, hᵀ·g, g·W2ᵀ,
+    xᵀ·g_h) and a fused Adam over the stacked parameters, on random tensors of the step's
+    shapes in this process with `threads` threads. No activation, softmax or loss: an upper
+    bound on what a pack step on this CPU can reach."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_rows, d, generator=g)
+    idx = torch.randint(0, n_rows, (k * batch,), generator=g)
+    w1, b1 = torch.randn(k, d, width, generator=g), torch.zeros(k, 1, width)
+    w2, b2 = torch.randn(k, width, c, generator=g), torch.zeros(k, 1, c)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    g_out = torch.randn(k, batch, c, generator=g) / batch
+
+    def step() -> None:
+        with torch.no_grad():
+            xb = x.index_select(0, idx).view(k, batch, d)
+            h = torch.bmm(xb, w1)
+            torch.bmm(h, w2)
+            w2.grad = torch.bmm(h.transpose(1, 2), g_out)
+            g_h = torch.bmm(g_out, w2.transpose(1, 2))
+            w1.grad = torch.bmm(xb.transpose(1, 2), g_h)
+            b1.grad, b2.grad = g_h.sum(1, keepdim=True), g_out.sum(1, keepdim=True)
+        opt.step()
+
+    for _ in range(5):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return k * n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -134,6 +174,10 @@ def main() -> None:
             one[threads] = (steps_one / t_one, ts_one)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        bound = {}
+        if tc.model.name == "mlp" and tc.model.depth == 1:
+            shapes = (a.k, data["x_weak"].shape[1], tc.model.width, c, tc.batch_size, cfg.data.n_weak)
+            bound = {th: gemm_bound(*shapes, th, seconds=0.2 if a.smoke else 2.0) for th in sorted({1, n_cpus})}
     best_threads = max(one, key=lambda th: one[th][0])
     r_one = one[best_threads][0]
 
@@ -147,6 +191,15 @@ def main() -> None:
     for th, (r, ts) in one.items():
         print(f"one model at a time, 1 process × {th} thread(s) {r:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts)} for {a.one_at_a_time} teachers")
     fair = max(r_proc, r_pack)
+    if bound:
+        # n_actors single-thread processes at best reach n_actors × one thread's bound
+        best_bound = max(max(bound.values()), bound[1] * n_actors)
+        for th, r in bound.items():
+            print(f"GEMM-only bound, 1 process × {th} thread(s)   {r:>12,.0f} teacher-steps/s  (gather + 5 bmm + fused Adam, pack of {a.k})")
+        print(f"GEMM-only bound, {n_actors} process(es) × 1 thread  {bound[1] * n_actors:>12,.0f} teacher-steps/s  (ideal: {n_actors} × one thread's)")
+        print(f"ratio fairest bare pack / GEMM-only bound = {fair / best_bound:.2f}x   (its predictions included; goal for the pack step >= 0.6 at K = 64)")
+    else:
+        print(f"GEMM-only bound: computed for MLP teachers of depth 1 only (these are {tc.model.name}, depth {tc.model.depth})")
     print(f"ratio Ray (pool) / fairest bare pack     = {r_ray / fair:.2f}x   (target >= 0.8 at K = 64, >= 0.9 at K >= 256)")
     print(f"ratio Ray (cold) / fairest bare pack     = {r_cold / fair:.2f}x")
     print(f"ratio bare processes / bare threads      = {r_proc / r_pack:.2f}x")

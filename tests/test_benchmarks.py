@@ -21,7 +21,8 @@ EXPECT = {
     # against the fairest reference
     "bench_teachers.py": ["Ray path: ", "Ray path, actor pool reused", "Ray path, actors started per run", "bare pack, ",
                           "process(es) × 1 thread", "bare pack, 1 process × ", "one model at a time, 1 process × 1 thread(s)",
-                          "ratio Ray (pool) / fairest bare pack"],
+                          "ratio Ray (pool) / fairest bare pack", "GEMM-only bound, 1 process × 1 thread(s)",
+                          "ratio fairest bare pack / GEMM-only bound"],
     # (b) Ray Data vs pyarrow, the one-process student input, and the Ray Train input against
     # the in-memory reference
     "bench_labels.py": ["ratio Ray Data / pyarrow", "workers: 1, read + 1 epoch(s) of batches",

@@ -8,7 +8,7 @@ import sys
 import w2s_ray
 
 PACKAGE = pathlib.Path(w2s_ray.__file__).parent
-MATH = ("losses", "posterior", "metrics", "packs", "student.core", "student.recipe", "models", "ridge_example", "config", "errors", "artifacts", "results",
+MATH = ("adam", "losses", "posterior", "metrics", "packs", "student.core", "student.recipe", "models", "ridge_example", "config", "errors", "artifacts", "results",
         "packfiles", "labelfiles", "mnist1d_gen")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from w2s_ray.adam import Adam
 from w2s_ray.config import ModelConfig
 from w2s_ray.losses import cross_entropy, log_softmax
 from w2s_ray.models import build_model
@@ -146,7 +147,7 @@ class TeacherPack:
         return [{k: v[i].detach().cpu().clone() for k, v in self.params.items()} for i in range(self.k)]
 
 
-def make_adam(params, lr: float, weight_decay: float, device: str | torch.device) -> torch.optim.Optimizer:
+def make_adam(params, lr: float, weight_decay: float, device: str | torch.device) -> Adam:
     """Adam as torch's multi-tensor (`foreach`) kernels, never the fused one.
 
     Measured (MLP and CNN teachers, 1 and 2 threads, packs of 1–64): the fused CPU Adam gave
@@ -156,9 +157,10 @@ def make_adam(params, lr: float, weight_decay: float, device: str | torch.device
     fall in the tail depends on K. The foreach kernels are bitwise the same for every pack size
     (a pack of one CNN teacher aside: `workers.MIN_PACK`), and were as fast: a pack of 64 MLP
     teachers 0.99 s against 0.95 s fused, 64 CNN teachers 1.37 s against 1.57 s. `device` is
-    kept so that callers need not change when a device needs its own choice."""
+    kept so that callers need not change when a device needs its own choice. The update is
+    `adam.Adam`'s: torch's foreach Adam, the same bits, without importing `torch._dynamo`."""
     del device
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    return Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def train_one(

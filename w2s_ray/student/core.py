@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from w2s_ray.adam import Adam
 from w2s_ray.config import StudentConfig
 from w2s_ray.losses import log_softmax, student_loss
 from w2s_ray.models import build_model, count_params
@@ -213,7 +214,7 @@ def fit(
         raise ValueError("selection='oracle' needs the transfer split's gold labels")
     torch.manual_seed(cfg.seed)
     model = world.wrap(build_model(cfg.model, in_dim, n_classes).to(world.device))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # torch's Adam, without torch._dynamo
     total_steps = world.steps_per_epoch * cfg.epochs
 
     def objective(logits, t, log_t, step):
