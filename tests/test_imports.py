@@ -56,6 +56,10 @@ def test_math_modules_import_no_ray_and_nothing_touches_cuda_at_import():
         "import sys, torch\n"
         f"import {', '.join('w2s_ray.' + m for m in MATH)}\n"
         "assert 'ray' not in sys.modules, 'a math module imported ray'\n"
+        # training with the package's Adam imports no torch._dynamo (`w2s_ray.adam`)
+        "m = torch.nn.Linear(4, 2); opt = w2s_ray.adam.Adam(m.parameters())\n"
+        "m(torch.randn(3, 4)).sum().backward(); opt.step()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'a step imported torch._dynamo'\n"
         "import w2s_ray.cli, w2s_ray.pipeline, w2s_ray.studies\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"
