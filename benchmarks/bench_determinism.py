@@ -114,9 +114,8 @@ def main() -> None:
     print(f"default CNN student, {a.rows} rows, {a.epochs} epochs, {a.threads} thread(s), {a.reps} rep(s) per cell; "
           f"CPUs emulated: {json.dumps(CPUS)}; paths: {json.dumps(PATHS)}")
     # the path's pins win over the emulated CPU's caps where both set a variable
-    cells = [(what, path, cpu, rep) for what, paths in (("student", PATHS), ("teachers", TEACHER_PATHS))
-             for path in paths for cpu in CPUS for rep in range(a.reps)]
     envs = {"student": PATHS, "teachers": TEACHER_PATHS}
+    cells = [(what, path, cpu, rep) for what, paths in envs.items() for path in paths for cpu in CPUS for rep in range(a.reps)]
     # timed runs one at a time; the smoke run (no timing read) two at a time
     with ThreadPoolExecutor(2 if a.smoke else 1) as pool:
         done = dict(zip(cells, pool.map(lambda c: run({**CPUS[c[2]], **envs[c[0]][c[1]]}, a.rows, a.epochs, a.threads, c[0]), cells)))

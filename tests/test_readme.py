@@ -69,12 +69,17 @@ def runnable(commands: list[str]) -> list[str]:
     return out
 
 
+def config_arg(cmd: list[str]) -> str | None:
+    """The experiment config a `w2s-ray` command names (not a search space), if any."""
+    return next((a for a in cmd[2:] if a.endswith(".yaml") and not a.startswith("tune_spaces/")), None)
+
+
 def shrunk(cmd: list[str], cwd: Path) -> list[str]:
     """The command with `--set` overrides appended to each `w2s-ray` call (not to `config`,
     which prints the user's config as it is)."""
     if cmd[0] != "w2s-ray" or cmd[1] == "config":
         return cmd
-    config = next((a for a in cmd[2:] if a.endswith(".yaml") and not a.startswith("tune_spaces/")), None)
+    config = config_arg(cmd)
     own_data = config is not None and "source: parquet" in (cwd / config).read_text()
     sets = SHRINK["all"] + ([] if own_data else SHRINK["mnist1d"])
     if cmd[1] == "study" and len(cmd) > 2 and cmd[2] == "variance":
@@ -106,7 +111,7 @@ def run_name(line: str, cwd: Path) -> str | None:
     for part in line.split("&&"):
         cmd = shlex.split(part)
         if cmd[0] == "w2s-ray":
-            config = next((a for a in cmd[2:] if a.endswith(".yaml") and not a.startswith("tune_spaces/")), None)
+            config = config_arg(cmd)
             conf = yaml.safe_load((cwd / config).read_text()) if config else {}
             return ((conf or {}).get("output") or {}).get("name", "default")
     return None
