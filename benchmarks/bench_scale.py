@@ -43,6 +43,40 @@ def du(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
+class WorkerPeaks:
+    """Peak RSS of every Ray worker process of this driver's embedded Ray (its descendants whose
+    title starts with `ray::`), from /proc/<pid>/status VmHWM: the kernel's own high-water mark
+    of each process, read while it lives. A worker's kind is the last title seen (`ray::PackTrainer`
+    for a pack actor; tasks' workers show their task or `ray::IDLE`)."""
+
+    def __init__(self) -> None:
+        import psutil  # Ray's own dependency
+
+        self._me = psutil.Process()
+        self.peak_mb: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+
+    def sample(self) -> None:
+        for proc in self._me.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+                if not title.startswith("ray::"):
+                    continue
+                hwm = next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+            except Exception:  # the process ended between the listing and the read
+                continue
+            self.peak_mb[proc.pid] = max(self.peak_mb.get(proc.pid, 0.0), hwm / 1024)
+            if "PackTrainer" in title or proc.pid not in self.kind:
+                self.kind[proc.pid] = "pack actor" if "PackTrainer" in title else "other worker"
+
+    def summary(self) -> dict[str, float]:
+        """The largest peak RSS (MB) of any pack actor and of any other worker."""
+        out = {"pack actor": 0.0, "other worker": 0.0}
+        for pid, mb in self.peak_mb.items():
+            out[self.kind[pid]] = max(out[self.kind[pid]], mb)
+        return out
+
+
 class StoreUse(threading.Thread):
     """The object store's use, sampled twice a second from the raylets (`store_stats`, summed
     over nodes): the peak of `object_store_bytes_used` since the last `reset()`."""
@@ -54,8 +88,10 @@ class StoreUse(threading.Thread):
 
         self._stats = lambda: get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
         self.peak, self.last, self._halt = 0, None, threading.Event()
+        self.workers = WorkerPeaks()
 
     def sample(self) -> None:
+        self.workers.sample()
         self.last = self._stats()
         self.peak = max(self.peak, self.last.object_store_bytes_used)
 
@@ -73,7 +109,8 @@ class StoreUse(threading.Thread):
         self._halt.set()
         self.join()
         self.sample()
-        return {"created_mb": self.last.cumulative_created_bytes / 2**20, "spilled_mb": self.last.spilled_bytes_total / 2**20}
+        return {"created_mb": self.last.cumulative_created_bytes / 2**20, "spilled_mb": self.last.spilled_bytes_total / 2**20,
+                **{f"{kind} peak RSS MB": mb for kind, mb in self.workers.summary().items()}}
 
 
 def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
@@ -160,6 +197,8 @@ def main() -> None:
                   + " ".join(f"{rss[s]:>8,.0f}" for s in STAGES) + " | " + " ".join(f"{written[s]:,.0f}" for s in written) + f" | {read}", flush=True)
             print(f"{'':>15} object store peak MB per stage: " + " ".join(f"{s} {store[s]:,.1f}" for s in STAGES)
                   + f"; created over the run {totals['created_mb']:,.1f} MB, spilled {totals['spilled_mb']:,.1f} MB", flush=True)
+            print(f"{'':>15} worker peak RSS MB (VmHWM): pack actor {totals['pack actor peak RSS MB']:,.0f}, "
+                  f"other worker {totals['other worker peak RSS MB']:,.0f}", flush=True)
             if not a.keep_runs:
                 shutil.rmtree(Path(root) / f"n{n}", ignore_errors=True)
     if a.ks:

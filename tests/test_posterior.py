@@ -61,6 +61,26 @@ def test_streaming_accumulator_equals_batch_in_any_packing_and_order():
         assert torch.allclose(r[key], s[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize("elements", [1, 63 * 16, 63 * 48, 2**18])
+def test_the_sums_are_the_same_bits_in_blocks_of_any_size(monkeypatch, elements):
+    """`add` sums in blocks of rows (memory and speed); each row's sums must be the bits of the
+    whole-tensor float64 formula, whatever the block, with a -inf log-prob (p = 0) among them."""
+    import w2s_ray.posterior as posterior
+
+    logp = random_logp(k=9, n=301, c=7, seed=3, scale=6.0).float()
+    logp[2, 5, 1] = -float("inf")
+    logp64 = logp.double()
+    p64 = logp64.exp()
+    whole = {"sum_p": p64.sum(0), "sum_logp": logp64.sum(0),
+             "sum_neg_entropy": torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum((0, 2))}
+    monkeypatch.setattr(posterior, "ADD_ELEMENTS", elements)
+    acc = PosteriorAccumulator(301, 7)
+    acc.add(logp)
+    assert acc.k == 9
+    for name, ref in whole.items():
+        assert torch.equal(acc.sums()[name], ref), (elements, name)
+
+
 def test_entropy_terms_and_mutual_information():
     logp = random_logp(k=5)
     r = PosteriorAccumulator(40, 5)

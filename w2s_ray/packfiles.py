@@ -109,7 +109,7 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
                     },
                     metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
                 )
-                kept = logp[mask].astype(np.float16 if keep == "float16" else np.float32)
+                kept = (logp if mask.all() else logp[mask]).astype(np.float16 if keep == "float16" else np.float32, copy=False)
                 preds = pa.table(
                     {
                         "teacher_id": np.repeat(ids[mask], n),

@@ -62,6 +62,19 @@ def bias_variance(logs: list[torch.Tensor], y: torch.Tensor) -> dict[str, float]
     }
 
 
+ADD_ELEMENTS = 2**18
+"""Values per block of `PosteriorAccumulator.add` (2 MiB per float64 temporary)."""
+
+
+def sum_rows(k: int, c: int) -> int:
+    """Rows per block of `add` for k teachers and c classes: a multiple of 16 rows. Measured
+    (k, c from (5, 3) to (200, 13)): blocks whose start is not a multiple of 16 values give
+    float64 sums over teachers that differ in the last bits from the whole tensor's (the
+    vectorized reduction's tail falls elsewhere); multiples of 16 rows, tail included, give its
+    bits."""
+    return max(16, ADD_ELEMENTS // max(1, k * c) // 16 * 16)
+
+
 class PosteriorAccumulator:
     """Running sums over teachers for one split; `add` a pack at a time, `finalize` at the end."""
 
@@ -83,13 +96,23 @@ class PosteriorAccumulator:
         return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
 
     def add(self, logp: torch.Tensor, teacher_ids: list[int] | None = None) -> None:
-        """Fold in `[k, N, C]` log-probs of k more teachers."""
-        logp64 = logp.double()
-        p64 = logp64.exp()
-        self.sum_p += p64.sum(0)
-        self.sum_logp += logp64.sum(0)
-        self.sum_neg_entropy += torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum((0, 2))
-        self.k += logp.shape[0]
+        """Fold in `[k, N, C]` log-probs of k more teachers.
+
+        The float64 sums are taken over blocks of rows of about `ADD_ELEMENTS` values
+        (`sum_rows`): the temporaries stay in cache and never grow with N. Measured on one core,
+        64 teachers × 300,000 rows × 10 classes: 9.2 s warm (22.5 s cold) for the whole tensor at
+        once, 1.1–1.2 s in blocks of 400 rows (median of 3: 1.14 s), bitwise the same sums (each row's sum over
+        teachers is taken in the same order, see `sum_rows`; a test holds it)."""
+        k, n, c = logp.shape
+        step = sum_rows(k, c)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            logp64 = logp[:, r0:r1].double()
+            p64 = logp64.exp()
+            self.sum_p[r0:r1] += p64.sum(0)
+            self.sum_logp[r0:r1] += logp64.sum(0)
+            self.sum_neg_entropy[r0:r1] += torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum((0, 2))
+        self.k += k
         if self.n_boot:
             if teacher_ids is None:
                 raise ValueError("bootstrap replicates need the teacher ids")

@@ -48,10 +48,20 @@ def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
     return out
 
 
-PRED_ROWS = 65536
-"""Rows per block of a pack's predictions: a pack worker's memory is `[pack, PRED_ROWS, C]`
-(several times over, in float64 for the sums), not `[pack, N, C]`; a multiple of
-`TeacherPack.log_probs`'s own chunk, so the log-probs are the same as in one call."""
+PRED_BYTES = 32 * 2**20
+"""Bytes of float32 log-probs per block of a pack's predictions (`pred_rows`)."""
+
+LOG_PROB_ROWS = 4096
+"""`TeacherPack.log_probs`'s own chunk of rows: a block is a multiple of it, so the log-probs
+are the bits of one call."""
+
+
+def pred_rows(k: int, c: int) -> int:
+    """Rows per block of a pack's predictions for k teachers and c classes: `[k, rows, C]`
+    float32 in about `PRED_BYTES`, so a pack worker's memory for predicting, summing and
+    writing is a few such blocks whatever N is (a fixed 65,536 rows held `[64, 65536, 10]`
+    several times over, 2.5–2.7 GB per pack actor at N = 100k). At least `LOG_PROB_ROWS`."""
+    return max(1, PRED_BYTES // (4 * k * c * LOG_PROB_ROWS)) * LOG_PROB_ROWS
 
 
 def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> tuple[TeacherPack, dict[str, Any]]:
@@ -75,10 +85,12 @@ def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, t
     return pack, {"teacher_ids": list(teacher_ids), "seeds": seeds[:k], "steps": steps, "acc_weak": acc_weak}
 
 
-def pack_log_probs(pack: TeacherPack, x: np.ndarray, cfg: TeachersConfig, k: int, rows: int = PRED_ROWS) -> Iterator[np.ndarray]:
-    """The pack's first `k` teachers' log-probs on `x`, `[k, rows, C]` block after block."""
+def pack_log_probs(pack: TeacherPack, x: np.ndarray, cfg: TeachersConfig, k: int, n_classes: int) -> Iterator[np.ndarray]:
+    """The pack's first `k` teachers' log-probs on `x`, `[k, rows, C]` block after block
+    (`pred_rows` of the whole pack, whose every teacher is predicted)."""
+    rows = pred_rows(pack.k, n_classes)
     for r0 in range(0, len(x), rows):
-        yield pack.log_probs(torch.tensor(teacher_view(x[r0 : r0 + rows], cfg))).numpy()[:k]
+        yield pack.log_probs(torch.tensor(teacher_view(x[r0 : r0 + rows], cfg)), LOG_PROB_ROWS).numpy()[:k]
 
 
 def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
@@ -88,7 +100,7 @@ def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes
     pack, out = fit_pack(data, cfg, n_classes, teacher_ids, device)
     k = len(teacher_ids)
     for split in PRED_SPLITS:
-        out[f"logp_{split}"] = np.concatenate(list(pack_log_probs(pack, data[f"x_{split}"], cfg, k)), 1)
+        out[f"logp_{split}"] = np.concatenate(list(pack_log_probs(pack, data[f"x_{split}"], cfg, k, n_classes)), 1)
     out["acc_test"] = (out["logp_test"].argmax(-1) == data["y_test"][None]).mean(1).tolist()
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -134,7 +146,7 @@ class PackTrainer:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        blocks = {split: pack_log_probs(pack, data[f"x_{split}"], cfg, len(teacher_ids)) for split in PRED_SPLITS}
+        blocks = {split: pack_log_probs(pack, data[f"x_{split}"], cfg, len(teacher_ids), n_classes) for split in PRED_SPLITS}
         out["seconds"] = time.perf_counter() - t0  # training; the blocks are predicted while written
         return write_pack(run, stage, out, cfg.keep_predictions, blocks, data["y_test"])
 
