@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -85,12 +86,24 @@ def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, t
     return pack, {"teacher_ids": list(teacher_ids), "seeds": seeds[:k], "steps": steps, "acc_weak": acc_weak}
 
 
-def pack_log_probs(pack: TeacherPack, x: np.ndarray, cfg: TeachersConfig, k: int, n_classes: int) -> Iterator[np.ndarray]:
-    """The pack's first `k` teachers' log-probs on `x`, `[k, rows, C]` block after block
-    (`pred_rows` of the whole pack, whose every teacher is predicted)."""
+def pack_log_probs(pack: TeacherPack, x: np.ndarray | Iterable[np.ndarray], cfg: TeachersConfig, k: int, n_classes: int) -> Iterator[np.ndarray]:
+    """The pack's first `k` teachers' log-probs on `x` (an array, or its consecutive spans of
+    rows, `split_spans`), `[k, rows, C]` block after block (`pred_rows` of the whole pack, whose
+    every teacher is predicted)."""
     rows = pred_rows(pack.k, n_classes)
-    for r0 in range(0, len(x), rows):
-        yield pack.log_probs(torch.tensor(teacher_view(x[r0 : r0 + rows], cfg)), LOG_PROB_ROWS).numpy()[:k]
+    for span in ([x] if isinstance(x, np.ndarray) else x):
+        for r0 in range(0, len(span), rows):
+            yield pack.log_probs(torch.tensor(teacher_view(span[r0 : r0 + rows], cfg)), LOG_PROB_ROWS).numpy()[:k]
+
+
+def split_spans(path: Path, rows: int = ROW_GROUP) -> Iterator[np.ndarray]:
+    """A split file's teacher features, `rows` rows at a time (one row group of the data
+    stage's files each): a pack worker predicts the transfer split without holding it. At
+    N = 1M a pack actor held the split's features (160 MB, twice while Arrow combined its
+    chunks) for its whole life."""
+    n = pq.ParquetFile(path).metadata.num_rows
+    for r0 in range(0, n, rows):
+        yield Split.read(path, (r0, min(n, r0 + rows))).teacher_x
 
 
 def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
@@ -120,11 +133,12 @@ class PackTrainer:
         self.inputs: dict[Path, dict[str, np.ndarray]] = {}
 
     def data(self, run: RunDir, data_dir: Path) -> dict[str, np.ndarray]:
-        """The splits a pack needs, read from the data stage's files once per actor (fetched from
-        the run's store on a node that lacks them): nothing per-row comes from the driver."""
+        """The weak and test splits, read from the data stage's files once per actor (fetched from
+        the run's store on a node that lacks them): nothing per-row comes from the driver. The
+        transfer split, the large one, is read span by span as each pack predicts it (`train`)."""
         if data_dir not in self.inputs:
-            out = {}
-            for name in ("weak", "transfer", "test"):
+            out: dict[str, Any] = {}
+            for name in ("weak", "test"):
                 split = Split.read(run.need(data_dir / f"{name}.parquet", f"the data stage's {name} split"))
                 out[f"x_{name}"], out[f"y_{name}"] = split.teacher_x, split.y  # the teachers' features
             self.inputs = {data_dir: out}
@@ -146,7 +160,8 @@ class PackTrainer:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        blocks = {split: pack_log_probs(pack, data[f"x_{split}"], cfg, len(teacher_ids), n_classes) for split in PRED_SPLITS}
+        inputs = {"transfer": split_spans(run.need(data_dir / "transfer.parquet", "the data stage's transfer split")), "test": data["x_test"]}
+        blocks = {split: pack_log_probs(pack, inputs[split], cfg, len(teacher_ids), n_classes) for split in PRED_SPLITS}
         out["seconds"] = time.perf_counter() - t0  # training; the blocks are predicted while written
         return write_pack(run, stage, out, cfg.keep_predictions, blocks, data["y_test"])
 
