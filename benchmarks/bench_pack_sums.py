@@ -19,7 +19,6 @@ import resource
 import time
 
 import common  # noqa: F401
-import numpy as np
 import torch
 
 from w2s_ray.config import DataConfig, TeachersConfig

@@ -231,3 +231,20 @@ def test_label_blocks_equal_one_block_and_an_interrupted_labels_stage_keeps_its_
     assert {n for n in after if after[n] != before[n]} == {p.name for p in parts[2:4]}
     assert pq.read_table(d / "parts").equals(whole) and (d / "posterior.json").read_text() == posterior
     assert again.labels.posterior == blocks.labels.posterior
+
+
+@pytest.mark.parametrize("teacher_features", [False, True])
+def test_a_split_read_span_by_span_is_its_teacher_features(tmp_path, teacher_features):
+    """Pack workers predict the transfer split span by span (`Split.spans`): the spans are the
+    whole split's teacher features (`xt` when the teachers have their own, else `x`), in order."""
+    from w2s_ray import artifacts
+    from w2s_ray.results import Split
+
+    rng = np.random.default_rng(0)
+    n = 150_000
+    split = Split(ids=np.arange(n), x=rng.random((n, 3), dtype=np.float32), y=np.zeros(n, dtype=np.int64),
+                  xt=rng.random((n, 2), dtype=np.float32) if teacher_features else None)
+    artifacts.write_parquet(tmp_path / "t.parquet", split.table(), artifacts.ROW_GROUP)
+    spans = list(Split.spans(tmp_path / "t.parquet"))
+    assert [len(s) for s in spans] == [artifacts.ROW_GROUP, artifacts.ROW_GROUP, n - 2 * artifacts.ROW_GROUP]
+    assert np.array_equal(np.concatenate(spans), split.teacher_x)

@@ -73,6 +73,11 @@ def init_model(model_cfg: ModelConfig, in_dim: int, n_classes: int, seed: int) -
     return build_model(model_cfg, in_dim, n_classes)
 
 
+LOG_PROB_ROWS = 4096
+"""Rows per chunk of `TeacherPack.log_probs`: callers that predict in blocks use multiples of
+it, so the log-probs are the bits of one call."""
+
+
 class TeacherPack:
     def __init__(
         self,
@@ -135,7 +140,7 @@ class TeacherPack:
         return steps * self.k
 
     @torch.no_grad()
-    def log_probs(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def log_probs(self, x: torch.Tensor, chunk: int = LOG_PROB_ROWS) -> torch.Tensor:
         """`[K, N, C]` log-probabilities of every teacher on the same inputs."""
         out = []
         for s in range(0, len(x), chunk):

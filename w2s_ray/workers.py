@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -25,7 +24,7 @@ from w2s_ray.artifacts import ROW_GROUP
 from w2s_ray.config import TeachersConfig
 from w2s_ray.labelfiles import STAT_COLUMNS, labels_table
 from w2s_ray.packfiles import PRED_SPLITS, pack_ids, single_teacher, split_posterior, write_pack
-from w2s_ray.packs import TeacherPack, teacher_indices, teacher_seed
+from w2s_ray.packs import LOG_PROB_ROWS, TeacherPack, teacher_indices, teacher_seed
 from w2s_ray.raytools import epoch_printer, gpu_device
 from w2s_ray.results import Split, TeacherStage
 from w2s_ray.storage import RunDir
@@ -51,11 +50,6 @@ def teacher_view(x: np.ndarray, cfg: TeachersConfig) -> np.ndarray:
 
 PRED_BYTES = 32 * 2**20
 """Bytes of float32 log-probs per block of a pack's predictions (`pred_rows`)."""
-
-LOG_PROB_ROWS = 4096
-"""`TeacherPack.log_probs`'s own chunk of rows: a block is a multiple of it, so the log-probs
-are the bits of one call."""
-
 
 def pred_rows(k: int, c: int) -> int:
     """Rows per block of a pack's predictions for k teachers and c classes: `[k, rows, C]`
@@ -88,22 +82,12 @@ def fit_pack(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, t
 
 def pack_log_probs(pack: TeacherPack, x: np.ndarray | Iterable[np.ndarray], cfg: TeachersConfig, k: int, n_classes: int) -> Iterator[np.ndarray]:
     """The pack's first `k` teachers' log-probs on `x` (an array, or its consecutive spans of
-    rows, `split_spans`), `[k, rows, C]` block after block (`pred_rows` of the whole pack, whose
+    rows, `Split.spans`), `[k, rows, C]` block after block (`pred_rows` of the whole pack, whose
     every teacher is predicted)."""
     rows = pred_rows(pack.k, n_classes)
     for span in ([x] if isinstance(x, np.ndarray) else x):
         for r0 in range(0, len(span), rows):
             yield pack.log_probs(torch.tensor(teacher_view(span[r0 : r0 + rows], cfg)), LOG_PROB_ROWS).numpy()[:k]
-
-
-def split_spans(path: Path, rows: int = ROW_GROUP) -> Iterator[np.ndarray]:
-    """A split file's teacher features, `rows` rows at a time (one row group of the data
-    stage's files each): a pack worker predicts the transfer split without holding it. At
-    N = 1M a pack actor held the split's features (160 MB, twice while Arrow combined its
-    chunks) for its whole life."""
-    n = pq.ParquetFile(path).metadata.num_rows
-    for r0 in range(0, n, rows):
-        yield Split.read(path, (r0, min(n, r0 + rows))).teacher_x
 
 
 def train_pack_local(data: dict[str, np.ndarray], cfg: TeachersConfig, n_classes: int, teacher_ids: list[int], device: str = "cpu") -> dict[str, Any]:
@@ -160,7 +144,7 @@ class PackTrainer:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
         out.update(pack=pack_index, node=self.node, device=self.device, restarted=restarted)
-        inputs = {"transfer": split_spans(run.need(data_dir / "transfer.parquet", "the data stage's transfer split")), "test": data["x_test"]}
+        inputs = {"transfer": Split.spans(run.need(data_dir / "transfer.parquet", "the data stage's transfer split")), "test": data["x_test"]}
         blocks = {split: pack_log_probs(pack, inputs[split], cfg, len(teacher_ids), n_classes) for split in PRED_SPLITS}
         out["seconds"] = time.perf_counter() - t0  # training; the blocks are predicted while written
         return write_pack(run, stage, out, cfg.keep_predictions, blocks, data["y_test"])
