@@ -31,6 +31,8 @@ EXPECT = {
     "bench_mnist1d.py": ["Ray tasks on", "package make_dataset loop", "ratio project / package"],
     "bench_tune.py": ["Tune grid: 2 trials", "sequential, one process, no Ray: 2 trainings", "ratio Tune wall / sequential wall"],
     "bench_storage.py": ["local path", "file://", "s3:// (moto)", "a rerun with an empty local copy"],
+    "bench_run.py": ["run from nothing, in a new directory each time", "this checkout: median wall", "median seconds per part: start-up",
+                     "first student row: student"],
     "bench_pack_sums.py": ["prediction", "same float64 bits: True", "peak RSS of this process"],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
     "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor "],

@@ -105,11 +105,11 @@ def test_stage_keys_depend_on_what_each_stage_reads():
 
 
 SHIPPED_KEYS = {
-    "default": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "992c68cca230", "ceiling": "77e63bdfe864", "report": "8f4f45cb29ac", "student": "e3d01ed4ecc5"},
-    "w2s_window": {"data": "b6c0fc64fbcf", "teachers": "669f57518806", "labels": "1d1049f3a68a", "ceiling": "77e63bdfe864", "report": "e902c0d9a573", "student": "3f2eb801af1f"},
-    "digits_views": {"data": "e4135d6ee195", "teachers": "ac6bc86988a3", "labels": "3295c4685f6b", "ceiling": "57d2ebe4de92", "report": "3712762475ab", "student": "4e474b304406"},
-    "variance": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "7f07935193d7", "ceiling": "77e63bdfe864", "report": "ef669a00b3bb", "student": "02807c18eb57"},
-    "theory": {"data": "b6c0fc64fbcf", "teachers": "7c6ebf04d69a", "labels": "992c68cca230", "ceiling": "77e63bdfe864", "report": "8f4f45cb29ac", "student": "e3d01ed4ecc5"},
+    "default": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "4bf04bed4287", "ceiling": "a021f4c4266b", "report": "1312af665182", "student": "a4253db438fd"},
+    "w2s_window": {"data": "013f41ce375c", "teachers": "91990e349cbc", "labels": "46709b06103d", "ceiling": "a021f4c4266b", "report": "a756ba65db33", "student": "4a561008169b"},
+    "digits_views": {"data": "d1364cffd71a", "teachers": "8e3fe4aebe2b", "labels": "a2f7c6882080", "ceiling": "572b856466bf", "report": "97d9947a11a8", "student": "f5a0fc1b6980"},
+    "variance": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "23b76e767747", "ceiling": "a021f4c4266b", "report": "9a79ce91416f", "student": "5878941867ba"},
+    "theory": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "4bf04bed4287", "ceiling": "a021f4c4266b", "report": "1312af665182", "student": "a4253db438fd"},
 }
 """Every stage key of the shipped configs (pinned numerics; the digits' Parquet file absent, so
 no fingerprint). A change here recomputes users' caches: make it on purpose, and raise

@@ -8,7 +8,7 @@ import pytest
 
 from w2s_ray.config import DataConfig
 from w2s_ray.data import load_parquet, make_splits
-from w2s_ray.mnist1d_gen import mnist1d_plan
+from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, mnist1d_chunk, mnist1d_plan
 from w2s_ray.errors import ConfigError, DataError
 
 
@@ -312,3 +312,9 @@ def test_fewer_classes_than_a_built_in_source_has_stops_before_ray(tmp_path):
     assert out.returncode == 2 and "data.n_classes: 3 is fewer than the 10 classes of data.source='digits'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "ray" not in out.stderr.lower().replace("w2s-ray", "")
     assert not any(tmp_path.iterdir())  # a failed run leaves nothing: no config.yaml, no empty stage folder
+
+
+def test_the_mnist1d_width_constant_is_the_package_s():
+    import mnist1d.data
+
+    assert MNIST1D_FEATURES == mnist1d.data.get_dataset_args().final_seq_length == mnist1d_chunk(20, 0)[0].shape[1]

@@ -27,6 +27,29 @@ def test_reference_cnn_shape():
     assert m.head.in_features == 25 * 5
 
 
+@pytest.mark.parametrize("in_dim, width, depth", [(40, 32, 3), (20, 8, 2), (64, 5, 4), (7, 3, 2), (3, 4, 1)])
+def test_the_cnn_computes_what_its_conv1d_layers_compute(in_dim, width, depth):
+    """`CNN1d` runs its `nn.Conv1d` layers as GEMMs over windows (`models.strided_conv`): the
+    same function, its outputs and every gradient equal to nn.Conv1d's in float64."""
+    torch.manual_seed(0)
+    m = CNN1d(in_dim, 10, width=width, depth=depth).double()
+    x = torch.randn(6, in_dim, dtype=torch.float64)
+
+    def reference(x):  # the layers as nn.Conv1d runs them, channels first
+        return m.head(m.convs(x.unsqueeze(-2)).flatten(-2))
+
+    outs, grads = [], []
+    for f in (m, reference):
+        m.zero_grad()
+        out = f(x)
+        (out * torch.linspace(-1, 1, 10, dtype=torch.float64)).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_user_model_by_import_path():
     m = build_model(ModelConfig(name="custom_model:TinyNet", width=6, kwargs={"scale": 2.0}), 12, 3)
     assert type(m).__name__ == "TinyNet" and m.scale == 2.0

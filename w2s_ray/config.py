@@ -553,12 +553,12 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Folded into every cache key (`config_hash`). Raised when what a stage writes, or how its key
 is made, changes: every cache then recomputes once, instead of each new config key or file
 layout carrying a rule that keeps old caches valid. 2: every config key in its stage's key with
 its default, the pinned numerics (`numerics`), students' and teachers' files as this version
-writes them."""
+writes them. 3: `cnn1d` computed as GEMMs over windows (`models.strided_conv`; other bits)."""
 
 
 def config_hash(*parts: Any) -> str:

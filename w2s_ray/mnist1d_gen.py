@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from typing import Callable
 
-import mnist1d.data
 import numpy as np
 
 from w2s_ray.config import DataConfig
 
-MNIST1D_FEATURES = mnist1d.data.get_dataset_args().final_seq_length  # 40 positions per signal
+MNIST1D_FEATURES = 40
+"""Positions per signal (`mnist1d`'s `final_seq_length`, checked by a test): a constant, so that
+importing this module does not import `mnist1d`, which imports matplotlib and scipy (0.6 s of
+every command's start, measured)."""
+
 
 def mnist1d_chunk(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`n` MNIST-1D samples from the package's own `make_dataset` (never its download path)."""
+    import mnist1d.data
+
     args = mnist1d.data.get_dataset_args()
     args.num_samples = n
     args.train_split = 1.0

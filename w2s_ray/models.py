@@ -39,7 +39,15 @@ class MLP(nn.Module):
 
 
 class CNN1d(nn.Module):
-    """Strided 1-D convolutions; width=25, depth=3 is the MNIST-1D reference CNN."""
+    """Strided 1-D convolutions; width=25, depth=3 is the MNIST-1D reference CNN.
+
+    The parameters are `nn.Conv1d`'s (same shapes, initialisation and state dict), but each layer
+    is computed as one GEMM over its windows (`strided_conv`), not by `nn.Conv1d`. The pinned
+    numerics turn oneDNN off (`w2s_ray.numerics`), which leaves torch's convolution to NNPACK
+    forward and a backward that loops over the batch (about 380 small ops a step at batch 128).
+    Measured on one core, width 32, depth 3, batch 128, a training step: 3.9 ms with
+    `nn.Conv1d`, 2.3 ms with `unfold` windows (its backward is slow), 1.66 ms as here (2.3x).
+    The outputs agree with `nn.Conv1d` to float rounding (`tests/test_models.py`), not in bits."""
 
     def __init__(self, in_dim: int, n_classes: int, width: int = 25, depth: int = 3):
         super().__init__()
@@ -60,8 +68,22 @@ class CNN1d(nn.Module):
         self.head = nn.Linear(ch * length, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.convs(x.unsqueeze(-2))
-        return self.head(h.flatten(-2))
+        h = x.unsqueeze(-1)  # [batch, positions, channels]: channels last, as the GEMMs want
+        for layer in self.convs:
+            h = strided_conv(h, layer) if isinstance(layer, nn.Conv1d) else layer(h)
+        return self.head(h.transpose(-1, -2).flatten(-2))  # channel-major, as nn.Conv1d's output flattens
+
+
+def strided_conv(h: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """`conv` (stride and padding as set, dilation 1, one group) on channels-last `h`
+    `[..., positions, channels]`: the k shifted, strided views of the padded input side by side,
+    times the kernel as one `[out, k * in]` matrix."""
+    (k,), (stride,), (pad,) = conv.kernel_size, conv.stride, conv.padding
+    h = nn.functional.pad(h, (0, 0, pad, pad))
+    length = (h.shape[-2] - k) // stride + 1
+    span = stride * (length - 1) + 1
+    windows = torch.cat([h[..., j : j + span : stride, :] for j in range(k)], -1)  # [..., length, k * in]
+    return nn.functional.linear(windows, conv.weight.transpose(1, 2).reshape(conv.out_channels, -1), conv.bias)
 
 
 def max_cnn_depth(in_dim: int) -> int:
