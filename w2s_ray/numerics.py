@@ -17,7 +17,8 @@ follow). Three pins make both bitwise identical:
   not call torch's convolution at all: it computes each layer as one GEMM over its windows
   (`models.strided_conv`, 2.3x faster than torch's convolution without oneDNN); the pin stays
   for users' models.
-Cost: students 1.11–1.14× the training time (two runs), teachers 1.00×.
+Cost: students 1.11–1.14× the training time (two runs) while `cnn1d` used torch's convolution,
+0.99× since (2026-12-05); teachers 1.00–1.02×.
 
 The environment variables are read when the libraries load, so they must be in a process's
 environment before torch is imported: Ray workers get them from the job's runtime environment
