@@ -8,6 +8,7 @@ workers and runtime environment anew)."""
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def test_every_benchmark_runs_in_smoke_mode():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}  # its own embedded Ray, as a user's
 
     def smoke(script: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600, env=env)
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600, env=env)
+        print(f"{time.perf_counter() - t0:6.1f}s  {script} --smoke", file=sys.stderr)
+        return out
 
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(EXPECT, pool.map(smoke, EXPECT)))
