@@ -34,6 +34,8 @@ EXPECT = {
     "bench_storage.py": ["local path", "file://", "s3:// (moto)", "a rerun with an empty local copy"],
     "bench_run.py": ["run from nothing, in a new directory each time", "this checkout: median wall", "median seconds per part: start-up",
                      "first student row: student"],
+    "bench_student_pack.py": ["1 process × 1 thread, data in memory, no Ray", "mlp: ratio one at a time / pack =",
+                              "cnn1d: ratio one at a time / pack ="],
     "bench_pack_sums.py": ["prediction", "same float64 bits: True", "peak RSS of this process"],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
     "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor "],
