@@ -12,7 +12,6 @@ no Ray: only the training step's cost is compared.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -22,13 +21,12 @@ from w2s_ray import numerics
 numerics.pin_this_process()  # before torch loads, as every process of a run starts
 
 import torch  # noqa: E402
-from torch.func import functional_call, stack_module_state, vmap  # noqa: E402
 from torch.nn.functional import log_softmax  # noqa: E402
 
 from w2s_ray import worker_setup  # noqa: E402
 from w2s_ray.adam import Adam  # noqa: E402
 from w2s_ray.config import ModelConfig  # noqa: E402
-from w2s_ray.models import build_model  # noqa: E402
+from w2s_ray.packs import TeacherPack, init_model  # noqa: E402
 
 MODELS = {"mlp": ModelConfig(name="mlp", width=64, depth=2), "cnn1d": ModelConfig(name="cnn1d", width=32, depth=3)}
 
@@ -41,8 +39,7 @@ def one_at_a_time(model_cfg, x, t, hold, students: int, epochs: int, batch: int)
     """Seconds for every student trained after the other, and their mean final held-out loss."""
     t0, finals = time.perf_counter(), []
     for s in range(students):
-        torch.manual_seed(s)
-        m = build_model(model_cfg, x.shape[1], t.shape[1])
+        m = init_model(model_cfg, x.shape[1], t.shape[1], s)
         opt = Adam(m.parameters(), lr=2e-3)
         gen = torch.Generator().manual_seed(s)
         for _ in range(epochs):
@@ -59,18 +56,12 @@ def one_at_a_time(model_cfg, x, t, hold, students: int, epochs: int, batch: int)
 
 
 def as_pack(model_cfg, x, t, hold, students: int, epochs: int, batch: int) -> tuple[float, float]:
-    """Seconds for the same students as one pack (stacked parameters, vmapped step), each on its
-    own batch order; the held-out loss of every member every epoch."""
+    """Seconds for the same students as one pack (the teachers' `TeacherPack`: stacked
+    parameters, a vmapped step), each on its own batch order and soft targets; the held-out loss
+    of every member every epoch."""
     t0 = time.perf_counter()
-    models = []
-    for s in range(students):
-        torch.manual_seed(s)
-        models.append(build_model(model_cfg, x.shape[1], t.shape[1]))
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().requires_grad_() for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
-    step = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
-    shared = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
+    pack = TeacherPack(model_cfg, x.shape[1], t.shape[1], list(range(students)))
+    params, buffers = pack.params, pack.buffers
     opt = Adam(params.values(), lr=2e-3)
     gens = [torch.Generator().manual_seed(s) for s in range(students)]
     for _ in range(epochs):
@@ -79,11 +70,11 @@ def as_pack(model_cfg, x, t, hold, students: int, epochs: int, batch: int) -> tu
             rows = perms[:, i : i + batch]
             xb, tb = x[rows], t[rows]  # [S, B, D], [S, B, C]
             opt.zero_grad(set_to_none=True)
-            logits = step(params, buffers, xb)
+            logits = pack._batched(params, buffers, xb)
             (-(tb * log_softmax(logits, -1)).sum(-1).mean(-1)).sum().backward()  # each member its own mean loss
             opt.step()
         with torch.no_grad():
-            per_member = -(hold[1] * log_softmax(shared(params, buffers, hold[0]), -1)).sum(-1).mean(-1)  # [S]
+            per_member = -(hold[1] * log_softmax(pack._shared(params, buffers, hold[0]), -1)).sum(-1).mean(-1)  # [S]
     return time.perf_counter() - t0, float(per_member.mean())
 
 
