@@ -202,7 +202,8 @@ def main() -> None:
             if not a.keep_runs:
                 shutil.rmtree(Path(root) / f"n{n}", ignore_errors=True)
     if a.ks:
-        child(teachers_and_labels, (root, 0, "all", extra), ctx, queue)  # the data, cached for the others
+        if not a.smoke:  # the data, cached for the others (in smoke mode the first K builds it: a Ray start less)
+            child(teachers_and_labels, (root, 0, "all", extra), ctx, queue)
         print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
         for k in a.ks:
             for keep in a.keep:

@@ -8,7 +8,12 @@ teachers and epochs), so the paths, the config files and the search spaces are t
 Commands run in three lanes at once, as a user's terminals would: the commands of one run and
 config file keep the README's order, and a line that runs no `w2s-ray` (it reads what the
 others wrote) runs after them. Measured on 2 cores: 224 s one after another, 166–177 s in two
-lanes (one per run), 143 s in three (one per run and config file), in one session.
+lanes (one per run), 143 s in three (one per run and config file), in one session. The lanes keep
+both cores busy (95% over the test), so what counts is the CPU a command spends, not its wait:
+each command's embedded Ray gets one CPU (`ray.num_cpus=1`), which starts half the worker
+processes (each imports torch and the package, about 2.5 s of CPU) and one pack actor instead of
+two; a shrunk claims study alone costs 25 CPU-seconds instead of 31 at the same wall time, and
+the test takes 137 s instead of 164 s (one run each, 2026-12-05).
 A relative path that crosses into a Ray worker or a Tune trial (each runs in a working
 directory of its own) fails here; tests with absolute tmp roots cannot see it."""
 
@@ -42,7 +47,8 @@ NOT_HERE = {
 SHRINK = {
     # the built-in MNIST-1D at a small size; the user Parquet config keeps its own data
     "mnist1d": ["data.num_samples=1500", "data.chunk_size=500", "data.n_weak=300", "data.n_transfer=600", "data.n_test=500"],
-    "all": ["teachers.k=10", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
+    # one CPU for each command's Ray: the lanes already use both cores (see the module's docstring)
+    "all": ["ray.num_cpus=1", "teachers.k=10", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
 }
 
 
