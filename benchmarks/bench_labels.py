@@ -34,7 +34,7 @@ import torch
 
 from w2s_ray.artifacts import ROW_GROUP
 from w2s_ray.config import StudentConfig
-from w2s_ray.labels import iter_label_batches
+from w2s_ray.student.ray_train import iter_label_batches
 from w2s_ray.labelfiles import batch_to_torch, labels_table, LabelSource, part_path
 from w2s_ray.storage import RunDir
 from w2s_ray.student.core import in_memory, label_columns, target_of

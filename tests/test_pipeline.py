@@ -10,7 +10,7 @@ import torch
 from conftest import run_dir, small_config
 from w2s_ray import artifacts
 from w2s_ray.executor import InProcess
-from w2s_ray.labels import iter_label_batches
+from w2s_ray.student.ray_train import iter_label_batches
 from w2s_ray.labelfiles import LabelSource
 from w2s_ray.pipeline import run_pipeline
 

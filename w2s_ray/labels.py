@@ -10,52 +10,32 @@ single teacher's rows are built in the driver, and the bootstrap CIs are counted
 of test rows (`bootstrap_ci`; several blocks run as tasks that return `[B]` counts):
 their memory grows with the test split, not with the transfer split or K. `posterior_summary`
 condenses them into the typed `posterior.json`.
-Students read the parts with Ray Data (`iter_label_batches`) or pyarrow, in their own workers.
+Students read the parts with pyarrow in their own workers, or, across Ray Train workers, with Ray
+Data (`student.ray_train.iter_label_batches`).
 
 The labels table holds no gold label: the student stage cannot see one by accident.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
-import ray.data
 import torch
 
 from w2s_ray import artifacts
 from w2s_ray.errors import W2SError
 from w2s_ray.config import ExperimentConfig
 from w2s_ray.metrics import accuracy
-from w2s_ray.labelfiles import batch_to_torch, part_path, STAT_COLUMNS, test_table
+from w2s_ray.labelfiles import part_path, STAT_COLUMNS, test_table
 from w2s_ray.packfiles import bootstrap_block, pack_ids, single_teacher, split_posterior
 from w2s_ray.artifacts import matrix
 from w2s_ray.posterior import percentile_ci
 from w2s_ray.raytools import Progress
 from w2s_ray.results import DataStage, LabelStage, PosteriorSummary, TeacherStage
 from w2s_ray.run import RunContext
-from w2s_ray.storage import RunDir
 from w2s_ray.workers import label_block
-
-def configure_ray_data() -> None:
-    """Ray 2.60's V2 Parquet reader starts many footer-reader actors: 25 s for 3,000 rows on 2 cores.
-
-    The V1 reader does the same read in 0.2 s. w2s-ray uses V1 unless RAY_DATA_USE_DATASOURCE_V2
-    says otherwise; the context flag decides even when `ray.data` was imported before this ran.
-    Called before every Ray Data use in this module.
-    """
-    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # its one line says the progress bars we just turned off are off: not a warning for users
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
 
 BOOT_BLOCK_BYTES = 256 * 2**20
 """Memory bound of the bootstrap's `[B, rows, C]` float32 sums (two of them) per row block."""
@@ -159,15 +139,6 @@ def label_parts(ctx: RunContext, data: DataStage, teachers: TeacherStage, stage:
                 ctx.run.need(path, "labels: a part written on another node")
                 bar.update(1)
     return totals
-
-
-def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
-    """Stream the pseudo-labels through `ray.data.read_parquet` as dicts of tensors."""
-    configure_ray_data()
-    remote = run.remote(stage / "parts")  # in a store, read tasks on any node can reach the parts
-    ds = ray.data.read_parquet(remote[1], filesystem=remote[0]) if remote else ray.data.read_parquet(str(stage / "parts"))
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4):
-        yield batch_to_torch(batch)
 
 
 def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from w2s_ray.config import STAGES, ExperimentConfig, to_yaml
 from w2s_ray.data import stage_data
@@ -31,8 +31,9 @@ from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students
 from w2s_ray.teachers import stage_teachers
-from w2s_ray.tune import check_cluster, run_search
-from w2s_ray.trial import TrialFault
+
+if TYPE_CHECKING:  # an annotation only: `run_tune` imports Tune when it runs
+    from w2s_ray.trial import TrialFault
 
 
 def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = None) -> Stages:
@@ -91,6 +92,10 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
              verbose: bool = False) -> dict[str, Any]:
     """`w2s-ray tune`: teachers, labels, ceiling and baseline students from the cache (computed
     once if missing, never per trial), then the search. `fault` is for tests only."""
+    # imported here: Ray Tune and Optuna (Tune imports Ray Data) cost every other command about
+    # 1 s of start-up (measured with -X importtime)
+    from w2s_ray.tune import check_cluster, run_search
+
     # one seed: a trial is one student, and the baseline and ceiling it is compared with are too
     base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True, "seeds": 1})})
     with open_run(base) as ctx:

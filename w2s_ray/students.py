@@ -31,7 +31,6 @@ from w2s_ray.raytools import Progress
 from w2s_ray.results import TEST_LOGP, DataStage, LabelStage, StudentResult, StudentStage, TeacherStage
 from w2s_ray.run import RunContext
 from w2s_ray.student.core import TrainResult
-from w2s_ray.student.ray_train import fit_student
 from w2s_ray.student.recipe import StudentJob, TestSplit, Trained
 from w2s_ray.workers import evaluate_task, student_task
 
@@ -174,6 +173,10 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             ctx.executor.needs_ray(f"student.workers: {scfg.workers} (Ray Train)")
             ctx.log(f"{label(tgt, i)}: across {scfg.workers} Ray Train workers, fed by a Ray Data stream of {labels.dir / 'parts'}")
             job = inputs.job(replicate_cfg(i), tgt)
+            # imported here: ray.train and ray.data cost every command 0.6 s of start-up (measured
+            # with -X importtime), and only a student across workers uses them
+            from w2s_ray.student.ray_train import fit_student
+
             res = fit_student(job, data.in_dim, d / "train")
             yield (tgt, i), ctx.get(inputs.evaluate(job, res))
         jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}

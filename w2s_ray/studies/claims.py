@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
+from scipy import special
 
 from w2s_ray.config import ExperimentConfig, with_values
 from w2s_ray.errors import ConfigError
@@ -247,7 +247,7 @@ def jack_stat(values: torch.Tensor | np.ndarray, n: int, level: float = 0.95) ->
     loo = means[1:]
     se_seed = float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
     se_rows = float(v[0].std(ddof=1) / np.sqrt(v.shape[-1]))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.hypot(se_seed, se_rows))
+    half = float(special.stdtrit(n - 1, 0.5 + level / 2)) * float(np.hypot(se_seed, se_rows))
     return {"n": n, "mean": float(means[0]), "ci": [float(means[0]) - half, float(means[0]) + half], "p": np.nan,
             "se_seed": se_seed, "se_rows": se_rows}
 
