@@ -75,3 +75,22 @@ def warm(tmp_path_factory):
         return cfg
 
     return make_warm
+
+
+ALONGSIDE = ("tests/test_readme.py", "tests/test_benchmarks.py", "tests/test_nodes.py")
+"""The suite runs in two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject's addopts),
+each taking one group of tests whole. These files go to one worker: the README's commands and
+the benchmark smokes run only `w2s-ray` and script processes (about 260 s together, one after
+another), and the node tests start and kill Ray nodes and drivers, so they run one after
+another with the processes that start the most embedded Rays (each start first ends what a
+killed driver left: `raytools.end_orphans`). Everything else goes to the other worker, so the
+session fixtures (`ray_session`, `warm`) are built once there. The other worker's tests wait on
+Ray a third of the time (the CPU is 67% busy over them, one at a time), which the first group
+fills. Measured on 2 cores, one run each: 576 s with the README and benchmark tests alone in the
+first group, against about 650 s one test at a time. `-n 0` runs everything in this process."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "alongside" if item.nodeid.startswith(ALONGSIDE) else "in_process"
+        item.add_marker(pytest.mark.xdist_group(group))

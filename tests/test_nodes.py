@@ -208,5 +208,7 @@ def test_what_a_killed_driver_left_of_its_embedded_ray_is_ended_before_the_next_
             break
         time.sleep(0.1)
     assert left, "the killed driver left no orphaned Ray process to end (Ray changed?)"
-    assert end_orphans() >= len(left)
+    # the suite runs in two workers (conftest.py): another test's `w2s-ray` may start its Ray
+    # now and end them first, with this same function; either way none may be left
+    end_orphans()
     assert not left & set(orphans())
