@@ -149,6 +149,35 @@ class ViewConfig(Strict):
     length: int = Field(20, ge=1)
 
 
+class EncoderConfig(Strict):
+    """One encoder (`encoders`): the text of each row to a vector. The building block of the
+    embed stage, which is not part of the experiment config yet (the stage, its Ray Data actor
+    pool and its join with the data stage are still to come).
+
+    - `hashed`: a bag of word n-grams, hashed (with a sign) into `dim` buckets, counts
+      log-scaled, rows L2-normalised. Built in, no download, no fitting: a deliberately weak view.
+    - `hf`: a Hugging Face transformer saved on this machine (`save_pretrained` directory, or a
+      model already in the local Hugging Face cache), pooled over its last hidden states. A
+      sentence-transformers model directory loads the same way (its default is mean pooling,
+      normalised). Needs the `text` extra (transformers); nothing is downloaded.
+    """
+
+    kind: Literal["hashed", "hf"] = "hashed"
+    dim: int = Field(256, ge=2, le=65_536, description="hashed: buckets, the width of the features")
+    ngrams: int = Field(1, ge=1, le=3, description="hashed: word n-grams up to this length")
+    path: str | None = Field(None, description="hf: the model's directory (or a name in the local Hugging Face cache)")
+    pooling: Literal["mean", "cls"] = Field("mean", description="hf: the mean of the last hidden states over the tokens, or the first token's")
+    max_length: int = Field(128, ge=1, description="hf: tokens per text; longer texts are cut")
+    batch_size: int = Field(64, ge=1, description="hf: texts per forward pass (part of the key: padding depends on a batch's texts)")
+    normalize: bool = Field(True, description="L2-normalise each row")
+
+    @model_validator(mode="after")
+    def _hf_needs_a_path(self) -> "EncoderConfig":
+        if self.kind == "hf" and not self.path:
+            raise ValueError("an hf encoder needs `path`: a local model directory (save_pretrained) or a name in the local Hugging Face cache")
+        return self
+
+
 class TeacherResources(Strict):
     """Where and how fast teachers train; never part of a cache key (a pack's teachers are the
     same whatever actor, device or pack size trains them)."""
