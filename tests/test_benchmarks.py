@@ -37,6 +37,8 @@ EXPECT = {
     "bench_student_pack.py": ["1 process × 1 thread, data in memory, no Ray", "mlp: ratio one at a time / pack =",
                               "cnn1d: ratio one at a time / pack ="],
     "bench_pack_sums.py": ["prediction", "same float64 bits: True", "peak RSS of this process"],
+    # (i) the encoders, each beside its reference
+    "bench_embed.py": ["hashed dim=256 ngrams=1, 1 process × 1 thread", "ratio ours / sklearn =", "hf random BERT hidden=32 layers=1"],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
     "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor "],
     # (g) the pinned student path and the MKL_CBWR teacher path give the same bits on both

@@ -64,26 +64,11 @@ def test_an_hf_encoder_needs_a_path_and_a_model_that_is_here(tmp_path):
     assert encoders.output_dim(EncoderConfig(dim=100), "embed.teacher") == 100
 
 
-def tiny_model(path, words) -> None:
-    """A 2-layer BERT with hidden size 24 and a word-level tokenizer, random weights, saved like a user's model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                         max_position_embeddings=64)).save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     pytest.importorskip("transformers")  # in the test extras: CI runs these
     path = tmp_path_factory.mktemp("tiny-bert")
-    tiny_model(path, sorted({w for t in TEXTS for w in t.lower().split()} | {"the", "a"}))
-    return str(path)
+    return encoders.save_random_bert(str(path), sorted({w for t in TEXTS for w in t.lower().split()}))
 
 
 def test_hf_mean_pooling_is_the_masked_mean_of_the_last_hidden_states(model_dir):

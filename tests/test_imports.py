@@ -55,7 +55,7 @@ def test_only_the_cli_and_what_one_command_alone_needs_import_inside_a_function(
     # for a student across workers; matplotlib (0.35 s) for a report's figure
     # transformers (4 s) for an hf encoder
     assert lazy == {"cli.py": ["main"], "mnist1d_gen.py": ["mnist1d_chunk"], "pipeline.py": ["run_tune"],
-                    "encoders.py": ["output_dim", "__init__"],
+                    "encoders.py": ["output_dim", "save_random_bert", "__init__"],
                     "students.py": ["train_students", "outputs"], "report.py": ["figure"]}, lazy
 
 

@@ -136,7 +136,10 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_re
     packs = packs_on_disk(run)
     after_kill = [p for p in packs if p["pack"] not in before_kill]
     assert after_kill, "the run had finished before the node died; nothing was tested"
-    assert len({p["node"] for p in packs}) == 2, "the actors were not spread over both nodes"
+    # the actors were spread over both nodes: the wait above saw a pack finish on the second one.
+    # Its files need not survive as that node's: a pack whose result the driver had not received
+    # when the node died is trained again on the survivor, which writes it anew (seen once in a
+    # fresh clone with two test workers: every pack on disk then named the head node)
     assert all(p["node"] != second for p in after_kill), "a pack finished on the dead node"
     teacher_ids = [t for p in packs for t in p["teachers"]]
     assert sorted(teacher_ids) == list(range(K)), "teachers lost or trained twice"

@@ -134,3 +134,20 @@ def output_dim(cfg: EncoderConfig, key: str) -> int:
     except Exception as err:  # OSError, ValueError, KeyError: not found, not a model, no hidden_size
         raise ConfigError(f"{key}.path: {cfg.path!r} is not a Hugging Face model on this machine "
                           f"(a save_pretrained directory, or a model in the local cache): {str(err).splitlines()[0]}") from None
+
+
+def save_random_bert(path: str, words: list[str], hidden: int = 24, layers: int = 2, heads: int = 2, seed: int = 0) -> str:
+    """A small BERT with random weights and a word-level tokenizer over `words`, saved at `path`
+    the way a user's local model is (`save_pretrained`): for the tests and the encoder benchmark,
+    which must not download a model. Returns `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # the hf encoder's packages
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=2 * hidden, max_position_embeddings=512)).save_pretrained(path)
+    return path
