@@ -119,7 +119,9 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_re
             time.sleep(0.05)
         kill_session(worker_sid, signals=(signal.SIGKILL,), wait=0.5)  # the node dies: raylet, object store, workers
         assert not session_members(worker_sid)
-        before_kill = {p["pack"] for p in packs_on_disk(run)}
+        on_disk = packs_on_disk(run)
+        before_kill = {p["pack"] for p in on_disk}
+        nodes_before_kill = {p["node"] for p in on_disk}
         log, _ = driver.communicate(timeout=300)
         assert driver.returncode == 0, log[-3000:]
     finally:  # a failed assertion must not leave the driver running
@@ -136,10 +138,11 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_re
     packs = packs_on_disk(run)
     after_kill = [p for p in packs if p["pack"] not in before_kill]
     assert after_kill, "the run had finished before the node died; nothing was tested"
-    # the actors were spread over both nodes: the wait above saw a pack finish on the second one.
-    # Its files need not survive as that node's: a pack whose result the driver had not received
-    # when the node died is trained again on the survivor, which writes it anew (seen once in a
-    # fresh clone with two test workers: every pack on disk then named the head node)
+    # the actors were spread over both nodes, as the files said at the kill and after it: a pack
+    # finished on the dead node need not keep its files, since one whose result the driver had not
+    # received is trained again on the survivor, which writes it anew (seen once in a fresh clone
+    # with two test workers: every pack on disk at the end named the head node)
+    assert len(nodes_before_kill | {p["node"] for p in packs}) == 2, "the actors were not spread over both nodes"
     assert all(p["node"] != second for p in after_kill), "a pack finished on the dead node"
     teacher_ids = [t for p in packs for t in p["teachers"]]
     assert sorted(teacher_ids) == list(range(K)), "teachers lost or trained twice"
