@@ -32,6 +32,24 @@ def ray_session():
     ray.shutdown()
 
 
+def popen_interruptible(cmd: list, **kwargs):
+    """`subprocess.Popen(cmd, start_new_session=True, **kwargs)` for a test that sends the child
+    SIGINT, as Ctrl-C in a terminal does. A shell starts a background job (`pytest … &` in a
+    script) with SIGINT ignored, its children inherit that, and Python then installs no
+    KeyboardInterrupt handler: the child would never see the test's Ctrl-C (a full suite launched
+    that way failed `test_ctrl_c_stops_with_one_line_and_exit_130` with exit 0, reproduced with
+    `(python … &)`). A handler set here is reset to the default in the child at exec, so the child
+    starts as a foreground command does, however this suite was started."""
+    import signal
+    import subprocess
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def small_config(tmp_path: Path, **sections):
     """A pipeline config that runs in seconds on 2 CPUs."""
     base = {

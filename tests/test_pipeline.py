@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import run_dir, small_config
+from conftest import popen_interruptible, run_dir, small_config
 from w2s_ray import artifacts
 from w2s_ray.executor import InProcess
 from w2s_ray.student.ray_train import iter_label_batches
@@ -103,9 +103,8 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(warm, tmp_path):
     cfg = small_config(tmp_path, teachers={"k": 8, "epochs": 2000})  # long enough to be interrupted
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    proc = subprocess.Popen([sys.executable, "-m", "w2s_ray.cli", "teachers", str(conf), "--set", "ray.num_cpus=2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    proc = popen_interruptible([sys.executable, "-m", "w2s_ray.cli", "teachers", str(conf), "--set", "ray.num_cpus=2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         for line in proc.stderr:  # wait until it trains
             if "teachers: training" in line:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_dir, small_config
+from conftest import popen_interruptible, run_dir, small_config
 from w2s_ray.config import load_config, to_yaml
 from w2s_ray.errors import ConfigError, W2SError
 from w2s_ray.pipeline import run_tune
@@ -149,7 +149,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(warm, tmp_
     cmd = [sys.executable, "-m", "w2s_ray.cli", "tune", str(conf), "--space", str(space), "--set", "ray.num_cpus=2"]
     search = run_dir(cfg) / "tune" / "space"
     log = tmp_path / "search.log"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    proc = popen_interruptible(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     finished: dict[str, float] = {}
     deadline = time.time() + 240
     while time.time() < deadline and not finished:
