@@ -110,9 +110,11 @@ SHIPPED_KEYS = {
     "digits_views": {"data": "d1364cffd71a", "teachers": "8e3fe4aebe2b", "labels": "a2f7c6882080", "ceiling": "572b856466bf", "report": "97d9947a11a8", "student": "f5a0fc1b6980"},
     "variance": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "23b76e767747", "ceiling": "a021f4c4266b", "report": "9a79ce91416f", "student": "5878941867ba"},
     "theory": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "4bf04bed4287", "ceiling": "a021f4c4266b", "report": "1312af665182", "student": "a4253db438fd"},
+    "tweets": {"data": "a5a76571c216", "teachers": "50930b16c1f8", "labels": "75234060fc77", "ceiling": "0c61ee6ed2a5", "report": "d479c7831909", "student": "c9f7bfd7dbf4",
+               "embed.student": "af7f2157cc2a", "embed.teacher": "962e2f221a81"},
 }
-"""Every stage key of the shipped configs (pinned numerics; the digits' Parquet file absent, so
-no fingerprint). A change here recomputes users' caches: make it on purpose, and raise
+"""Every stage key of the shipped configs (pinned numerics; the digits' and tweets' Parquet
+files absent, so no fingerprint). A change here recomputes users' caches: make it on purpose, and raise
 `config.CACHE_FORMAT` when what a stage writes changes without its config."""
 
 
@@ -126,7 +128,9 @@ def test_the_shipped_configs_stage_keys_change_only_on_purpose(tmp_path, monkeyp
         cfg = load_config(None if name == "default" else configs / f"{name}.yaml")
         k = Keys(cfg)
         keys = {s: getattr(k, s) for s in ("data", "teachers", "labels", "ceiling", "report")} | {"student": k.student(cfg.student.targets[0])}
+        keys |= {f"embed.{role}": k.embed(role) for role in k.embed_roles()}
         assert keys == expected, (name, keys)
+    assert sorted(SHIPPED_KEYS) == sorted(["default", *(p.stem for p in configs.glob("*.yaml"))])  # every shipped config is here
 
 
 def test_resources_and_the_run_plan_are_in_no_cache_key():

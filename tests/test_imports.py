@@ -9,7 +9,7 @@ import w2s_ray
 
 PACKAGE = pathlib.Path(w2s_ray.__file__).parent
 MATH = ("adam", "losses", "posterior", "metrics", "packs", "student.core", "student.recipe", "models", "ridge_example", "config", "errors", "artifacts", "results",
-        "packfiles", "labelfiles", "mnist1d_gen", "encoders")
+        "packfiles", "labelfiles", "mnist1d_gen", "encoders", "embedfiles")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -53,9 +53,10 @@ def test_only_the_cli_and_what_one_command_alone_needs_import_inside_a_function(
     # `mnist1d` imports matplotlib.pyplot and scipy (0.6 s), for the tasks that generate MNIST-1D;
     # Ray Tune and Optuna (1 s, Tune imports Ray Data) for `w2s-ray tune`; Ray Train and Ray Data
     # for a student across workers; matplotlib (0.35 s) for a report's figure
-    # transformers (4 s) for an hf encoder
+    # transformers (4 s) for an hf encoder; Ray Data (0.6 s) for the embed stage's encoder pool
+    # and the label stream across Ray Train workers (raytools is imported by every Ray worker)
     assert lazy == {"cli.py": ["main"], "mnist1d_gen.py": ["mnist1d_chunk"], "pipeline.py": ["run_tune"],
-                    "encoders.py": ["output_dim", "save_random_bert", "__init__"],
+                    "encoders.py": ["output_dim", "save_random_bert", "__init__"], "raytools.py": ["configure_ray_data", "actor_pool_map"],
                     "students.py": ["train_students", "outputs"], "report.py": ["figure"]}, lazy
 
 

@@ -1,7 +1,7 @@
 """`w2s-ray`: parses arguments and calls the pipeline; nothing else.
 
     w2s-ray run [CONFIG.yaml] [--set key=value ...]
-    w2s-ray data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
+    w2s-ray embed|data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
     w2s-ray study variance|theory|claims [CONFIG.yaml]        (a study with report.md)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from w2s_ray import models, numerics
 from w2s_ray.errors import ConfigError
 
-STAGES = ("data", "teachers", "labels", "student", "report")  # in the order data flows
+STAGES = ("embed", "data", "teachers", "labels", "student", "report")  # in the order data flows (embed: text data only)
 DIGITS_SIZE = 1797  # scikit-learn's digits has exactly this many samples
 
 
@@ -150,9 +150,7 @@ class ViewConfig(Strict):
 
 
 class EncoderConfig(Strict):
-    """One encoder (`encoders`): the text of each row to a vector. The building block of the
-    embed stage, which is not part of the experiment config yet (the stage, its Ray Data actor
-    pool and its join with the data stage are still to come).
+    """One encoder of the embed stage (`encoders`): the text of each row to a vector.
 
     - `hashed`: a bag of word n-grams, hashed (with a sign) into `dim` buckets, counts
       log-scaled, rows L2-normalised. Built in, no download, no fitting: a deliberately weak view.
@@ -176,6 +174,26 @@ class EncoderConfig(Strict):
         if self.kind == "hf" and not self.path:
             raise ValueError("an hf encoder needs `path`: a local model directory (save_pretrained) or a name in the local Hugging Face cache")
         return self
+
+
+class EmbedResources(Strict):
+    """Where the encoders run; never part of a cache key."""
+
+    num_actors: int | None = Field(None, ge=1, description="encoder actors in Ray Data's pool; default: as many as the CPUs/GPUs allow")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0, le=1, description="> 0: each encoder actor runs its model on a GPU")
+
+
+class EmbedConfig(Strict):
+    """Text data (`data.source: parquet` with a text column): the embed stage turns the column
+    into the student's features and, with `teacher`, the teachers' own features, cached per
+    (data, encoder)."""
+
+    column: str = Field(..., description="the text column of data.path")
+    student: EncoderConfig = Field(..., description="the student's view: its features")
+    teacher: EncoderConfig | None = Field(None, description="the teachers' view (their own features); default: the student's")
+    rows_per_part: int = Field(4096, ge=16, description="rows per unit of work (one Parquet part, kept by a resume)")
+    resources: EmbedResources = Field(default_factory=EmbedResources)
 
 
 class TeacherResources(Strict):
@@ -360,6 +378,7 @@ class OutputConfig(Strict):
 
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
+    embed: EmbedConfig | None = Field(None, description="text data: encoders that make the features (see EmbedConfig)")
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
@@ -369,15 +388,25 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _tabular_student(self) -> "ExperimentConfig":
-        """Feature columns are a set, not a sequence: unless the student is named, it is an MLP
-        with clearly more capacity than the teachers (8× their width, two hidden layers) instead
-        of the default 1-D CNN, which on tables was no stronger than the teachers."""
-        if self.data.source == "parquet" and self.data.feature_columns and "model" not in self.student.model_fields_set:
+        """Feature columns (and an encoder's embedding) are a set, not a sequence: unless the
+        student is named, it is an MLP with clearly more capacity than the teachers (8× their
+        width, two hidden layers) instead of the default 1-D CNN, which on tables was no
+        stronger than the teachers."""
+        if (self.embed is not None or (self.data.source == "parquet" and self.data.feature_columns)) and "model" not in self.student.model_fields_set:
             self.student.model = ModelConfig(name="mlp", width=max(256, 8 * self.teachers.model.width), depth=2)
         return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
+        if self.embed is not None:
+            if self.data.source != "parquet":
+                raise ValueError(f"embed: encoders read a text column of user Parquet; data.source is {self.data.source!r} (set data.source: parquet and data.path)")
+            d = self.data  # by value, not by what was set: a saved config writes every default out
+            given = [k for k in ("feature_columns", "teacher_features", "teacher_feature_columns") if getattr(d, k) is not None] + (["features"] if d.features != "x" else [])
+            if given:
+                raise ValueError(f"embed: the encoders make the features; remove data.{', data.'.join(given)}")
+            if self.embed.column == self.data.label_column:
+                raise ValueError(f"embed.column is the label column {self.data.label_column!r} (data.label_column): the models would see the label")
         if self.posterior.single_teacher >= self.teachers.k:
             raise ValueError(
                 f"posterior.single_teacher={self.posterior.single_teacher} must be < teachers.k={self.teachers.k}"
@@ -601,12 +630,13 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def source_fingerprint(path: str | None) -> list | None:
-    """Size and mtime of local user data, so that an edited file is not served from the cache."""
+def source_fingerprint(path: str | None, pattern: str = "*.parquet") -> list | None:
+    """Size and mtime of local user data (or a local model's files), so that an edited file is
+    not served from the cache."""
     if not path or "://" in path or not Path(path).exists():
         return None
     p = Path(path)
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    files = sorted(p.rglob(pattern)) if p.is_dir() else [p]
     return [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
@@ -629,7 +659,28 @@ class StageKeys:
     @property
     def data(self) -> str:
         d = self.cfg.data
-        return config_hash("data", d.model_dump(mode="json"), source_fingerprint(d.path) if d.source == "parquet" else None)
+        parts: list[Any] = ["data", d.model_dump(mode="json"), source_fingerprint(d.path) if d.source == "parquet" else None]
+        if self.cfg.embed is not None:  # without it, the key is what it always was
+            parts.append({role: self.embed(role) for role in self.embed_roles()})
+        return config_hash(*parts)
+
+    def embed_roles(self) -> tuple[str, ...]:
+        """The views the embed stage makes: the student's, and the teachers' when they have their own."""
+        e = self.cfg.embed
+        return () if e is None else ("student",) if e.teacher is None else ("student", "teacher")
+
+    def embed(self, role: str) -> str:
+        """One encoder's vectors of one text column: the file (path, size, mtime), the column,
+        the encoder (and, for a local model directory, its files' names, sizes and mtimes: a
+        model saved again at the same path is another encoder), how rows are cut into parts,
+        and the pinned numerics. Not `data.missing`: every row with a text is encoded (a null
+        text is an error before, or left out), and the data stage keeps the rows it keeps.
+        Two views with the same encoder share one directory."""
+        d, e = self.cfg.data, self.cfg.embed
+        enc = e.student if role == "student" else e.teacher
+        model = source_fingerprint(enc.path, "*") if enc.kind == "hf" else None
+        return config_hash("embed", d.path, source_fingerprint(d.path), e.column, enc.model_dump(mode="json"), model, e.rows_per_part,
+                           numerics.key())
 
     @property
     def teachers(self) -> str:
@@ -660,7 +711,8 @@ class StageKeys:
     def report(self) -> str:
         """The whole experiment (not where it runs, nor where it writes): one report per config,
         so two configs sharing `output.name` keep their results apart."""
-        exclude = {"teachers": {"resources"}, "student": {"resources"} | ({"input"} if self.cfg.student.workers == 1 else set()), "ray": True, "output": True}
+        exclude = {"teachers": {"resources"}, "student": {"resources"} | ({"input"} if self.cfg.student.workers == 1 else set()), "ray": True, "output": True,
+                   "embed": True if self.cfg.embed is None else {"resources"}}  # without embed, the key is what it always was
         return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude), numerics.key())
 
     @property

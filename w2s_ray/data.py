@@ -25,13 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from w2s_ray import artifacts, storage
+from w2s_ray import artifacts, embedfiles, encoders, storage
 from w2s_ray.config import DataConfig, check_shapes
 from w2s_ray.errors import ConfigError, DataError
 from w2s_ray import synthetic
 from w2s_ray.mnist1d_gen import MNIST1D_FEATURES, load_mnist1d
 from w2s_ray.synthetic import load_synthetic
-from w2s_ray.results import DataStage, Split, SplitFiles
+from w2s_ray.results import DataStage, EmbedStage, Split, SplitFiles
 from w2s_ray.run import RunContext
 from w2s_ray.storage import RunDir
 
@@ -56,7 +56,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return (table[:, :-1] / 16.0).astype(np.float32), table[:, -1].astype(np.int64)
 
 
-def _open_parquet(path: str) -> pa.Table:
+def _open_parquet(path: str, columns: dict[str, str] | None = None) -> pa.Table:
+    """The table; with `columns` (name → what it is, named, for the message), only those
+    columns, and one that is not there is an error naming it."""
     try:
         fs, p = storage.open_filesystem(path) if storage.is_uri(path) else (pafs.LocalFileSystem(), str(Path(path).resolve()))
         info = fs.get_file_info(p)
@@ -64,14 +66,20 @@ def _open_parquet(path: str) -> pa.Table:
             raise DataError(f"data file not found: {path}")
         if info.type == pafs.FileType.Directory:
             _check_one_schema(fs, p, path)
-        return pq.read_table(p, filesystem=fs)
+        if columns is None:
+            return pq.read_table(p, filesystem=fs)
+        names = pq.read_schema(p, filesystem=fs).names if info.type == pafs.FileType.File else _check_one_schema(fs, p, path).names
+        for c, what in columns.items():
+            if c not in names:
+                raise DataError(f"{path}: {what} is missing (columns: {names})")
+        return pq.read_table(p, filesystem=fs, columns=list(columns))
     except DataError:
         raise
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise DataError(f"cannot read Parquet data {path}: {err}") from None
 
 
-def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> None:
+def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> pa.Schema:
     """A directory of Parquet files is one table only if every file has the same columns and types."""
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(directory, recursive=True))
                    if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
@@ -87,6 +95,7 @@ def _check_one_schema(fs: pafs.FileSystem, directory: str, path: str) -> None:
                 f"{path}: {Path(f).name} and {Path(files[0]).name} have different schemas (columns {diff}); "
                 "one data set must have one schema"
             )
+    return first
 
 
 def load_parquet(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +122,48 @@ def read_parquet_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[s
         xt = _features(table, cfg.teacher_features or "", cfg.teacher_feature_columns, path, "data.teacher_feature_columns", "teachers' ")
     y, classes = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
     return x, y, classes, xt
+
+
+def _text(table: pa.Table, column: str, path: str) -> pa.ChunkedArray:
+    col = table[column]
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DataError(f"{path}: text column {column!r} (embed.column) has type {col.type}; an encoder reads strings")
+    return col
+
+
+def text_rows(cfg: DataConfig, column: str) -> tuple[np.ndarray, pa.Array]:
+    """What the embed stage encodes: the rows of user Parquet that have a text in `column`
+    (`embed.column`), and their texts. A null text is an error (`data.missing: error`, naming
+    the column and rows) or its row is left out (`drop`): no model ever sees it. Whether the
+    label is there does not matter here; the data stage drops or refuses those rows itself."""
+    path = cfg.path or ""
+    table = _open_parquet(path, {column: f"text column {column!r} (embed.column)"})
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+    col = _text(table, column, path)
+    null = col.is_null().to_numpy(zero_copy_only=False)
+    if null.any() and cfg.missing == "error":
+        raise DataError(f"{path}: missing values (null) in text column {column!r} (embed.column): {int(null.sum())} of {len(null)} rows, "
+                        f"first {np.nonzero(null)[0][:5].tolist()}. Set data.missing: drop to drop those rows, or fill them")
+    keep = ~null
+    return np.nonzero(keep)[0].astype(np.int64), col.filter(pa.array(keep)).combine_chunks()
+
+
+def read_text_source(cfg: DataConfig, column: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """For text data (`embed`): the rows kept (their index in the user's file), their integer
+    labels and the class names, validated as `read_parquet_source` validates a table; the
+    features are the embed stage's vectors of those rows (`embedfiles.gather`)."""
+    path = cfg.path or ""
+    table = _open_parquet(path, {cfg.label_column: f"label column {cfg.label_column!r}", column: f"text column {column!r} (embed.column)"})
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+    _text(table, column, path)
+    table = table.append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = _missing(table, cfg, path, (column,))
+    y, classes = _labels(table[cfg.label_column], cfg.label_column, path, cfg.n_classes)
+    return table["__row"].to_numpy(), y, classes
 
 
 def _features(table: pa.Table, features: str, feature_columns: list[str] | None, path: str, columns_key: str, whose: str = "") -> np.ndarray:
@@ -162,10 +213,11 @@ def _bad_rows(col: pa.ChunkedArray) -> np.ndarray:
     return bad
 
 
-def _missing(table: pa.Table, cfg: DataConfig, path: str) -> pa.Table:
-    """`data.missing`: rows with a null, NaN or inf in a column the run reads are an error that
-    names every such column at once, or are dropped (`drop`, said on stderr)."""
-    used = [cfg.label_column, *(cfg.feature_columns or [cfg.features])]
+def _missing(table: pa.Table, cfg: DataConfig, path: str, extra: tuple[str, ...] = ()) -> pa.Table:
+    """`data.missing`: rows with a null, NaN or inf in a column the run reads (and the `extra`
+    ones: the text column of `embed`) are an error that names every such column at once, or
+    are dropped (`drop`, said on stderr)."""
+    used = [cfg.label_column, *(cfg.feature_columns or [cfg.features]), *extra]
     if cfg.teacher_features or cfg.teacher_feature_columns:
         used += cfg.teacher_feature_columns or [cfg.teacher_features]
     used = [c for c in dict.fromkeys(used) if c in table.column_names]  # a missing column is reported by its reader
@@ -341,9 +393,30 @@ def build_splits(cfg: DataConfig, run: RunDir, d: Path, map_fn: Callable) -> dic
     return write_splits(cfg, x, y, classes, run, d, xt)
 
 
-def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
+def build_text_stage(ctx: RunContext, d: Path, embed: Callable[[], EmbedStage]) -> dict[str, Any]:
+    """Text data (`embed`): labels read and checked, the models checked against the encoders'
+    widths (both before Ray starts), then the embed stage (`embed()`: cached, or computed by
+    its encoder actors), and the splits of the kept rows' vectors. The vectors pass through
+    this process once, as user Parquet's features do."""
+    cfg, e = ctx.cfg.data, ctx.cfg.embed
+    rows, y, classes = read_text_source(cfg, e.column)
+    dims = {role: encoders.output_dim(enc, f"embed.{role}") for role, enc in (("student", e.student), ("teacher", e.teacher)) if enc is not None}
+    check_models(ctx, dims["student"], n_classes_of(cfg, y), dims.get("teacher"))
+    emb = embed()
+    ctx.log(f"data: building splits of {len(rows):,} texts ({e.column!r}) → {d}")
+    x = embedfiles.gather(ctx.run, emb.dirs["student"], rows)
+    xt = embedfiles.gather(ctx.run, emb.dirs["teacher"], rows) if "teacher" in emb.dirs else None
+    ctx.run.reset(d)
+    return write_splits(cfg, x, y, classes, ctx.run, d, xt)
+
+
+def build_stage(ctx: RunContext, d: Path, embed: Callable[[], EmbedStage] | None = None) -> dict[str, Any]:
     """The data stage's files and manifest (the caller holds the stage's lock)."""
     cfg = ctx.cfg.data
+    if ctx.cfg.embed is not None:
+        if embed is None:
+            raise ValueError("text data (embed): the data stage needs the embed stage (`embed`)")
+        return ctx.run.write_manifest(d, ctx.keys.data, **build_text_stage(ctx, d, embed))
     shape = BUILTIN_SHAPES.get(cfg.source)
     if shape and cfg.n_classes is not None and cfg.n_classes < shape[1]:
         raise ConfigError(f"data.n_classes: {cfg.n_classes} is fewer than the {shape[1]} classes of data.source={cfg.source!r} (leave it unset)")
@@ -366,14 +439,15 @@ def build_stage(ctx: RunContext, d: Path) -> dict[str, Any]:
     return ctx.run.write_manifest(d, ctx.keys.data, **fields)
 
 
-def stage_data(ctx: RunContext) -> DataStage:
+def stage_data(ctx: RunContext, embed: Callable[[], EmbedStage] | None = None) -> DataStage:
     """The three splits, built once per data key. A generated source above `IN_DRIVER_ROWS` is
     built in a Ray task (`build_splits`); digits, user Parquet and small generated sources are made here, user data validated before Ray
-    starts (its rows then pass through the driver once: memory grows with the file)."""
+    starts (its rows then pass through the driver once: memory grows with the file). Text data
+    (`embed`) calls `embed()` for the embed stage's vectors, only when the splits are not cached."""
     d = ctx.run.open_stage("data", ctx.keys.data)
     with ctx.run.claim(d, "data stage", lambda: artifacts.read_manifest(d)) as manifest:
         if manifest is None:
-            manifest = build_stage(ctx, d)
+            manifest = build_stage(ctx, d, embed)
         else:
             ctx.log(f"data: cached {d}")
             check_models(ctx, manifest["in_dim"], manifest["n_classes"], manifest.get("teacher_dim"))

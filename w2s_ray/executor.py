@@ -27,6 +27,7 @@ import os
 from typing import Any, Callable, Hashable, Iterator, Protocol, TypeVar
 
 import ray
+import numpy as np
 import torch
 from ray import exceptions as ray_errors
 
@@ -51,6 +52,7 @@ class Executor(Protocol):
     def actor(self, cls: type, *args: Any, **options: Any) -> Any: ...
     def call(self, actor: Any, method: str, *args: Any) -> Any: ...
     def kill(self, actor: Any) -> None: ...
+    def actor_pool_map(self, cls: type, args: tuple, items: list[int], num_actors: int, num_cpus: float, num_gpus: float) -> Iterator[dict]: ...
     def resources(self) -> dict[str, float]: ...
     def nodes(self) -> int: ...
     def check_placeable(self, need: dict[str, float], keys: dict[str, str], what: str, wait_s: float) -> None: ...
@@ -98,6 +100,11 @@ class RayExecutor:
     def kill(self, actor: Any) -> None:
         if ray.is_initialized():
             ray.kill(actor)
+
+    def actor_pool_map(self, cls: type, args: tuple, items: list[int], num_actors: int, num_cpus: float, num_gpus: float) -> Iterator[dict]:
+        """`cls(*args)` built once per actor of a Ray Data pool, called with one item at a time
+        (`raytools.actor_pool_map`); its summary rows as the items finish."""
+        return raytools.actor_pool_map(cls, args, items, num_actors, num_cpus, num_gpus)
 
     def resources(self) -> dict[str, float]:
         return ray.cluster_resources()
@@ -177,6 +184,18 @@ class InProcess:
 
     def kill(self, actor: Any) -> None:
         pass
+
+    def actor_pool_map(self, cls: type, args: tuple, items: list[int], num_actors: int, num_cpus: float, num_gpus: float) -> Iterator[dict]:
+        """One "actor" (`cls(*args)`, built once here) called with each item in turn, as one
+        actor of Ray Data's pool would be."""
+        threads = torch.get_num_threads()
+        try:
+            worker = cls(*args)
+            for i in items:
+                out = worker({"item": np.asarray([i])})
+                yield {k: v[0].item() if hasattr(v[0], "item") else v[0] for k, v in out.items()}
+        finally:
+            torch.set_num_threads(threads)
 
     def resources(self) -> dict[str, float]:
         return {"CPU": float(self.cpus)}

@@ -1,6 +1,8 @@
 """The commands, composed from the stages in the order data flows:
 
-    data → teachers → labels (posterior + pseudo-labels) → students → report
+    [embed →] data → teachers → labels (posterior + pseudo-labels) → students → report
+
+(embed: text data only; the data stage runs it when its splits are not cached)
 
 `run_stages` is the one chain of stage calls: each stage takes the results of the stages before
 it as arguments and returns its own, and the chain stops after `until`. `run_pipeline`,
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from w2s_ray.config import STAGES, ExperimentConfig, to_yaml
 from w2s_ray.data import stage_data
+from w2s_ray.embed import stage_embed
 from w2s_ray.executor import Executor
 from w2s_ray.labels import stage_labels
 from w2s_ray.report import stage_report
@@ -43,8 +46,15 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
         raise ValueError(f"unknown stage {until!r}; stages: {STAGES}")
     last = STAGES.index(until)
     s = done or Stages()
+    if until == "embed":
+        s.embed = s.embed or stage_embed(ctx)
+        return s
     if s.data is None:
-        s.data = stage_data(ctx)
+        def embed():
+            s.embed = s.embed or stage_embed(ctx)
+            return s.embed
+
+        s.data = stage_data(ctx, embed if ctx.cfg.embed is not None else None)
     if last >= STAGES.index("teachers") and s.teachers is None:
         s.teachers = stage_teachers(ctx, s.data)
     if last >= STAGES.index("labels") and s.labels is None:
@@ -83,7 +93,7 @@ def run_pipeline(cfg: ExperimentConfig, until: str = "report", executor: Executo
     (`executor.InProcess`: the same stages in this process, as the fast tests run them)."""
     with open_run(cfg, executor) as ctx:
         t0 = time.perf_counter()
-        stages = run_stages(ctx, until, done=validated(ctx))
+        stages = run_stages(ctx, until) if until == "embed" else run_stages(ctx, until, done=validated(ctx))
         ctx.log(f"done in {time.perf_counter() - t0:.1f}s; outputs in {ctx.run.path}")
         return stages
 

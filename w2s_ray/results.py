@@ -98,6 +98,16 @@ class SplitFiles(Mapping):
 
 
 @dataclass(frozen=True)
+class EmbedStage:
+    """The embed stage's vectors: one directory per view (`"student"`, and `"teacher"` when the
+    teachers have their own encoder; one directory when both use the same), `embedfiles`."""
+
+    dirs: dict[str, Path]
+    dims: dict[str, int]
+    rows: int
+
+
+@dataclass(frozen=True)
 class DataStage:
     dir: Path
     splits: SplitFiles  # weak, transfer, test
@@ -219,6 +229,7 @@ reader needs to recompute every number the report and the claims study state."""
 class Stages:
     """What `pipeline.run_stages` reached: each stage's result, None past `until`."""
 
+    embed: EmbedStage | None = None
     data: DataStage | None = None
     teachers: TeacherStage | None = None
     labels: LabelStage | None = None

@@ -22,6 +22,7 @@ import torch
 
 from w2s_ray.artifacts import ROW_GROUP
 from w2s_ray.config import TeachersConfig
+from w2s_ray.embedfiles import EncodeParts
 from w2s_ray.labelfiles import STAT_COLUMNS, labels_table
 from w2s_ray.packfiles import PRED_SPLITS, pack_ids, single_teacher, split_posterior, write_pack
 from w2s_ray.packs import LOG_PROB_ROWS, TeacherPack, teacher_indices, teacher_seed
@@ -33,6 +34,17 @@ from w2s_ray.student.core import TrainResult
 from w2s_ray.student.recipe import StudentJob, TestSplit, Trained
 
 MIN_PACK = 2  # smaller packs are padded with copies of their teachers (see fit_pack)
+
+
+# --- embed ---------------------------------------------------------------------------------
+
+
+class EncoderActor(EncodeParts):
+    """An actor of the embed stage's Ray Data pool (`embed.stage_embed`): `EncodeParts` on the
+    GPU Ray gave it, if any."""
+
+    def __init__(self, enc: dict, run: RunDir, stage: Path, threads: int) -> None:
+        super().__init__(enc, run, stage, threads, gpu_device())
 
 
 # --- teachers ------------------------------------------------------------------------------

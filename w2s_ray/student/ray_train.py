@@ -28,7 +28,6 @@ ceiling is trained by one task, as with one worker.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -48,26 +47,10 @@ from ray.train.torch import TorchTrainer, prepare_model
 from w2s_ray.config import StudentConfig
 from w2s_ray.errors import W2SError
 from w2s_ray.labelfiles import batch_to_torch
-from w2s_ray.raytools import epoch_printer
+from w2s_ray.raytools import configure_ray_data, epoch_printer
 from w2s_ray.storage import RunDir
 from w2s_ray.student.recipe import StudentJob, read_inputs
 from w2s_ray.student.core import Batch, Holdout, TrainResult, fit, holdout_split, label_columns, quantile_threshold, random_roll, target_of
-
-
-def configure_ray_data() -> None:
-    """Ray 2.60's V2 Parquet reader starts many footer-reader actors: 25 s for 3,000 rows on 2 cores.
-
-    The V1 reader does the same read in 0.2 s. w2s-ray uses V1 unless RAY_DATA_USE_DATASOURCE_V2
-    says otherwise; the context flag decides even when `ray.data` was imported before this ran.
-    Called before every Ray Data use (this module's: the label stream).
-    """
-    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # its one line says the progress bars we just turned off are off: not a warning for users
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def iter_label_batches(run: RunDir, stage: Path, batch_size: int = 65536):
