@@ -68,7 +68,7 @@ def task_input(src: LabelSource, cfg: StudentConfig, epochs: int) -> int:
     world = in_memory(cfg, labels["x"], t, log_t)
     n = 0
     for epoch in range(1, epochs + 1):
-        for xb, _, _ in world.batches(epoch):  # the loop's gathers; the step is stubbed
+        for xb, *_ in world.batches(epoch):  # the loop's gathers; the step is stubbed
             n += len(xb)
     return n
 

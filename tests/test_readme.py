@@ -47,6 +47,8 @@ NOT_HERE = {
 SHRINK = {
     # the built-in MNIST-1D at a small size; the user Parquet config keeps its own data
     "mnist1d": ["data.num_samples=1500", "data.chunk_size=500", "data.n_weak=300", "data.n_transfer=600", "data.n_test=500"],
+    # text data (configs/tweets.yaml): every text is still encoded, by narrower encoders, and fewer rows train
+    "embed": ["data.n_weak=300", "data.n_transfer=2000", "data.n_test=1000", "embed.student.dim=256"],
     # one CPU for each command's Ray: the lanes already use both cores (see the module's docstring)
     "all": ["ray.num_cpus=1", "teachers.k=10", "teachers.epochs=5", "posterior.n_boot=20", "student.epochs=2", "student.patience=10", "student.seeds=1"],
 }
@@ -86,8 +88,8 @@ def shrunk(cmd: list[str], cwd: Path) -> list[str]:
     if cmd[0] != "w2s-ray" or cmd[1] == "config":
         return cmd
     config = config_arg(cmd)
-    own_data = config is not None and "source: parquet" in (cwd / config).read_text()
-    sets = SHRINK["all"] + ([] if own_data else SHRINK["mnist1d"])
+    text = (cwd / config).read_text() if config is not None else ""
+    sets = SHRINK["all"] + ([] if "source: parquet" in text else SHRINK["mnist1d"]) + (SHRINK["embed"] if "\nembed:" in text else [])
     if cmd[1] == "study" and len(cmd) > 2 and cmd[2] == "variance":
         sets = [s for s in sets if not s.startswith("teachers.k=")] + ["teachers.k=16"]
     return cmd + [x for s in sets for x in ("--set", s)]

@@ -195,3 +195,26 @@ def test_claims_study_computes_each_verdict_from_its_ci(warm, tmp_path):
     c5 = [acc("rce 0.5", "dual_mean", i) - acc("rce 0.0", "dual_mean", i) for i in range(n)]
     assert lam.set_index("lambda").loc[0.5, "acc_minus_lambda0"] == pytest.approx(np.mean(c5), abs=1e-6)
     assert table.loc["C5", "verdict"] in ("supported", "not supported", "inconclusive") and "P5" in (out / "report.md").read_text()
+
+
+def test_weighting_study_pairs_each_rule_with_the_plain_student_over_the_same_seeds(warm, tmp_path):
+    """Three dual-mean students per seed (none, variance, drop_disputed) on one ensemble; each
+    paired difference recomputed here from the students' own results, the verdict the one its
+    CI implies; a weighted student differs from the plain one and shares its ceiling."""
+    from w2s_ray.replicates import paired
+    from w2s_ray.studies import weighting
+
+    cfg = warm(tmp_path, study_config, "labels").model_copy(deep=True)
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": 3})})
+    out = run_study("weighting", cfg, InProcess())
+    t = pd.read_parquet(out / "weighting.parquet").set_index("rule")
+    assert list(t.index) == list(weighting.RULES) and (t["n"] == 3).all()
+    with RunContext.open(cfg, InProcess()) as ctx:
+        done = {r: run_stages(ctx.derive(weighting.rule_config(cfg, r)), "student") for r in weighting.RULES}
+    accs = {r: [s.test_acc for s in done[r].students.replicates["dual_mean"]] for r in weighting.RULES}
+    for r in ("variance", "drop_disputed"):
+        d = paired(accs[r], accs["none"])
+        assert t.loc[r, "diff_vs_none"] == pytest.approx(d["mean"]) and [t.loc[r, "diff_lo"], t.loc[r, "diff_hi"]] == pytest.approx(d["ci"])
+        assert t.loc[r, "verdict"] == weighting.verdict(d)
+        assert done[r].students.dirs[("dual_mean", 0)] != done["none"].students.dirs[("dual_mean", 0)]
+    assert "Weighting study" in (out / "report.md").read_text()

@@ -108,7 +108,7 @@ def test_n_in_memory_ranks_split_the_one_process_global_batches_with_the_same_dr
         whole = list(one.batches(epoch))
         parts = [list(w.batches(epoch)) for w in ranks]
         assert all(len(p) == len(whole) == one.steps_per_epoch for p in parts)  # 360 training rows: 11 steps, the last of 30 rows
-        for i, (xb, tb, lb) in enumerate(whole):
+        for i, (xb, tb, lb, wb) in enumerate(whole):
             assert torch.equal(torch.cat([p[i][0] for p in parts]), xb) and torch.equal(torch.cat([p[i][1] for p in parts]), tb)
     short = in_memory(c.model_copy(update={"batch_size": 359}), x, t, log_t, rank=1, size=2)
     assert short.steps_per_epoch == 1 and len(list(short.batches(1))) == 1  # 360 = 359 + 1: the 1-row batch cannot feed 2 ranks
@@ -133,3 +133,54 @@ def test_the_loop_scores_the_held_out_slice_at_the_full_reverse_ce_weight(toy):
     full = student_loss("mixture", logits, world.holdout.t, world.holdout.log_t, lam=0.5, alpha=c.sym_alpha, beta=c.sym_beta,
                         threshold=c.adaptive_threshold, aux_alpha=0.0, aux_soft=c.aux_target == "soft", log_floor=c.log_floor).mean()
     assert rec["holdout_loss"] == pytest.approx(float(full), rel=1e-6)
+
+
+def test_row_weights_are_the_rules_recomputed_with_mean_one():
+    from w2s_ray.student.core import row_weights
+
+    v = torch.tensor([0.0, 0.1, 0.2, 0.4, 0.8, 1.5, 0.05, 0.3, 0.6, 1.0])
+    assert row_weights(cfg(), v) is None
+    w = row_weights(cfg(weighting="variance"), v)
+    want = torch.exp(-v.double() / v.double().mean())
+    torch.testing.assert_close(w.double(), want / want.mean(), rtol=1e-6, atol=0)
+    assert abs(float(w.mean()) - 1) < 1e-6 and bool((w[:-1] > 0).all())
+    d = row_weights(cfg(weighting="drop_disputed", drop_frac=0.2), v)
+    assert d.tolist() == pytest.approx([1.25] * 5 + [0.0] + [1.25] * 3 + [0.0])  # the two most disputed rows (1.5, 1.0) out
+
+
+def test_weights_scale_each_rows_loss_and_nothing_else(toy):
+    """All-ones weights train the unweighted student bit for bit; a row of weight 0 is not
+    learned from: changing its target changes nothing."""
+    from w2s_ray.student.core import fit
+
+    x, y, t, log_t = toy
+    c = cfg(epochs=3)
+
+    def train(t, log_t, w):
+        world = in_memory(c, x, t, log_t, weights=w)
+        return fit(c, world, 12, 3).state_dict
+
+    plain = train(t, log_t, None)
+    assert all(torch.equal(a, b) for a, b in zip(plain.values(), train(t, log_t, torch.ones(400)).values()))
+    w = torch.ones(400)
+    train_rows, _ = holdout_split(400, c.holdout_frac, c.seed)
+    dropped = train_rows[:50]
+    w[dropped] = 0
+    t2 = t.clone()
+    t2[dropped] = t[dropped].flip(-1)
+    a, b = train(t, log_t, w), train(t2, t2.log(), w)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_weighting_is_teacher_side_and_refused_where_the_stream_cannot_carry_it():
+    from w2s_ray.config import StageKeys, load_config
+    from w2s_ray.errors import ConfigError
+
+    k = StageKeys(load_config(None))
+    w = StageKeys(load_config(None, {"student.weighting": "variance"}))
+    assert w.ceiling == k.ceiling and w.student("dual_mean") != k.student("dual_mean")
+    assert StageKeys(load_config(None, {"student.drop_frac": 0.3})).student("dual_mean") == k.student("dual_mean")  # read by drop_disputed alone
+    with pytest.raises(ConfigError, match="student.weighting with student.workers > 1 needs student.input: memory"):
+        load_config(None, {"student.weighting": "variance", "student.workers": 2})
+    load_config(None, {"student.weighting": "variance", "student.workers": 2, "student.input": "memory"})

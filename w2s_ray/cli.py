@@ -3,7 +3,7 @@
     w2s-ray run [CONFIG.yaml] [--set key=value ...]
     w2s-ray embed|data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
-    w2s-ray study variance|theory|claims [CONFIG.yaml]        (a study with report.md)
+    w2s-ray study variance|theory|claims|weighting [CONFIG.yaml]   (a study with report.md)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -22,7 +22,7 @@ from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml  # noqa: E40
 from w2s_ray.errors import W2SError  # noqa: E402
 from w2s_ray.space import load_space  # noqa: E402
 
-STUDY_KINDS = ("variance", "theory", "claims")
+STUDY_KINDS = ("variance", "theory", "claims", "weighting")
 SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
     tune.add_argument("--verbose", action="store_true", help="Tune's own trial tables (default: one line per finished trial on stderr)")
-    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example) or claims (the paper's claims over seeds, with CIs and verdicts)")
+    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example), claims (the paper's claims over seeds, with CIs and verdicts) or weighting (variance-aware students against the plain dual-mean student, paired over seeds)")
     study.add_argument("kind", choices=STUDY_KINDS)
     study.add_argument("config", nargs="?")
     show = sub.add_parser("config", help="print the resolved config")

@@ -273,7 +273,8 @@ class StudentConfig(Strict):
     PLAN_FIELDS: ClassVar[frozenset[str]] = frozenset({"targets", "ceiling", "resources", "seeds", "ceiling_augment"})
     # what concerns teacher targets only: left out of the gold ceiling's key
     TEACHER_SIDE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"loss", "rce_weight", "rce_warmup", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "aux_target", "log_floor"}
+        {"loss", "rce_weight", "rce_warmup", "sym_alpha", "sym_beta", "adaptive_threshold", "adaptive_quantile", "aux_alpha", "aux_warmup", "aux_target", "log_floor",
+         "weighting", "drop_frac"}
     )
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**DEFAULT_STUDENT_MODEL))
@@ -296,6 +297,12 @@ class StudentConfig(Strict):
         "soft", description="aux_conf's teacher term: CE to the teacher's probabilities (soft, as Burns et al. 2023) or to its argmax (hard)"
     )
     log_floor: float = Field(math.log(1e-8), lt=0, description="floor on log teacher probs in RCE")
+    weighting: Literal["none", "variance", "drop_disputed"] = Field(
+        "none", description="per-row weights of the training loss from the teachers' disagreement on the row (no gold label): "
+        "'variance', exp(-V_i / mean V) with V_i the row's teacher variance (no tuned constant); 'drop_disputed', the drop_frac "
+        "of rows with the highest V_i left out; 'none', every row alike. The held-out loss that selects the epoch is unweighted",
+    )
+    drop_frac: float = Field(0.2, gt=0, lt=1, description="drop_disputed: the fraction of transfer rows with the highest teacher variance left out")
     epochs: int = Field(25, ge=1)
     augment_shift: int = Field(0, ge=0, description="random circular shifts of the student's inputs, up to this many positions")
     batch_size: int = Field(128, ge=1)
@@ -421,6 +428,8 @@ class ExperimentConfig(Strict):
             if self.teachers.keep_predictions == "none" and max(singles) >= ALWAYS_KEPT:
                 raise ValueError(f"posterior.single_teachers={singles}: with teachers.keep_predictions='none' only teachers "
                                  f"0..{ALWAYS_KEPT - 1} keep their transfer predictions")
+        if self.student.workers > 1 and self.student.input == "stream" and self.student.weighting != "none":
+            raise ValueError("student.weighting with student.workers > 1 needs student.input: memory (the label stream carries no row weights)")
         if self.student.workers > 1 and self.student.input == "stream" and self.student.selection == "oracle":
             raise ValueError("student.workers > 1 with student.input: stream needs student.selection: teacher (gold labels never enter "
                              "the label stream the workers read); student.input: memory supports every selection rule")
@@ -646,6 +655,10 @@ def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
         out.pop("aux_target", None)
     if out.get("workers") == 1:  # read across workers alone
         out.pop("input", None)
+    if out.get("weighting") == "none":  # without weights, every key is what it was before they existed
+        out.pop("weighting", None)
+    if out.get("weighting") != "drop_disputed":
+        out.pop("drop_frac", None)
     return out
 
 
@@ -711,7 +724,10 @@ class StageKeys:
     def report(self) -> str:
         """The whole experiment (not where it runs, nor where it writes): one report per config,
         so two configs sharing `output.name` keep their results apart."""
-        exclude = {"teachers": {"resources"}, "student": {"resources"} | ({"input"} if self.cfg.student.workers == 1 else set()), "ray": True, "output": True,
+        s = self.cfg.student
+        unread = ({"input"} if s.workers == 1 else set()) | ({"weighting"} if s.weighting == "none" else set()) | (
+            {"drop_frac"} if s.weighting != "drop_disputed" else set())  # options at rest leave the key as it was before they existed
+        exclude = {"teachers": {"resources"}, "student": {"resources"} | unread, "ray": True, "output": True,
                    "embed": True if self.cfg.embed is None else {"resources"}}  # without embed, the key is what it always was
         return config_hash("report", self.data, self.cfg.model_dump(mode="json", exclude=exclude), numerics.key())
 

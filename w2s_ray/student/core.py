@@ -115,7 +115,26 @@ class Holdout:
         return Holdout(self.x.to(device), self.t.to(device), self.log_t.to(device), self.dual.to(device), gold)
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs, target probabilities, their logs), on the device
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (inputs, target probabilities, their logs, row weights or None), on the device
+
+
+def row_weights(cfg: StudentConfig, variance: torch.Tensor) -> torch.Tensor | None:
+    """`student.weighting`: per-row weights of the training loss from the teachers' variance on
+    each transfer row (mean KL(dual mean ‖ teacher), no gold label), scaled to mean 1 over the
+    rows so that the learning rate means what it meant unweighted; None for `none`.
+
+    - `variance`: exp(−V_i / mean V). Its only scale is the data's own mean variance: a row at
+      the mean counts e⁻¹ of an undisputed one, no constant to tune.
+    - `drop_disputed`: 0 for the `drop_frac` of rows with the highest V_i (ties at the cut
+      kept), 1 for the rest."""
+    if cfg.weighting == "none":
+        return None
+    v = variance.double()
+    if cfg.weighting == "variance":
+        w = torch.exp(-v / v.mean().clamp_min(1e-12))
+    else:
+        w = (v <= torch.quantile(v, 1 - cfg.drop_frac)).double()
+    return (w / w.mean()).float()
 
 
 class World(Protocol):
@@ -142,9 +161,11 @@ class InMemory:
     every rank, draws the order and the shifts, so the ranks stay in step without talking."""
 
     def __init__(self, cfg: StudentConfig, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, train_rows: torch.Tensor,
-                 holdout: Holdout, device: str = "cpu", rank: int = 0, size: int = 1, wrap: Callable | None = None):
+                 holdout: Holdout, device: str = "cpu", rank: int = 0, size: int = 1, wrap: Callable | None = None,
+                 weights: torch.Tensor | None = None):
         self.cfg, self.rank, self.size, self.device = cfg, rank, size, device
         self.x, self.t, self.log_t = x.to(device), t.to(device), log_t.to(device)
+        self.w = None if weights is None else weights.to(device)
         self.train_rows, self.holdout = train_rows, holdout.to(device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         n, b = len(train_rows), cfg.batch_size
@@ -163,18 +184,20 @@ class InMemory:
                 part = torch.arange(len(rows)).tensor_split(self.size)[self.rank]
                 rows, shift = rows[part.to(rows.device)], None if shift is None else shift[part]
             xb = self.x[rows]
-            yield (xb if shift is None else roll_rows(xb, shift)), self.t[rows], self.log_t[rows]
+            yield (xb if shift is None else roll_rows(xb, shift)), self.t[rows], self.log_t[rows], None if self.w is None else self.w[rows]
 
 
 def in_memory(cfg: StudentConfig, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, dual: torch.Tensor | None = None,
-              gold: torch.Tensor | None = None, device: str = "cpu", rank: int = 0, size: int = 1, wrap: Callable | None = None) -> InMemory:
+              gold: torch.Tensor | None = None, device: str = "cpu", rank: int = 0, size: int = 1, wrap: Callable | None = None,
+              weights: torch.Tensor | None = None) -> InMemory:
     """The in-memory world of a student on the transfer rows `x` with targets `t`/`log_t`:
     `student.holdout_frac` of them held out (`holdout_split`); `dual`: the dual posterior mean
-    (default `t`); `gold`: the transfer gold labels (read only for `selection: oracle`)."""
+    (default `t`); `gold`: the transfer gold labels (read only for `selection: oracle`);
+    `weights`: the training loss's per-row weights (`row_weights`)."""
     train_rows, hold = holdout_split(len(x), cfg.holdout_frac, cfg.seed)
     dual = t if dual is None else dual
     holdout = Holdout(x[hold], t[hold], log_t[hold], dual[hold], None if gold is None else gold[hold])
-    return InMemory(cfg, x, t, log_t, train_rows, holdout, device, rank, size, wrap)
+    return InMemory(cfg, x, t, log_t, train_rows, holdout, device, rank, size, wrap, weights)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -217,8 +240,9 @@ def fit(
     opt = Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # torch's Adam, without torch._dynamo
     total_steps = world.steps_per_epoch * cfg.epochs
 
-    def objective(logits, t, log_t, step):
-        return student_loss(loss_name, logits, t, log_t, **loss_options(cfg, step, total_steps, threshold)).mean()
+    def objective(logits, t, log_t, step, w=None):
+        per_row = student_loss(loss_name, logits, t, log_t, **loss_options(cfg, step, total_steps, threshold))
+        return per_row.mean() if w is None else (per_row * w).mean()
 
     best_score, best_state, best_epoch, bad, step, start, epoch = float("inf"), None, 0, 0, 0, 1, 0
     history: list[dict] = []
@@ -242,9 +266,9 @@ def fit(
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        for xb, tb, log_tb in world.batches(epoch):
+        for xb, tb, log_tb, wb in world.batches(epoch):
             opt.zero_grad(set_to_none=True)
-            batch_loss = objective(model(xb), tb, log_tb, step)
+            batch_loss = objective(model(xb), tb, log_tb, step, wb)
             batch_loss.backward()
             opt.step()
             total += float(batch_loss.detach()) * len(xb)

@@ -143,7 +143,7 @@ class StreamWorld:
             xb = d["x"].to(self.device)
             if self.cfg.augment_shift:
                 xb = random_roll(xb, self.cfg.augment_shift, self.gen)
-            yield xb, t.to(self.device), log_t.to(self.device)
+            yield xb, t.to(self.device), log_t.to(self.device), None  # no row weights in the stream (config refuses weighting here)
 
 
 def stream_holdout(target: str, log_floor: float) -> Holdout:

@@ -20,7 +20,8 @@ from w2s_ray.config import StudentConfig
 from w2s_ray.labelfiles import LabelSource
 from w2s_ray.packfiles import single_teacher
 from w2s_ray.results import StudentResult, TeacherStage
-from w2s_ray.student.core import InMemory, TrainResult, fit, holdout_split, in_memory, label_columns, load_student, predict_log, quantile_threshold, target_of
+from w2s_ray.student.core import (InMemory, TrainResult, fit, holdout_split, in_memory, label_columns, load_student, predict_log, quantile_threshold,
+                                  row_weights, target_of)
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,12 @@ class Inputs:
     gold: torch.Tensor | None
     loss: str | None
     test: TestSplit | None
+    weights: torch.Tensor | None = None  # the training loss's per-row weights (`student.weighting`; never the ceiling's)
 
     def world(self, device: str = "cpu", rank: int = 0, size: int = 1, wrap=None) -> InMemory:
         """The in-memory world on these inputs (one process, or rank `rank` of `size`)."""
-        return in_memory(self.cfg, self.labels["x"], self.t, self.log_t, self.labels["logt_dual"].exp(), self.gold, device, rank, size, wrap)
+        return in_memory(self.cfg, self.labels["x"], self.t, self.log_t, self.labels["logt_dual"].exp(), self.gold, device, rank, size, wrap,
+                         self.weights)
 
     def misfit_target(self) -> torch.Tensor:
         """What the misfit is measured against: the student's target; the ceiling, having none,
@@ -86,12 +89,13 @@ def read_inputs(job: StudentJob, test: TestSplit | None = None) -> Inputs:
     """Read a student's labels (its target's columns only) and pick its target; `test`: the
     split it is evaluated on (none for a Ray Train worker, which only trains)."""
     cfg = job.cfg
-    labels = job.src.read(label_columns(None if job.t is not None else job.target))
     ceiling = job.target is None
+    weighted = cfg.weighting != "none" and not ceiling
+    labels = job.src.read(label_columns(None if job.t is not None else job.target, *(("variance",) if weighted else ())))
     gold = job.src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
     loss = None
     if ceiling:
-        cfg = cfg.model_copy(update={"rce_weight": 0.0} | ({} if cfg.ceiling_augment else {"augment_shift": 0}))
+        cfg = cfg.model_copy(update={"rce_weight": 0.0, "weighting": "none"} | ({} if cfg.ceiling_augment else {"augment_shift": 0}))
         t = torch.nn.functional.one_hot(gold, job.n_classes).float()
         log_t, loss = t.clamp_min(1e-8).log(), "mixture"
     elif job.single is not None:
@@ -104,7 +108,7 @@ def read_inputs(job: StudentJob, test: TestSplit | None = None) -> Inputs:
         t, log_t = job.t, job.log_t
     else:
         t, log_t = target_of(labels, job.target, cfg.log_floor)
-    return Inputs(job, cfg, labels, t, log_t, gold, loss, test)
+    return Inputs(job, cfg, labels, t, log_t, gold, loss, test, row_weights(cfg, labels["variance"]) if weighted else None)
 
 
 def train(inputs: Inputs, device: str = "cpu", on_epoch=None, resume: dict | None = None) -> TrainResult:

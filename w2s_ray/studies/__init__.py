@@ -8,6 +8,6 @@
 `STUDIES` maps the CLI's `w2s-ray study KIND` to the module.
 """
 
-from w2s_ray.studies import claims, theory, variance
+from w2s_ray.studies import claims, theory, variance, weighting
 
-STUDIES = {"variance": variance, "theory": theory, "claims": claims}
+STUDIES = {"variance": variance, "theory": theory, "claims": claims, "weighting": weighting}
