@@ -208,13 +208,14 @@ def test_weighting_study_pairs_each_rule_with_the_plain_student_over_the_same_se
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"seeds": 3})})
     out = run_study("weighting", cfg, InProcess())
     t = pd.read_parquet(out / "weighting.parquet").set_index("rule")
-    assert list(t.index) == list(weighting.RULES) and (t["n"] == 3).all()
-    with RunContext.open(cfg, InProcess()) as ctx:
+    assert list(t.index) == list(weighting.RULES) and (t["n"] == 6).all()  # two sets of 3 seeds
+    with RunContext.open(cfg, InProcess()) as ctx:  # all cached: the study trained them
         done = {r: run_stages(ctx.derive(weighting.rule_config(cfg, r)), "student") for r in weighting.RULES}
     accs = {r: [s.test_acc for s in done[r].students.replicates["dual_mean"]] for r in weighting.RULES}
     for r in ("variance", "drop_disputed"):
         d = paired(accs[r], accs["none"])
         assert t.loc[r, "diff_vs_none"] == pytest.approx(d["mean"]) and [t.loc[r, "diff_lo"], t.loc[r, "diff_hi"]] == pytest.approx(d["ci"])
-        assert t.loc[r, "verdict"] == weighting.verdict(d)
+        a, b = (weighting.verdict(paired(accs[r][i:i + 3], accs["none"][i:i + 3])) for i in (0, 3))
+        assert (t.loc[r, "verdict_A"], t.loc[r, "verdict_B"]) == (a, b) and t.loc[r, "verdict"] == (a if a == b else "not replicated")
         assert done[r].students.dirs[("dual_mean", 0)] != done["none"].students.dirs[("dual_mean", 0)]
     assert "Weighting study" in (out / "report.md").read_text()
