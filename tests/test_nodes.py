@@ -149,7 +149,10 @@ def test_node_killed_mid_run_loses_no_teacher(two_nodes, whole, tmp_path, max_re
     if max_retries == 0:
         assert "queued again" in log  # Ray gave up on the actor; the driver queued its pack again
     else:
-        assert any(p["restarted"] for p in after_kill), "no pack was trained by the actor Ray restarted"
+        # any pack, not only a new one: the pack the dead actor had written but not yet returned
+        # is retried by Ray on the restarted actor, which writes it again under the same id (a
+        # fresh clone's full suite, on a loaded machine, once had only that one)
+        assert any(p["restarted"] for p in packs), "no pack was trained by the actor Ray restarted"
 
     # the same experiment, never interrupted, on the test session's Ray (`whole`)
     tdir_killed = next(run.glob("teachers/*"))
