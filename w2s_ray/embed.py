@@ -77,6 +77,7 @@ def encode(ctx: RunContext, d: Path, key: str, enc: EncoderConfig, dim: int) -> 
     t0 = time.perf_counter()
     if todo:
         ctx.ray()
+        ctx.warn_if_unshared("the encoder actors write their parts on any node")
         res = e.resources
         ctx.executor.check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
                                      {"CPU": "embed.resources.num_cpus_per_actor", "GPU": "embed.resources.num_gpus_per_actor"},

@@ -155,22 +155,13 @@ def read_test_posterior(stage: Path) -> dict[str, torch.Tensor]:
 # --- the stage -----------------------------------------------------------------------------
 
 
-def warn_if_unshared(ctx: RunContext) -> None:
-    """Ray Data writes and reads the pseudo-labels on any node: a local run directory must be
-    one every node mounts at the same path. We cannot see whether it is; say what is needed."""
-    nodes = ctx.executor.nodes()
-    if nodes > 1 and ctx.run.store is None:
-        ctx.log(f"warning: the cluster has {nodes} nodes and output.root={ctx.cfg.output.root!r} is a local path; "
-                "it must be a filesystem every node mounts at the same path (NFS), or use a URI such as s3://bucket/prefix")
-
-
 def stage_labels(ctx: RunContext, data: DataStage, teachers: TeacherStage) -> LabelStage:
     """The posterior over the K teachers and the pseudo-label table (no gold label in it)."""
     d = ctx.run.open_stage("labels", ctx.keys.labels)
     with ctx.run.claim(d, "labels stage", lambda: artifacts.read_manifest(d)) as manifest:
         if manifest is None:
             ctx.ray()
-            warn_if_unshared(ctx)
+            ctx.warn_if_unshared("Ray Data writes and reads the pseudo-labels on any node")
             ctx.log(f"labels: posterior over teachers, pseudo-labels in blocks of {ctx.cfg.labels.rows_per_file} rows → {d}")
             ctx.run.remove(d / artifacts.MANIFEST)
             totals = label_parts(ctx, data, teachers, d)

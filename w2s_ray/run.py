@@ -75,6 +75,15 @@ class RunContext:
         """Start or join Ray (the Ray executor): called by a stage that has work for it, never for a cached one."""
         self.executor.start(self.cfg.ray)
 
+    def warn_if_unshared(self, why: str) -> None:
+        """Work that writes on any node (`why`) needs a run directory every node sees: a local
+        one must be a filesystem every node mounts at the same path. We cannot see whether it
+        is; say what is needed."""
+        nodes = self.executor.nodes()
+        if nodes > 1 and self.run.store is None:
+            self.log(f"warning: {why}: the cluster has {nodes} nodes, and output.root={self.cfg.output.root!r} is a local path; "
+                     "it must be a filesystem every node mounts at the same path (NFS), or use a URI such as s3://bucket/prefix")
+
     def submit(self, fn: Callable, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
         """Run `fn(*args)` as a task with these resources; `get` its handle for the result."""
         return self.executor.submit(fn, *args, num_cpus=num_cpus, num_gpus=num_gpus)
