@@ -135,12 +135,13 @@ def test_an_interrupted_or_damaged_stage_encodes_only_what_is_missing_or_bad(tmp
     ("not text", r"t.parquet: text column 'n' \(embed.column\) has type int64; an encoder reads strings"),
     ("null text", r"missing values \(null, NaN or inf\) in 1 column\(s\): 'text' \(2 rows, first \[3, 7\]\).*data.missing: drop"),
     ("no model", r"embed.student.path: .*not a Hugging Face model on this machine"),
+    ("too few rows", r"t.parquet: data.n_weak \+ data.n_transfer \+ data.n_test = 410 is larger than its 400 rows"),
 ])
 def test_bad_text_data_stops_before_ray_naming_the_column_or_key(tmp_path, case, match):
     write_texts(tmp_path / "t.parquet", nulls=(3, 7) if case == "null text" else ())
     embed = {"no column": {"column": "body"}, "not text": {"column": "n"}, "null text": {},
-             "no model": {"student": {"kind": "hf", "path": str(tmp_path / "nowhere")}}}[case]
-    cfg = text_config(tmp_path, embed=embed)
+             "no model": {"student": {"kind": "hf", "path": str(tmp_path / "nowhere")}}, "too few rows": {}}[case]
+    cfg = text_config(tmp_path, embed=embed, data={"n_test": 200} if case == "too few rows" else {})
 
     class NoRay(InProcess):
         def start(self, cfg):

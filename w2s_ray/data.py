@@ -299,12 +299,14 @@ def load_source(cfg: DataConfig, map_fn: Callable = map) -> tuple[np.ndarray, np
 # --- splits --------------------------------------------------------------------------------
 
 
-def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "data", xt: np.ndarray | None = None) -> dict[str, Split]:
+def check_sizes(cfg: DataConfig, rows: int, source: str) -> None:
     need = cfg.n_weak + cfg.n_transfer + cfg.n_test
-    if need > len(y):
-        raise DataError(
-            f"{source}: data.n_weak + data.n_transfer + data.n_test = {need} is larger than its {len(y)} rows"
-        )
+    if need > rows:
+        raise DataError(f"{source}: data.n_weak + data.n_transfer + data.n_test = {need} is larger than its {rows} rows")
+
+
+def make_splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, source: str = "data", xt: np.ndarray | None = None) -> dict[str, Split]:
+    check_sizes(cfg, len(y), source)
     perm = np.random.default_rng(cfg.seed).permutation(len(y))
     bounds = np.cumsum([0, cfg.n_weak, cfg.n_transfer, cfg.n_test])
     out = {}
@@ -400,6 +402,7 @@ def build_text_stage(ctx: RunContext, d: Path, embed: Callable[[], EmbedStage]) 
     this process once, as user Parquet's features do."""
     cfg, e = ctx.cfg.data, ctx.cfg.embed
     rows, y, classes = read_text_source(cfg, e.column)
+    check_sizes(cfg, len(rows), cfg.path or "data")  # before the texts are encoded
     dims = {role: encoders.output_dim(enc, f"embed.{role}") for role, enc in (("student", e.student), ("teacher", e.teacher)) if enc is not None}
     check_models(ctx, dims["student"], n_classes_of(cfg, y), dims.get("teacher"))
     emb = embed()
