@@ -177,7 +177,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     for search in ("grid_capacity_x_rce", "capacity_x_rce"):
         trials = pd.read_parquet(runs / "default" / "tune" / search / "trials.parquet")
         assert trials["error"].isna().all(), trials[["trial_id", "error"]]
-    for name, kind in (("default", "claims"), ("variance", "variance"), ("theory", "theory"), ("digits_views", "claims"), ("tweets", "weighting")):
+    for name, kind in (("default", "claims"), ("variance", "variance"), ("theory", "theory"), ("digits_views", "claims")):
         assert (runs / name / "study" / kind / "report.md").is_file(), (name, kind)
     assert (runs / "tweets" / "results.json").is_file() and len(list((runs / "tweets" / "embed").iterdir())) == 2  # text: two encoders
     assert sorted(p.name for p in cwd.iterdir()) == ["configs", "my.yaml", "runs", "tune_spaces"]  # nothing written elsewhere
