@@ -64,11 +64,10 @@ def _open_parquet(path: str, columns: dict[str, str] | None = None) -> pa.Table:
         info = fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data file not found: {path}")
-        if info.type == pafs.FileType.Directory:
-            _check_one_schema(fs, p, path)
+        schema = _check_one_schema(fs, p, path) if info.type == pafs.FileType.Directory else None
         if columns is None:
             return pq.read_table(p, filesystem=fs)
-        names = pq.read_schema(p, filesystem=fs).names if info.type == pafs.FileType.File else _check_one_schema(fs, p, path).names
+        names = (schema or pq.read_schema(p, filesystem=fs)).names
         for c, what in columns.items():
             if c not in names:
                 raise DataError(f"{path}: {what} is missing (columns: {names})")
