@@ -40,17 +40,13 @@ def input_table(rows: np.ndarray, texts: pa.Array) -> pa.Table:
     return pa.table({"row": pa.array(rows, pa.int64()), "text": texts})
 
 
-def n_parts(run: RunDir, stage: Path) -> int:
-    return pq.ParquetFile(run.need(Path(stage) / INPUT, "embed: its input")).num_row_groups
-
-
 def check_part(stage: Path, i: int, rows: int, dim: int) -> str | None:
     """None when part `i` is what its actor wrote (its seal verifies) with `rows` rows of width
     `dim`; else why not. A same-size damaged part still parses: only the seal tells."""
     why = artifacts.check_seal(stage, part_path(stage, i).stem)
     if why is None:
-        meta = pq.read_metadata(part_path(stage, i))
-        width = pq.read_schema(part_path(stage, i)).field("emb").type.list_size
+        meta = pq.read_metadata(part_path(stage, i))  # one footer read: rows and schema
+        width = meta.schema.to_arrow_schema().field("emb").type.list_size
         if meta.num_rows != rows or width != dim:
             why = f"{meta.num_rows} rows of width {width}, its input has {rows} rows and the encoder's width is {dim}"
     return why
