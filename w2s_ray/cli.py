@@ -4,6 +4,7 @@
     w2s-ray embed|data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
     w2s-ray study variance|theory|claims|weighting [CONFIG.yaml]   (a study with report.md)
+    w2s-ray study suite [CONFIG.yaml] [--quick] [--tasks a,b]     (every task of the registry; CONFIG: where and how it runs)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -22,7 +23,7 @@ from w2s_ray.config import STAGES, load_config, parse_yaml, to_yaml  # noqa: E40
 from w2s_ray.errors import W2SError  # noqa: E402
 from w2s_ray.space import load_space  # noqa: E402
 
-STUDY_KINDS = ("variance", "theory", "claims", "weighting")
+STUDY_KINDS = ("variance", "theory", "claims", "weighting", "suite")
 SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)
 
 
@@ -50,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="search name (default: the space file's stem)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are not rerun")
     tune.add_argument("--verbose", action="store_true", help="Tune's own trial tables (default: one line per finished trial on stderr)")
-    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example), claims (the paper's claims over seeds, with CIs and verdicts) or weighting (variance-aware students against the plain dual-mean student, paired over seeds)")
+    study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example), claims (the paper's claims over seeds, with CIs and verdicts), weighting (variance-aware students against the plain dual-mean student, paired over seeds) or suite (every task of the registry, one table, teacher-count scaling)")
     study.add_argument("kind", choices=STUDY_KINDS)
-    study.add_argument("config", nargs="?")
+    study.add_argument("config", nargs="?", help="for suite: only output, ray and the stages' resources are read from it; each task has its own config")
+    study.add_argument("--quick", action="store_true", help="suite only: teacher-count scaling up to K = 64 (default 1024)")
+    study.add_argument("--tasks", help="suite only: comma-separated task names (default: every task)")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
@@ -65,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def study_options(args: argparse.Namespace) -> dict:
+    """The suite's own options; refused for the other studies, which have none."""
+    if args.kind != "suite":
+        if args.quick or args.tasks:
+            raise W2SError(f"--quick and --tasks are options of study suite, not of study {args.kind}")
+        return {}
+    return {"quick": args.quick, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -75,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
+        options = study_options(args) if args.command == "study" else {}
         space = load_space(args.space, cfg, allow_local_code=args.allow_local_code) if args.command == "tune" else None
         if space is not None:
             name = args.name or Path(args.space).stem
@@ -87,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if space is not None:
             pipeline.run_tune(cfg, space, name, resume=args.resume, verbose=args.verbose)
         elif args.command == "study":
-            pipeline.run_study(args.kind, cfg)
+            pipeline.run_study(args.kind, cfg, **options)
         else:
             pipeline.run_pipeline(cfg, until="report" if args.command == "run" else args.command)
         return 0

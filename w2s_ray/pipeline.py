@@ -115,11 +115,19 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
         return run_search(ctx, stages, space, name, resume=resume, fault=fault, verbose=verbose)
 
 
-def run_study(kind: str, cfg: ExperimentConfig, executor: Executor | None = None) -> Path:
-    """`w2s-ray study KIND`: the runs the study needs (from the cache where possible), then the study."""
+def run_study(kind: str, cfg: ExperimentConfig, executor: Executor | None = None, **options: Any) -> Path:
+    """`w2s-ray study KIND`: the runs the study needs (from the cache where possible), then the
+    study. `options`: the study's own options (`w2s-ray study suite --quick --tasks ...`)."""
     study = STUDIES[kind]
+    requests = study.needs(cfg, **options)  # every config the study derives is validated before any work
     with open_run(cfg, executor) as ctx:
-        validated(ctx)
-        done = {req.name: run_stages(ctx.derive(req.cfg), req.until) for req in study.needs(cfg)}
+        if hasattr(study, "prepare"):
+            study.prepare(ctx, **options)
+        else:
+            validated(ctx)
+        done: dict[str, Stages] = {}
+        for req in requests:
+            before = done.get(req.name.split("/")[0] + "/data") if "/" in req.name else None  # a suite task's data, reused
+            done[req.name] = run_stages(ctx.derive(req.cfg), req.until, done=Stages(data=before.data) if before else None)
         out = ctx.run.reset(ctx.run / "study" / kind)
-        return study.run(ctx, done, out)
+        return study.run(ctx, done, out, **options)

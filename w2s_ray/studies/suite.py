@@ -1,0 +1,377 @@
+"""The suite study: every task of the registry (`w2s_ray.tasks`), one table across them, and
+teacher-count scaling per task.
+
+Per task, all on the task's own config (`tasks.task_config`), `SEEDS` students per setting:
+- "main": teachers.k = `K_MAIN`; students of the dual mean, the arithmetic mean and single
+  teachers (replicate i on teacher i: `SEEDS` teacher draws), and the gold ceiling per seed.
+- "narrow": single-teacher students at a quarter of the student's width, on the same draws.
+- "K=k": the dual-mean students of the first k teachers, for k in `Scale.student_ks` (k = 1: the
+  main run's single-teacher students; k = 64: the main run's dual-mean students, from the cache).
+- "scaling": the ensemble extended to `Scale.k_max` teachers (teachers are keyed without K,
+  so the larger ensemble trains only the new teachers), streamed once for every K = 1, 2, 4, …
+
+Per task it reports, with 95% CIs: the teachers (over teachers), the ensemble (bootstrap over
+teachers), each student (over seeds), the ceiling, PGR against the mean teacher and against the
+ensemble (per seed, against that seed's ceiling), the teacher variance V, and the claims study's
+single-teacher statistics at the configured width: C2's remainder (gain − misfit of a
+single-teacher student; the paper's claim is 0) and P5's Bregman variance of single-teacher
+students across teacher draws, at the width − at a quarter of it (jackknife over draws; the
+claim is that it falls with capacity). Then per K: the ensemble's accuracy, V(K) and its fit
+V(K) ≈ V∞ + b/K, and the dual-mean student's accuracy and PGR; "how many teachers are worth it"
+is the smallest K whose student is not worse than the best K's (paired by seed, 95%).
+
+Tasks run one after another, each stage on the whole cluster (teacher packs on every actor,
+students as parallel tasks); tasks do not run side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from w2s_ray.config import ExperimentConfig, with_values
+from w2s_ray.errors import ConfigError
+from w2s_ray.labels import read_test_posterior
+from w2s_ray.replicates import paired, summarize, t_interval
+from w2s_ray.report import figure, write_table
+from w2s_ray.results import StageRequest, Stages
+from w2s_ray.run import RunContext
+from w2s_ray.studies.claims import crossed, decomposition, jack_stat, jackknife_weights, p5, set_stats, stacked, verdict
+from w2s_ray.studies.variance import variance_table
+from w2s_ray.tasks import TASKS, task_config
+
+SEEDS = 5
+K_MAIN = 64
+TARGETS = ("dual_mean", "arith_mean", "single")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How large the suite runs: the largest ensemble, the K of the scaling students, and dotted
+    config values applied to every task after its own (none by default)."""
+
+    k_max: int
+    student_ks: tuple[int, ...]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT = Scale(1024, (1, 4, 16, 64, 256))
+QUICK = Scale(64, (1, 4, 16, 64))
+"""`--quick`: the scaling up to K = 64 and its students at 1, 4, 16, 64; every task and every
+other number as in the default."""
+
+
+def tables_dir(cfg: ExperimentConfig) -> Path:
+    """Where the suite writes the tasks' tables (read by the driver only): `<output.root>/tables`
+    for a local root, the local cache's `tables` for a URI root. Absolute: the path is in the
+    data stage's key."""
+    root = cfg.output.root
+    if "://" in root and not root.startswith("file://"):
+        return Path(cfg.output.cache or os.path.expanduser("~/.cache/w2s-ray")).resolve() / "tables"
+    return Path(root.removeprefix("file://")).resolve() / "tables"
+
+
+def selected(tasks: list[str] | None) -> list[str]:
+    names = list(TASKS) if not tasks else tasks
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"study suite --tasks: unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    return names
+
+
+def main_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    return with_values(cfg, {"teachers.k": K_MAIN, "student.seeds": SEEDS, "student.targets": list(TARGETS), "student.ceiling": True,
+                             "posterior.single_teachers": list(range(SEEDS))}, "study suite")
+
+
+def narrow_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    width = max(1, round(cfg.student.model.width / 4))
+    return with_values(main_config(cfg), {"student.model.width": width, "student.targets": ["single"], "student.ceiling": False},
+                       "study suite (narrow)")
+
+
+def k_config(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
+    return with_values(cfg, {"teachers.k": k, "student.seeds": SEEDS, "student.targets": ["dual_mean"], "student.ceiling": False,
+                             "posterior.single_teachers": None}, f"study suite (K = {k})")
+
+
+def configs(cfg: ExperimentConfig, scale: Scale, tasks: list[str] | None) -> dict[str, ExperimentConfig]:
+    """Each selected task's config, with the scale's values; validated here, before any work."""
+    out = {}
+    for name in selected(tasks):
+        c = task_config(TASKS[name], cfg, tables_dir(cfg))
+        out[name] = with_values(c, scale.values, f"study suite ({name})") if scale.values else c
+    return out
+
+
+def scale_of(quick: bool, scale: Scale | None) -> Scale:
+    return scale or (QUICK if quick else DEFAULT)
+
+
+def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = None, scale: Scale | None = None) -> list[StageRequest]:
+    """Every task's data first (tables are read and checked in the driver, before Ray has work),
+    then per task: the main run, the narrow students, the scaling ensemble and the K students."""
+    sc = scale_of(quick, scale)
+    if sc.k_max < K_MAIN or any(k > sc.k_max or k < 1 for k in sc.student_ks):
+        raise ConfigError(f"study suite: k_max={sc.k_max} must be ≥ {K_MAIN} and hold every student K {sc.student_ks}")
+    cfgs = configs(cfg, sc, tasks)
+    reqs = [StageRequest(f"{n}/data", c, "data") for n, c in sorted(cfgs.items(), key=lambda nc: TASKS[nc[0]].make is None or "embed" in TASKS[nc[0]].values)]
+    for n, c in cfgs.items():
+        reqs += [StageRequest(f"{n}/main", main_config(c), "student"), StageRequest(f"{n}/narrow", narrow_config(c), "student"),
+                 StageRequest(f"{n}/scaling", with_values(c, {"teachers.k": sc.k_max}, "study suite (scaling)"), "teachers")]
+        reqs += [StageRequest(f"{n}/K={k}", k_config(c, k), "student") for k in sc.student_ks if k > 1]
+    return reqs
+
+
+def prepare(ctx: RunContext, quick: bool = False, tasks: list[str] | None = None, scale: Scale | None = None) -> None:
+    """Write the selected tasks' tables: each is made again and kept only when its bytes differ
+    from the file there (a damaged file is replaced; an intact one keeps its mtime, so the data
+    stage's cache stays valid)."""
+    tables = tables_dir(ctx.cfg)
+    for name in selected(tasks):
+        task = TASKS[name]
+        if task.make is None:
+            continue
+        path = tables / task.table
+        fresh = path.with_name(path.name + ".new")
+        summary = task.make(fresh)
+        if path.exists() and path.read_bytes() == fresh.read_bytes():
+            fresh.unlink()
+        else:
+            fresh.replace(path)
+            ctx.log(f"study suite: wrote {summary.replace(str(fresh), str(path))}")
+
+
+def ci_cols(prefix: str, s: dict) -> dict[str, float]:
+    lo, hi = s["ci"] if s.get("ci") else (math.nan, math.nan)
+    return {prefix: s["mean"], f"{prefix}_lo": lo, f"{prefix}_hi": hi}
+
+
+def pgr(accs: list[float], weak: float, ceilings: list[float]) -> dict:
+    """PGR per seed against `weak` and that seed's ceiling, summarized over seeds."""
+    return summarize([(a - weak) / (c - weak) if c > weak else math.nan for a, c in zip(accs, ceilings)])
+
+
+def task_row(ctx: RunContext, name: str, main: Stages, narrow: Stages) -> dict[str, Any]:
+    """One task's row of the suite table (see the module's docstring)."""
+    post = main.labels.posterior
+    teachers = main.teachers.accuracies()
+    t_lo, t_hi = t_interval(teachers)
+    ceil = [c.test_acc for c in main.students.ceilings]
+    accs = {t: [r.test_acc for r in main.students.replicates[t]] for t in TARGETS}
+    row: dict[str, Any] = {"task": name, "domain": TASKS[name].domain, "classes": main.data.n_classes, "n_test": main.data.sizes.get("test"),
+                           "teachers": float(teachers.mean()), "teachers_lo": t_lo, "teachers_hi": t_hi,
+                           "ensemble": post.test_acc_dual, "ensemble_lo": (post.ci_dual or [math.nan])[0],
+                           "ensemble_hi": (post.ci_dual or [math.nan, math.nan])[1]}
+    for t in TARGETS:
+        row |= ci_cols(f"student_{t}", summarize(accs[t]))
+    row |= ci_cols("ceiling", summarize(ceil))
+    row |= ci_cols("pgr_teacher", pgr(accs["dual_mean"], float(teachers.mean()), ceil))
+    row |= ci_cols("pgr_ensemble", pgr(accs["dual_mean"], post.test_acc_dual, ceil))
+    row |= ci_cols("dual_minus_single", paired(accs["dual_mean"], accs["single"]))
+    row["V"] = post.variance_test
+    dec, rows = decomposition(ctx, main)
+    row |= ci_cols("c2_remainder", crossed(rows["single"]["remainder"]))
+    g = dec[dec["target"] == "single"]
+    row["c2_gain_over_misfit"] = float(g["gain"].mean() / g["misfit"].mean())
+    n = len(main.students.replicates["single"])
+    w = jackknife_weights(n)
+    q = read_test_posterior(main.labels.dir)["dual_log"].double()
+    bv_wide = p5(ctx, main, w)
+    bv_narrow, _ = set_stats(stacked(narrow, "single"), w, q)
+    row |= ci_cols("p5_bv_wide_minus_narrow", jack_stat(bv_wide["bv_students"] - bv_narrow, n))
+    row["p5_bv_students"] = float(bv_wide["bv_students"][0].mean())
+    row["p5_bv_teachers"] = float(bv_wide["bv_teachers"][0].mean())
+    c2_ci = (row["c2_remainder_lo"], row["c2_remainder_hi"])
+    row["c2_verdict"] = "inconclusive" if not all(map(math.isfinite, c2_ci)) or c2_ci[0] <= 0 <= c2_ci[1] else "not supported"
+    row["p5_verdict"] = verdict([row["p5_bv_wide_minus_narrow_lo"], row["p5_bv_wide_minus_narrow_hi"]], -1)
+    return row
+
+
+def fit_inverse_k(ks: np.ndarray, v: np.ndarray) -> tuple[float, float, float]:
+    """Least squares V(K) = V∞ + b/K: (V∞, b, R²)."""
+    a = np.stack([np.ones_like(ks, dtype=np.float64), 1.0 / ks], 1)
+    coef, *_ = np.linalg.lstsq(a, v, rcond=None)
+    resid = v - a @ coef
+    ss = float(((v - v.mean()) ** 2).sum())
+    return float(coef[0]), float(coef[1]), 1.0 - float((resid**2).sum()) / ss if ss > 0 else math.nan
+
+
+def scaling_rows(name: str, cfg: ExperimentConfig, main: Stages, big: Stages) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The ensemble at every K = 1, 2, 4, …, k_max (K = 1: the mean single teacher, V = 0) with
+    bootstrap CIs over teachers, and the fit V(K) ≈ V∞ + b/K over K ≥ 2."""
+    table = variance_table(cfg, big.teachers, main.data.splits["test"].y, main.data.n_classes)
+    acc = big.teachers.accuracies()
+    lo, hi = t_interval(acc)
+    one = {"K": 1, "acc_dual": float(acc.mean()), "acc_dual_lo": lo, "acc_dual_hi": hi, "acc_arith": float(acc.mean()),
+           "acc_arith_lo": lo, "acc_arith_hi": hi, "variance": 0.0, "mutual_info": 0.0, "kl_full_to_K": math.nan}
+    table = pd.concat([pd.DataFrame([one]), table], ignore_index=True)
+    table.insert(0, "task", name)
+    fit = table[table["K"] >= 2]
+    v_inf, b, r2 = fit_inverse_k(fit["K"].to_numpy(np.float64), fit["variance"].to_numpy(np.float64))
+    last = table.iloc[-1]
+    bad = np.nonzero((table["acc_dual"] < last["acc_dual_lo"]).to_numpy())[0]  # K whose ensemble is below the largest's CI
+    enough = int(table["K"].iloc[bad[-1] + 1 if len(bad) else 0])  # from here on, every K is within it
+    return table, {"v_inf": v_inf, "v_b": b, "v_r2": r2, "k_ensemble_enough": enough, "k_max": int(last["K"])}
+
+
+def k_students(name: str, done: dict[str, Stages], scale: Scale) -> pd.DataFrame:
+    """The dual-mean student at each K (K = 1: the single-teacher students of the main run),
+    with PGR per seed against the mean teacher and against the K-teacher ensemble, and its
+    paired difference from the best K."""
+    main = done[f"{name}/main"]
+    ceil = [c.test_acc for c in main.students.ceilings]
+    teacher_mean = float(main.teachers.accuracies().mean())
+    accs, ens = {}, {}
+    for k in scale.student_ks:
+        if k == 1:
+            reps = main.students.replicates["single"]
+            ens[k] = teacher_mean
+        else:
+            s = done[f"{name}/K={k}"]
+            reps = s.students.replicates["dual_mean"]
+            ens[k] = s.labels.posterior.test_acc_dual
+        accs[k] = [r.test_acc for r in reps]
+    best = max(accs, key=lambda k: np.mean(accs[k]))
+    rows = []
+    for k in scale.student_ks:
+        d = paired(accs[k], accs[best]) if k != best else {"mean": 0.0, "ci": None}
+        rows.append({"task": name, "K": k, **ci_cols("student", summarize(accs[k])), "ensemble": ens[k],
+                     **ci_cols("pgr_teacher", pgr(accs[k], teacher_mean, ceil)), **ci_cols("pgr_ensemble", pgr(accs[k], ens[k], ceil)),
+                     **ci_cols("minus_best", d), "worse_than_best": bool(d.get("ci") and d["ci"][1] < 0)})
+    return pd.DataFrame(rows)
+
+
+def fmt_ci(t: pd.DataFrame, col: str, digits: int = 3) -> pd.Series:
+    return t.apply(lambda r: f"{r[col]:.{digits}f} [{r[col + '_lo']:.{digits}f}, {r[col + '_hi']:.{digits}f}]"
+                   if math.isfinite(r[col + "_lo"]) else f"{r[col]:.{digits}f}", axis=1)
+
+
+def draw_tasks(t: pd.DataFrame):
+    def draw(fig) -> None:
+        ax, bx = fig.subplots(1, 2)
+        x = np.arange(len(t))
+        for i, (col, label) in enumerate((("teachers", "teachers (mean)"), ("ensemble", "ensemble (dual mean)"),
+                                          ("student_dual_mean", "student of the dual mean"), ("student_single", "student of one teacher"),
+                                          ("ceiling", "ceiling (gold labels)"))):
+            err = np.abs(np.stack([t[col] - t[f"{col}_lo"], t[f"{col}_hi"] - t[col]]))
+            ax.errorbar(x + (i - 2) * 0.12, t[col], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, label=label)
+        ax.set_xticks(x, t["task"], rotation=30, ha="right")
+        ax.set_ylabel("gold test accuracy (95% CI)")
+        ax.legend(fontsize=7)
+        for i, (col, label) in enumerate((("pgr_teacher", "PGR vs mean teacher"), ("pgr_ensemble", "PGR vs ensemble"))):
+            err = np.abs(np.stack([t[col] - t[f"{col}_lo"], t[f"{col}_hi"] - t[col]]))
+            bx.errorbar(x + (i - 0.5) * 0.2, t[col], yerr=np.nan_to_num(err), fmt="s", ms=4, capsize=2, label=label)
+        bx.axhline(0, color="gray", lw=0.8)
+        bx.set_xticks(x, t["task"], rotation=30, ha="right")
+        bx.set_ylabel("PGR of the dual-mean student (95% CI over seeds)")
+        bx.legend(fontsize=7)
+    return draw
+
+
+def draw_scaling(scaling: pd.DataFrame, ks: pd.DataFrame, tasks: pd.DataFrame):
+    def draw(fig) -> None:
+        ax, bx, cx = fig.subplots(1, 3)
+        for name, g in scaling.groupby("task", sort=False):
+            r = tasks.set_index("task").loc[name]
+            gap = r["ceiling"] - r["teachers"]
+            ax.plot(g["K"], (g["acc_dual"] - r["teachers"]) / gap, marker=".", label=name)
+            g2 = g[g["K"] >= 2]
+            bx.plot(g2["K"], g2["variance"] / g2["variance"].iloc[-1], marker=".", label=name)
+        for name, g in ks.groupby("task", sort=False):
+            err = np.abs(np.stack([g["pgr_teacher"] - g["pgr_teacher_lo"], g["pgr_teacher_hi"] - g["pgr_teacher"]]))
+            cx.errorbar(g["K"], g["pgr_teacher"], yerr=np.nan_to_num(err), marker="o", ms=3, capsize=2, label=name)
+        for a, title in ((ax, "ensemble: (acc(K) − teachers) / (ceiling − teachers)"), (bx, "V(K) / V(K_max)"),
+                         (cx, "dual-mean student: PGR vs mean teacher (95% CI)")):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("K teachers")
+            a.set_title(title, fontsize=9)
+        cx.axhline(0, color="gray", lw=0.8)
+        ax.legend(fontsize=7)
+    return draw
+
+
+def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False, tasks: list[str] | None = None,
+        scale: Scale | None = None) -> Path:
+    sc = scale_of(quick, scale)
+    cfgs = configs(ctx.cfg, sc, tasks)
+    rows, scal, kst, fits = [], [], [], []
+    for name, cfg in cfgs.items():
+        ctx.log(f"study suite: {name}")
+        main = done[f"{name}/main"]
+        rows.append(task_row(ctx, name, main, done[f"{name}/narrow"]))
+        table, fit = scaling_rows(name, cfg, main, done[f"{name}/scaling"])
+        scal.append(table)
+        k = k_students(name, done, sc)
+        kst.append(k)
+        fits.append({"task": name, **fit, "k_student_enough": int(k.loc[~k["worse_than_best"], "K"].min()),
+                     "k_student_best": int(k.loc[k["student"].idxmax(), "K"])})
+    t, scaling, ks, fit = pd.DataFrame(rows), pd.concat(scal, ignore_index=True), pd.concat(kst, ignore_index=True), pd.DataFrame(fits)
+    for name, frame in (("suite", t), ("scaling", scaling), ("students_k", ks), ("worth", fit)):
+        write_table(ctx.run, out / f"{name}.parquet", frame)
+    figure(ctx.run, out / "suite.png", draw_tasks(t), figsize=(13, 4.5))
+    figure(ctx.run, out / "scaling.png", draw_scaling(scaling, ks, t), figsize=(15, 4.2))
+    view = pd.DataFrame({"task": t["task"], "domain": t["domain"], "teachers": fmt_ci(t, "teachers"), "ensemble": fmt_ci(t, "ensemble"),
+                         "student (dual)": fmt_ci(t, "student_dual_mean"), "student (arith)": fmt_ci(t, "student_arith_mean"),
+                         "student (single)": fmt_ci(t, "student_single"), "ceiling": fmt_ci(t, "ceiling"),
+                         "PGR vs teachers": fmt_ci(t, "pgr_teacher", 2), "PGR vs ensemble": fmt_ci(t, "pgr_ensemble", 2),
+                         "V": t["V"].map(lambda v: f"{v:.4f}")})
+    claims_view = pd.DataFrame({"task": t["task"], "C2 remainder (single)": fmt_ci(t, "c2_remainder", 4),
+                                "gain/misfit": t["c2_gain_over_misfit"].map(lambda v: f"{v:.2f}"), "C2": t["c2_verdict"],
+                                "P5: BV(w) − BV(w/4)": fmt_ci(t, "p5_bv_wide_minus_narrow", 4),
+                                "BV students / teachers": (t["p5_bv_students"] / t["p5_bv_teachers"]).map(lambda v: f"{v:.2f}"), "P5": t["p5_verdict"]})
+    worth = fit.assign(**{"V∞ + b/K": fit.apply(lambda r: f"{r['v_inf']:.4f} {r['v_b']:+.4f}/K (R² {r['v_r2']:.3f})", axis=1)})[
+        ["task", "k_max", "k_ensemble_enough", "k_student_enough", "k_student_best", "V∞ + b/K"]]
+    kview = ks.assign(student=fmt_ci(ks, "student"), pgr_teacher=fmt_ci(ks, "pgr_teacher", 2), pgr_ensemble=fmt_ci(ks, "pgr_ensemble", 2),
+                      minus_best=fmt_ci(ks, "minus_best"))[["task", "K", "student", "ensemble", "pgr_teacher", "pgr_ensemble", "minus_best"]]
+    report = [
+        f"# Suite study: {len(t)} tasks{' (--quick)' if quick else ''}",
+        "",
+        f"Every task on its own config (`w2s_ray/tasks.py`: data, the teachers' weak view, the student's strong view); "
+        f"{K_MAIN} teachers, {SEEDS} students per setting (single-teacher students on teachers 0–{SEEDS - 1}), the ceiling per seed. "
+        "95% CIs: over teachers (teachers: t; ensemble: bootstrap), over seeds (students, ceiling, PGR: per seed, against that "
+        "seed's ceiling), over seeds and test rows (C2), jackknife over teacher draws and test rows (P5).",
+        "",
+        "![tasks](suite.png)",
+        "",
+        view.to_markdown(index=False),
+        "",
+        "## The claims study's single-teacher statistics, per task",
+        "",
+        "C2: a single-teacher student's gain over its teacher (gold CE, test) minus its misfit KL(student ‖ teacher); the paper's "
+        "claim is 0 (a CI that excludes 0 refutes it; one that contains 0 cannot confirm it). P5: the Bregman variance across "
+        f"the {SEEDS} teacher draws of single-teacher students at the task's student width minus at a quarter of it; the paper "
+        "claims it falls with capacity (supported: CI below 0).",
+        "",
+        claims_view.to_markdown(index=False),
+        "",
+        f"## How many teachers are worth it? (K up to {sc.k_max})",
+        "",
+        "![scaling](scaling.png)",
+        "",
+        "`k_ensemble_enough`: the smallest K from which every larger K's ensemble (dual mean) is within the "
+        f"K = {sc.k_max} ensemble's 95% CI. `k_student_enough`: the smallest K whose dual-mean student is not worse than the best "
+        "K's (paired by seed, 95%; K = 1 is a student of one teacher). V(K) is the first K teachers' variance around their own "
+        "dual mean, fitted over K ≥ 2.",
+        "",
+        worth.to_markdown(index=False),
+        "",
+        kview.to_markdown(index=False, floatfmt=".4f"),
+        "",
+        "Tables: `suite.parquet` (every column with its CI), `scaling.parquet` (the ensemble at every K), `students_k.parquet`, "
+        "`worth.parquet`. Every student's test predictions are in its directory (`test_logp.parquet`).",
+    ]
+    ctx.run.write_text(out / "report.md", "\n".join(report) + "\n")
+    ctx.run.write_json(out / "summary.json", {"quick": quick, "k_max": sc.k_max, "tasks": t.to_dict(orient="records"),
+                                               "worth": fit.to_dict(orient="records")})
+    print(view.to_string(index=False))
+    print()
+    print(worth.to_string(index=False))
+    print(f"\nreport: {out / 'report.md'}")
+    return out
