@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--verbose", action="store_true", help="Tune's own trial tables (default: one line per finished trial on stderr)")
     study = sub.add_parser("study", help="a study with a Markdown report: variance (ensemble scaling), theory (squared-loss example), claims (the paper's claims over seeds, with CIs and verdicts), weighting (variance-aware students against the plain dual-mean student, paired over seeds) or suite (every task of the registry, one table, teacher-count scaling)")
     study.add_argument("kind", choices=STUDY_KINDS)
-    study.add_argument("config", nargs="?", help="for suite: only output, ray and the stages' resources are read from it; each task has its own config")
+    study.add_argument("config", nargs="?", help="for suite: only output, ray and the stages' resources are read from it; each task has its own config, and --set values apply to every task")
     study.add_argument("--quick", action="store_true", help="suite only: teacher-count scaling up to K = 64 (default 1024)")
     study.add_argument("--tasks", help="suite only: comma-separated task names (default: every task)")
     show = sub.add_parser("config", help="print the resolved config")
@@ -74,7 +74,8 @@ def study_options(args: argparse.Namespace) -> dict:
         if args.quick or args.tasks:
             raise W2SError(f"--quick and --tasks are options of study suite, not of study {args.kind}")
         return {}
-    return {"quick": args.quick, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None}
+    return {"quick": args.quick, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+            "values": parse_overrides(args.overrides)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from w2s_ray.config import ExperimentConfig, with_values
+from w2s_ray.config import ExperimentConfig, parse_config, set_dotted
 from w2s_ray.data import load_digits
 from w2s_ray.errors import DataError
 
@@ -203,15 +203,19 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def task_config(task: Task, base: ExperimentConfig, tables: Path) -> ExperimentConfig:
-    """The task's config: the defaults, then the task's values, then from `base` only where and
-    how it runs (`output`, `ray`, the stages' `resources`); a table is read from `tables`."""
-    values = {"output": base.output.model_dump(mode="json"), "ray": base.ray.model_dump(mode="json"),
-              "teachers.resources": base.teachers.resources.model_dump(mode="json"),
-              "student.resources": base.student.resources.model_dump(mode="json"), **task.values}
-    if task.table:
-        values["data.path"] = str(tables / task.table)
-    return with_values(ExperimentConfig(), values, f"task {task.name}")
+def task_config(task: Task, base: ExperimentConfig, tables: Path, values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The task's config: the task's values over the defaults, where and how `base` runs
+    (`output`, `ray`, the stages' `resources`), a table read from `tables`, then `values` (the
+    suite's `--set`). Built from the raw values and validated once, so the defaults that depend
+    on the data (`data.standardize`, the student's model) resolve for the task's data."""
+    data: dict[str, Any] = {}
+    fixed = {"output": base.output.model_dump(mode="json"), "ray": base.ray.model_dump(mode="json"),
+             "teachers.resources": base.teachers.resources.model_dump(mode="json"),
+             "student.resources": base.student.resources.model_dump(mode="json"),
+             **task.values, **({"data.path": str(tables / task.table)} if task.table else {})}
+    for dotted, value in {**fixed, **(values or {})}.items():
+        set_dotted(data, dotted, value, f"task {task.name}")
+    return parse_config(data, f"task {task.name}")
 
 
 def write_table(name: str, out: str | Path) -> str:

@@ -2,7 +2,7 @@
 teacher-count scaling per task.
 
 Per task, all on the task's own config (`tasks.task_config`), `SEEDS` students per setting:
-- "main": teachers.k = `K_MAIN`; students of the dual mean, the arithmetic mean and single
+- "main": the task's K (64 unless `--set teachers.k=...`); students of the dual mean, the arithmetic mean and single
   teachers (replicate i on teacher i: `SEEDS` teacher draws), and the gold ceiling per seed.
 - "narrow": single-teacher students at a quarter of the student's width, on the same draws.
 - "K=k": the dual-mean students of the first k teachers, for k in `Scale.student_ks` (k = 1: the
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +47,15 @@ from w2s_ray.studies.variance import variance_table
 from w2s_ray.tasks import TASKS, task_config
 
 SEEDS = 5
-K_MAIN = 64
 TARGETS = ("dual_mean", "arith_mean", "single")
 
 
 @dataclass(frozen=True)
 class Scale:
-    """How large the suite runs: the largest ensemble, the K of the scaling students, and dotted
-    config values applied to every task after its own (none by default)."""
+    """How far the teacher-count scaling goes: the largest ensemble, and the K of its students."""
 
     k_max: int
     student_ks: tuple[int, ...]
-    values: dict[str, Any] = field(default_factory=dict)
 
 
 DEFAULT = Scale(1024, (1, 4, 16, 64, 256))
@@ -86,7 +83,7 @@ def selected(tasks: list[str] | None) -> list[str]:
 
 
 def main_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    return with_values(cfg, {"teachers.k": K_MAIN, "student.seeds": SEEDS, "student.targets": list(TARGETS), "student.ceiling": True,
+    return with_values(cfg, {"student.seeds": SEEDS, "student.targets": list(TARGETS), "student.ceiling": True,
                              "posterior.single_teachers": list(range(SEEDS))}, "study suite")
 
 
@@ -101,12 +98,14 @@ def k_config(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
                              "posterior.single_teachers": None}, f"study suite (K = {k})")
 
 
-def configs(cfg: ExperimentConfig, scale: Scale, tasks: list[str] | None) -> dict[str, ExperimentConfig]:
-    """Each selected task's config, with the scale's values; validated here, before any work."""
+def configs(cfg: ExperimentConfig, tasks: list[str] | None, values: dict[str, Any] | None) -> dict[str, ExperimentConfig]:
+    """Each selected task's config, then the command's `--set` values (`values`, for every
+    task); validated here, before any work."""
     out = {}
     for name in selected(tasks):
-        c = task_config(TASKS[name], cfg, tables_dir(cfg))
-        out[name] = with_values(c, scale.values, f"study suite ({name})") if scale.values else c
+        out[name] = task_config(TASKS[name], cfg, tables_dir(cfg), values)
+        if out[name].teachers.k < SEEDS:
+            raise ConfigError(f"study suite ({name}): teachers.k={out[name].teachers.k}; the single-teacher students learn from teachers 0–{SEEDS - 1}")
     return out
 
 
@@ -114,13 +113,15 @@ def scale_of(quick: bool, scale: Scale | None) -> Scale:
     return scale or (QUICK if quick else DEFAULT)
 
 
-def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = None, scale: Scale | None = None) -> list[StageRequest]:
+def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = None, values: dict[str, Any] | None = None,
+          scale: Scale | None = None) -> list[StageRequest]:
     """Every task's data first (tables are read and checked in the driver, before Ray has work),
     then per task: the main run, the narrow students, the scaling ensemble and the K students."""
     sc = scale_of(quick, scale)
-    if sc.k_max < K_MAIN or any(k > sc.k_max or k < 1 for k in sc.student_ks):
-        raise ConfigError(f"study suite: k_max={sc.k_max} must be ≥ {K_MAIN} and hold every student K {sc.student_ks}")
-    cfgs = configs(cfg, sc, tasks)
+    cfgs = configs(cfg, tasks, values)
+    k_main = max(c.teachers.k for c in cfgs.values())
+    if sc.k_max < k_main or any(k > sc.k_max or k < 1 for k in sc.student_ks):
+        raise ConfigError(f"study suite: the scaling's largest K ({sc.k_max}) must be at least teachers.k ({k_main}) and every student's K {sc.student_ks}")
     reqs = [StageRequest(f"{n}/data", c, "data") for n, c in sorted(cfgs.items(), key=lambda nc: TASKS[nc[0]].make is None or "embed" in TASKS[nc[0]].values)]
     for n, c in cfgs.items():
         reqs += [StageRequest(f"{n}/main", main_config(c), "student"), StageRequest(f"{n}/narrow", narrow_config(c), "student"),
@@ -129,7 +130,7 @@ def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = 
     return reqs
 
 
-def prepare(ctx: RunContext, quick: bool = False, tasks: list[str] | None = None, scale: Scale | None = None) -> None:
+def prepare(ctx: RunContext, tasks: list[str] | None = None, **_: Any) -> None:
     """Write the selected tasks' tables: each is made again and kept only when its bytes differ
     from the file there (a damaged file is replaced; an intact one keeps its mtime, so the data
     stage's cache stays valid)."""
@@ -165,7 +166,7 @@ def task_row(ctx: RunContext, name: str, main: Stages, narrow: Stages) -> dict[s
     t_lo, t_hi = t_interval(teachers)
     ceil = [c.test_acc for c in main.students.ceilings]
     accs = {t: [r.test_acc for r in main.students.replicates[t]] for t in TARGETS}
-    row: dict[str, Any] = {"task": name, "domain": TASKS[name].domain, "classes": main.data.n_classes, "n_test": main.data.sizes.get("test"),
+    row: dict[str, Any] = {"task": name, "domain": TASKS[name].domain, "K": main.teachers.k, "classes": main.data.n_classes, "n_test": main.data.sizes.get("test"),
                            "teachers": float(teachers.mean()), "teachers_lo": t_lo, "teachers_hi": t_hi,
                            "ensemble": post.test_acc_dual, "ensemble_lo": (post.ci_dual or [math.nan])[0],
                            "ensemble_hi": (post.ci_dual or [math.nan, math.nan])[1]}
@@ -298,9 +299,9 @@ def draw_scaling(scaling: pd.DataFrame, ks: pd.DataFrame, tasks: pd.DataFrame):
 
 
 def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False, tasks: list[str] | None = None,
-        scale: Scale | None = None) -> Path:
+        values: dict[str, Any] | None = None, scale: Scale | None = None) -> Path:
     sc = scale_of(quick, scale)
-    cfgs = configs(ctx.cfg, sc, tasks)
+    cfgs = configs(ctx.cfg, tasks, values)
     rows, scal, kst, fits = [], [], [], []
     for name, cfg in cfgs.items():
         ctx.log(f"study suite: {name}")
@@ -317,7 +318,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         write_table(ctx.run, out / f"{name}.parquet", frame)
     figure(ctx.run, out / "suite.png", draw_tasks(t), figsize=(13, 4.5))
     figure(ctx.run, out / "scaling.png", draw_scaling(scaling, ks, t), figsize=(15, 4.2))
-    view = pd.DataFrame({"task": t["task"], "domain": t["domain"], "teachers": fmt_ci(t, "teachers"), "ensemble": fmt_ci(t, "ensemble"),
+    view = pd.DataFrame({"task": t["task"], "domain": t["domain"], "K": t["K"], "teachers": fmt_ci(t, "teachers"), "ensemble": fmt_ci(t, "ensemble"),
                          "student (dual)": fmt_ci(t, "student_dual_mean"), "student (arith)": fmt_ci(t, "student_arith_mean"),
                          "student (single)": fmt_ci(t, "student_single"), "ceiling": fmt_ci(t, "ceiling"),
                          "PGR vs teachers": fmt_ci(t, "pgr_teacher", 2), "PGR vs ensemble": fmt_ci(t, "pgr_ensemble", 2),
@@ -334,7 +335,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         f"# Suite study: {len(t)} tasks{' (--quick)' if quick else ''}",
         "",
         f"Every task on its own config (`w2s_ray/tasks.py`: data, the teachers' weak view, the student's strong view); "
-        f"{K_MAIN} teachers, {SEEDS} students per setting (single-teacher students on teachers 0–{SEEDS - 1}), the ceiling per seed. "
+        f"K teachers (column K), {SEEDS} students per setting (single-teacher students on teachers 0–{SEEDS - 1}), the ceiling per seed. "
         "95% CIs: over teachers (teachers: t; ensemble: bootstrap), over seeds (students, ceiling, PGR: per seed, against that "
         "seed's ceiling), over seeds and test rows (C2), jackknife over teacher draws and test rows (P5).",
         "",
