@@ -103,6 +103,10 @@ def test_the_suite_table_is_what_its_students_give(tmp_path):
             _, rows = decomposition(ctx, main)
             rem = crossed(rows["single"]["remainder"])
             assert [row["c2_remainder"], row["c2_remainder_lo"], row["c2_remainder_hi"]] == pytest.approx([rem["mean"], *rem["ci"]])
+            w = {r: run_stages(ctx.derive(suite.weighting_config(c, r)), "student").students.replicates["dual_mean"] for r in ("none", "variance")}
+            assert [r.test_acc for r in w["none"][:suite.SEEDS]] == accs["dual_mean"]  # the first seed set: the main run's students
+            d = paired([r.test_acc for r in w["variance"]], [r.test_acc for r in w["none"]])
+            assert len(w["variance"]) == 2 * suite.SEEDS and [row["w_variance"], row["w_variance_lo"]] == pytest.approx([d["mean"], d["ci"][0]])
             k = ks[ks["task"] == name].set_index("K")
             assert list(k.index) == [1, 4, 8]
             assert k.loc[1, "student"] == pytest.approx(np.mean(accs["single"])) and k.loc[8, "student"] == pytest.approx(np.mean(accs["dual_mean"]))

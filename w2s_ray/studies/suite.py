@@ -5,6 +5,8 @@ Per task, all on the task's own config (`tasks.task_config`), `SEEDS` students p
 - "main": the task's K (64 unless `--set teachers.k=...`); students of the dual mean, the arithmetic mean and single
   teachers (replicate i on teacher i: `SEEDS` teacher draws), and the gold ceiling per seed.
 - "narrow": single-teacher students at a quarter of the student's width, on the same draws.
+- "weighting RULE": the weighting study's dual-mean students (`student.weighting`: none,
+  variance, drop_disputed) on two sets of `SEEDS` seeds, paired with the plain one by seed.
 - "K=k": the dual-mean students of the first k teachers, for k in `Scale.student_ks` (k = 1: the
   main run's single-teacher students; k = 64: the main run's dual-mean students, from the cache).
 - "scaling": the ensemble extended to `Scale.k_max` teachers (teachers are keyed without K,
@@ -43,6 +45,7 @@ from w2s_ray.report import figure, write_table
 from w2s_ray.results import StageRequest, Stages
 from w2s_ray.run import RunContext
 from w2s_ray.studies.claims import crossed, decomposition, jack_stat, jackknife_weights, p5, set_stats, stacked, verdict
+from w2s_ray.studies import weighting
 from w2s_ray.studies.variance import variance_table
 from w2s_ray.tasks import TASKS, task_config
 
@@ -98,6 +101,23 @@ def k_config(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
                              "posterior.single_teachers": None}, f"study suite (K = {k})")
 
 
+def weighting_config(cfg: ExperimentConfig, rule: str) -> ExperimentConfig:
+    """The weighting study's students on the task: dual-mean students with `rule`, two sets of
+    `SEEDS` seeds (the first set's plain students are the main run's, from the cache)."""
+    return weighting.rule_config(with_values(cfg, {"student.seeds": SEEDS, "posterior.single_teachers": None}, "study suite (weighting)"), rule)
+
+
+def weighting_rows(name: str, done: dict[str, Stages]) -> dict[str, Any]:
+    """Each rule's paired difference from the plain dual-mean student over both seed sets, and
+    the weighting study's verdict (final only when the two sets agree)."""
+    t = weighting.table({r: done[f"{name}/weighting {r}"] for r in weighting.RULES}).set_index("rule")
+    out: dict[str, Any] = {}
+    for rule in weighting.RULES[1:]:
+        r = t.loc[rule]
+        out |= {f"w_{rule}": r["diff_vs_none"], f"w_{rule}_lo": r["diff_lo"], f"w_{rule}_hi": r["diff_hi"], f"w_{rule}_verdict": r["verdict"]}
+    return out
+
+
 def configs(cfg: ExperimentConfig, tasks: list[str] | None, values: dict[str, Any] | None) -> dict[str, ExperimentConfig]:
     """Each selected task's config, then the command's `--set` values (`values`, for every
     task); validated here, before any work."""
@@ -127,6 +147,7 @@ def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = 
         reqs += [StageRequest(f"{n}/main", main_config(c), "student"), StageRequest(f"{n}/narrow", narrow_config(c), "student"),
                  StageRequest(f"{n}/scaling", with_values(c, {"teachers.k": sc.k_max}, "study suite (scaling)"), "teachers")]
         reqs += [StageRequest(f"{n}/K={k}", k_config(c, k), "student") for k in sc.student_ks if k > 1]
+        reqs += [StageRequest(f"{n}/weighting {r}", weighting_config(c, r), "student") for r in weighting.RULES]
     return reqs
 
 
@@ -306,7 +327,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
     for name, cfg in cfgs.items():
         ctx.log(f"study suite: {name}")
         main = done[f"{name}/main"]
-        rows.append(task_row(ctx, name, main, done[f"{name}/narrow"]))
+        rows.append(task_row(ctx, name, main, done[f"{name}/narrow"]) | weighting_rows(name, done))
         table, fit = scaling_rows(name, cfg, main, done[f"{name}/scaling"])
         scal.append(table)
         k = k_students(name, done, sc)
@@ -327,6 +348,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
                                 "gain/misfit": t["c2_gain_over_misfit"].map(lambda v: f"{v:.2f}"), "C2": t["c2_verdict"],
                                 "P5: BV(w) − BV(w/4)": fmt_ci(t, "p5_bv_wide_minus_narrow", 4),
                                 "BV students / teachers": (t["p5_bv_students"] / t["p5_bv_teachers"]).map(lambda v: f"{v:.2f}"), "P5": t["p5_verdict"]})
+    wview = pd.DataFrame({"task": t["task"], **{f"{r} − none": fmt_ci(t, f"w_{r}", 4) + ": " + t[f"w_{r}_verdict"] for r in weighting.RULES[1:]}})
     worth = fit.assign(**{"V∞ + b/K": fit.apply(lambda r: f"{r['v_inf']:.4f} {r['v_b']:+.4f}/K (R² {r['v_r2']:.3f})", axis=1)})[
         ["task", "k_max", "k_ensemble_enough", "k_student_enough", "k_student_best", "V∞ + b/K"]]
     kview = ks.assign(student=fmt_ci(ks, "student"), pgr_teacher=fmt_ci(ks, "pgr_teacher", 2), pgr_ensemble=fmt_ci(ks, "pgr_ensemble", 2),
@@ -351,6 +373,15 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         "claims it falls with capacity (supported: CI below 0).",
         "",
         claims_view.to_markdown(index=False),
+        "",
+        "## Variance-aware students, per task",
+        "",
+        "Dual-mean students whose loss weighs each transfer row by its teacher variance V_i (`variance`: exp(−V_i / mean V); "
+        f"`drop_disputed`: the {ExperimentConfig().student.drop_frac:.0%} most disputed rows left out), against the plain dual-mean "
+        f"student on the same seeds: the difference in test accuracy over 2 × {SEEDS} seeds, paired (95%), and the weighting "
+        "study's verdict, final only when both seed sets agree.",
+        "",
+        wview.to_markdown(index=False),
         "",
         f"## How many teachers are worth it? (K up to {sc.k_max})",
         "",
