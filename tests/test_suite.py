@@ -118,6 +118,9 @@ def test_the_suite_table_is_what_its_students_give(tmp_path):
             assert worth.loc[name, "k_student_enough"] == min(kk for kk in k.index if kk == best or not k.loc[kk, "minus_best_hi"] < 0)
             sc = scaling[scaling["task"] == name]
             assert list(sc["K"]) == [1, 2, 4, 8, 16] and sc["variance"].iloc[0] == 0  # extended to k_max: 16 teachers
+    quick = run_study("suite", cfg, InProcess(), **(opts | {"scale": suite.Scale(16, (1, 4, 8), weighting=False)}))  # all cached
+    assert "Not run with `--quick`" in (quick / "report.md").read_text()
+    assert not any(c.startswith("w_") for c in pd.read_parquet(quick / "suite.parquet").columns)
     tables = suite.tables_dir(cfg)
     churn = tables / "churn.parquet"
     mtime = churn.stat().st_mtime_ns
@@ -149,3 +152,12 @@ def test_suite_options_are_checked_before_ray(tmp_path):
     bad = run_cli("study", "suite", "--quick", "--set", "teachers.k=128", cwd=tmp_path)
     assert bad.returncode == 2 and "the scaling's largest K (64)" in bad.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_hands_the_suite_its_options():
+    from w2s_ray.cli import build_parser, study_options
+
+    args = build_parser().parse_args(["study", "suite", "--quick", "--tasks", "churn, tweets", "--set", "student.epochs=3"])
+    assert study_options(args) == {"quick": True, "tasks": ["churn", "tweets"], "values": {"student.epochs": 3}}
+    assert suite.scale_of(True, None) == suite.QUICK and suite.scale_of(False, None) == suite.DEFAULT and not suite.QUICK.weighting
+    assert study_options(build_parser().parse_args(["study", "claims", "--set", "student.epochs=3"])) == {}

@@ -55,16 +55,19 @@ TARGETS = ("dual_mean", "arith_mean", "single")
 
 @dataclass(frozen=True)
 class Scale:
-    """How far the teacher-count scaling goes: the largest ensemble, and the K of its students."""
+    """How far the teacher-count scaling goes (the largest ensemble, the K of its students), and
+    whether the weighting study's students run."""
 
     k_max: int
     student_ks: tuple[int, ...]
+    weighting: bool = True
 
 
 DEFAULT = Scale(1024, (1, 4, 16, 64, 256))
-QUICK = Scale(64, (1, 4, 16, 64))
-"""`--quick`: the scaling up to K = 64 and its students at 1, 4, 16, 64; every task and every
-other number as in the default."""
+QUICK = Scale(64, (1, 4, 16, 64), weighting=False)
+"""`--quick`: the scaling up to K = 64 and its students at 1, 4, 16, 64, and no weighting
+students (25 of a task's 60 students otherwise: with them, the quick suite took 9:55 on 2
+cores); every task and every other number as in the default."""
 
 
 def tables_dir(cfg: ExperimentConfig) -> Path:
@@ -147,7 +150,7 @@ def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = 
         reqs += [StageRequest(f"{n}/main", main_config(c), "student"), StageRequest(f"{n}/narrow", narrow_config(c), "student"),
                  StageRequest(f"{n}/scaling", with_values(c, {"teachers.k": sc.k_max}, "study suite (scaling)"), "teachers")]
         reqs += [StageRequest(f"{n}/K={k}", k_config(c, k), "student") for k in sc.student_ks if k > 1]
-        reqs += [StageRequest(f"{n}/weighting {r}", weighting_config(c, r), "student") for r in weighting.RULES]
+        reqs += [StageRequest(f"{n}/weighting {r}", weighting_config(c, r), "student") for r in weighting.RULES if sc.weighting]
     return reqs
 
 
@@ -319,6 +322,21 @@ def draw_scaling(scaling: pd.DataFrame, ks: pd.DataFrame, tasks: pd.DataFrame):
     return draw
 
 
+def weighting_section(wview: pd.DataFrame | None) -> list[str]:
+    head = ["## Variance-aware students, per task", ""]
+    if wview is None:
+        return head + ["Not run with `--quick`: the default suite runs the weighting study's students on every task.", ""]
+    return head + [
+        "Dual-mean students whose loss weighs each transfer row by its teacher variance V_i (`variance`: exp(−V_i / mean V); "
+        f"`drop_disputed`: the {ExperimentConfig().student.drop_frac:.0%} most disputed rows left out), against the plain dual-mean "
+        f"student on the same seeds: the difference in test accuracy over 2 × {SEEDS} seeds, paired (95%), and the weighting "
+        "study's verdict, final only when both seed sets agree.",
+        "",
+        wview.to_markdown(index=False),
+        "",
+    ]
+
+
 def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False, tasks: list[str] | None = None,
         values: dict[str, Any] | None = None, scale: Scale | None = None) -> Path:
     sc = scale_of(quick, scale)
@@ -327,7 +345,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
     for name, cfg in cfgs.items():
         ctx.log(f"study suite: {name}")
         main = done[f"{name}/main"]
-        rows.append(task_row(ctx, name, main, done[f"{name}/narrow"]) | weighting_rows(name, done))
+        rows.append(task_row(ctx, name, main, done[f"{name}/narrow"]) | (weighting_rows(name, done) if sc.weighting else {}))
         table, fit = scaling_rows(name, cfg, main, done[f"{name}/scaling"])
         scal.append(table)
         k = k_students(name, done, sc)
@@ -348,7 +366,8 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
                                 "gain/misfit": t["c2_gain_over_misfit"].map(lambda v: f"{v:.2f}"), "C2": t["c2_verdict"],
                                 "P5: BV(w) − BV(w/4)": fmt_ci(t, "p5_bv_wide_minus_narrow", 4),
                                 "BV students / teachers": (t["p5_bv_students"] / t["p5_bv_teachers"]).map(lambda v: f"{v:.2f}"), "P5": t["p5_verdict"]})
-    wview = pd.DataFrame({"task": t["task"], **{f"{r} − none": fmt_ci(t, f"w_{r}", 4) + ": " + t[f"w_{r}_verdict"] for r in weighting.RULES[1:]}})
+    wview = pd.DataFrame({"task": t["task"], **{f"{r} − none": fmt_ci(t, f"w_{r}", 4) + ": " + t[f"w_{r}_verdict"] for r in weighting.RULES[1:]}}) \
+        if sc.weighting else None
     worth = fit.assign(**{"V∞ + b/K": fit.apply(lambda r: f"{r['v_inf']:.4f} {r['v_b']:+.4f}/K (R² {r['v_r2']:.3f})", axis=1)})[
         ["task", "k_max", "k_ensemble_enough", "k_student_enough", "k_student_best", "V∞ + b/K"]]
     kview = ks.assign(student=fmt_ci(ks, "student"), pgr_teacher=fmt_ci(ks, "pgr_teacher", 2), pgr_ensemble=fmt_ci(ks, "pgr_ensemble", 2),
@@ -374,15 +393,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         "",
         claims_view.to_markdown(index=False),
         "",
-        "## Variance-aware students, per task",
-        "",
-        "Dual-mean students whose loss weighs each transfer row by its teacher variance V_i (`variance`: exp(−V_i / mean V); "
-        f"`drop_disputed`: the {ExperimentConfig().student.drop_frac:.0%} most disputed rows left out), against the plain dual-mean "
-        f"student on the same seeds: the difference in test accuracy over 2 × {SEEDS} seeds, paired (95%), and the weighting "
-        "study's verdict, final only when both seed sets agree.",
-        "",
-        wview.to_markdown(index=False),
-        "",
+        *weighting_section(wview),
         f"## How many teachers are worth it? (K up to {sc.k_max})",
         "",
         "![scaling](scaling.png)",
