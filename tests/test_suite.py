@@ -59,6 +59,8 @@ def test_a_table_task_writes_a_clean_view_and_a_noisy_one_the_same_bytes_each_ti
     noise = (tx - x).std(0)
     assert np.allclose(noise, 1.0 if name == "churn" else NOISE, rtol=0.05)  # the documented noise, per column
     assert t["label"].type == "string" and len(set(t["label"].to_pylist())) >= 2
+    sub = np.asarray(t["sub"].to_pylist(), np.float64)  # the clean column subset: the view that gives no gain
+    assert sub.shape[1] < x.shape[1] and all(any(np.array_equal(sub[:, j], x[:, i]) for i in range(x.shape[1])) for j in range(sub.shape[1]))
 
 
 def small(tmp_path: Path) -> dict:
@@ -151,6 +153,9 @@ def test_suite_options_are_checked_before_ray(tmp_path):
     assert bad.returncode == 2 and "unknown task(s) ['nope']" in bad.stderr and "diamonds" in bad.stderr
     bad = run_cli("study", "suite", "--quick", "--set", "teachers.k=128", cwd=tmp_path)
     assert bad.returncode == 2 and "the scaling's largest K (64)" in bad.stderr
+    # a --set value the defaults' MNIST-1D would refuse reaches the tasks, not the suite's own config
+    bad = run_cli("study", "suite", "--tasks", "diamonds", "--set", "data.teacher_features=sub", "--set", "teachers.k=2", cwd=tmp_path)
+    assert bad.returncode == 2 and "study suite (diamonds): teachers.k=2" in bad.stderr, bad.stderr
     assert not (tmp_path / "runs").exists()
 
 

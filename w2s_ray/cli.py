@@ -24,6 +24,8 @@ from w2s_ray.errors import W2SError  # noqa: E402
 from w2s_ray.space import load_space  # noqa: E402
 
 STUDY_KINDS = ("variance", "theory", "claims", "weighting", "suite")
+RUN_SECTIONS = ("output.", "ray.", "teachers.resources.", "student.resources.")
+"""What the suite reads from its own config and --set values: where and how it runs."""
 SEARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the keys of studies.STUDIES (a test checks they agree)
 
 
@@ -84,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         if args.no_wait:
             overrides["output.wait"] = False
-        cfg = load_config(args.config, overrides, allow_local_code=args.allow_local_code)
+        suite = args.command == "study" and args.kind == "suite"
+        # the suite's tasks take every --set value (`study_options`); its own config only where and how it runs
+        cfg = load_config(args.config, {k: v for k, v in overrides.items() if k.startswith(RUN_SECTIONS)} if suite else overrides,
+                          allow_local_code=args.allow_local_code)
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0

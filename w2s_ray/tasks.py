@@ -91,11 +91,15 @@ def _views(frame, noise: float = NOISE) -> tuple[np.ndarray, np.ndarray]:
     return z, z + noise * np.random.default_rng(NOISE_SEED).standard_normal(z.shape)
 
 
-def _table(path: Path, frame, label, noise: float = NOISE) -> str:
+def _table(path: Path, frame, label, subset: list[str], noise: float = NOISE) -> str:
+    """Columns `x` (the student's view), `tx` (the teachers' noisy view), `sub` (the clean
+    `subset` of the columns: the view that gives no gain, for `--set data.teacher_features=sub`)
+    and `label`."""
     if frame.isna().any().any():
         raise DataError(f"{path.name}: columns with nulls {[c for c in frame.columns if frame[c].isna().any()]}")
     x, tx = _views(frame, noise)
-    _write(path, {"x": _fixed(x), "tx": _fixed(tx), "label": [str(v) for v in label]})
+    sub = x[:, [frame.columns.get_loc(c) for c in subset]]
+    _write(path, {"x": _fixed(x), "tx": _fixed(tx), "sub": _fixed(sub), "label": [str(v) for v in label]})
     return f"{path}: {len(frame)} rows, {frame.shape[1]} columns ({', '.join(map(str, frame.columns[:6]))}{', ...' if frame.shape[1] > 6 else ''})"
 
 
@@ -109,7 +113,7 @@ def make_diamonds(path: Path) -> str:
     d = _rdata("ggplot2", "diamonds")
     frame = d[["carat", "depth", "table", "price", "x", "y", "z"]].astype(float).assign(
         color=pd.Categorical(d["color"]).codes.astype(float), clarity=pd.Categorical(d["clarity"]).codes.astype(float))
-    return _table(path, frame, d["cut"])
+    return _table(path, frame, d["cut"], ["depth", "table"])
 
 
 def make_cps(path: Path) -> str:
@@ -118,7 +122,7 @@ def make_cps(path: Path) -> str:
     and part-time work."""
     c = _rdata("AER", "CPS1988")
     frame = pd.concat([c[["education", "experience"]].astype(float), _onehot(c, ["ethnicity", "smsa", "region", "parttime"])], axis=1)
-    return _table(path, frame, pd.qcut(c["wage"], 4, labels=["q1", "q2", "q3", "q4"]))
+    return _table(path, frame, pd.qcut(c["wage"], 4, labels=["q1", "q2", "q3", "q4"]), ["education"])
 
 
 LOAN_COLUMNS = ["annual_income", "debt_to_income", "delinq_2y", "inquiries_last_12m", "total_credit_lines", "open_credit_lines",
@@ -138,7 +142,7 @@ def make_loans(path: Path) -> str:
     d = _rdata("openintro", "loans_full_schema")
     num = d[LOAN_COLUMNS].astype(float)
     frame = pd.concat([num.fillna(num.median()), _onehot(d, ["homeownership", "verified_income", "loan_purpose"])], axis=1)
-    return _table(path, frame, d["grade"].replace({"F": "E", "G": "E"}))
+    return _table(path, frame, d["grade"].replace({"F": "E", "G": "E"}), ["annual_income", "debt_to_income"])
 
 
 def make_churn(path: Path) -> str:
@@ -148,7 +152,7 @@ def make_churn(path: Path) -> str:
     d = _rdata("modeldata", "wa_churn").dropna()
     cat = [c for c in d.columns if d[c].dtype == object and c not in ("churn", "rownames")]
     frame = pd.concat([d[["tenure", "monthly_charges", "total_charges", "female", "senior_citizen"]].astype(float), _onehot(d, cat)], axis=1)
-    return _table(path, frame, d["churn"], noise=1.0)
+    return _table(path, frame, d["churn"], ["tenure"], noise=1.0)
 
 
 def make_digits_views(path: Path) -> str:

@@ -45,7 +45,8 @@ from w2s_ray.report import figure, write_table
 from w2s_ray.results import StageRequest, Stages
 from w2s_ray.run import RunContext
 from w2s_ray.studies.claims import crossed, decomposition, jack_stat, jackknife_weights, p5, set_stats, stacked, verdict
-from w2s_ray.studies import weighting
+from w2s_ray.studies.weighting import RULES, rule_config
+from w2s_ray.studies.weighting import table as weighting_table
 from w2s_ray.studies.variance import variance_table
 from w2s_ray.tasks import TASKS, task_config
 
@@ -107,15 +108,15 @@ def k_config(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
 def weighting_config(cfg: ExperimentConfig, rule: str) -> ExperimentConfig:
     """The weighting study's students on the task: dual-mean students with `rule`, two sets of
     `SEEDS` seeds (the first set's plain students are the main run's, from the cache)."""
-    return weighting.rule_config(with_values(cfg, {"student.seeds": SEEDS, "posterior.single_teachers": None}, "study suite (weighting)"), rule)
+    return rule_config(with_values(cfg, {"student.seeds": SEEDS, "posterior.single_teachers": None}, "study suite (weighting)"), rule)
 
 
 def weighting_rows(name: str, done: dict[str, Stages]) -> dict[str, Any]:
     """Each rule's paired difference from the plain dual-mean student over both seed sets, and
     the weighting study's verdict (final only when the two sets agree)."""
-    t = weighting.table({r: done[f"{name}/weighting {r}"] for r in weighting.RULES}).set_index("rule")
+    t = weighting_table({r: done[f"{name}/weighting {r}"] for r in RULES}).set_index("rule")
     out: dict[str, Any] = {}
-    for rule in weighting.RULES[1:]:
+    for rule in RULES[1:]:
         r = t.loc[rule]
         out |= {f"w_{rule}": r["diff_vs_none"], f"w_{rule}_lo": r["diff_lo"], f"w_{rule}_hi": r["diff_hi"], f"w_{rule}_verdict": r["verdict"]}
     return out
@@ -150,7 +151,7 @@ def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = 
         reqs += [StageRequest(f"{n}/main", main_config(c), "student"), StageRequest(f"{n}/narrow", narrow_config(c), "student"),
                  StageRequest(f"{n}/scaling", with_values(c, {"teachers.k": sc.k_max}, "study suite (scaling)"), "teachers")]
         reqs += [StageRequest(f"{n}/K={k}", k_config(c, k), "student") for k in sc.student_ks if k > 1]
-        reqs += [StageRequest(f"{n}/weighting {r}", weighting_config(c, r), "student") for r in weighting.RULES if sc.weighting]
+        reqs += [StageRequest(f"{n}/weighting {r}", weighting_config(c, r), "student") for r in RULES if sc.weighting]
     return reqs
 
 
@@ -366,7 +367,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
                                 "gain/misfit": t["c2_gain_over_misfit"].map(lambda v: f"{v:.2f}"), "C2": t["c2_verdict"],
                                 "P5: BV(w) − BV(w/4)": fmt_ci(t, "p5_bv_wide_minus_narrow", 4),
                                 "BV students / teachers": (t["p5_bv_students"] / t["p5_bv_teachers"]).map(lambda v: f"{v:.2f}"), "P5": t["p5_verdict"]})
-    wview = pd.DataFrame({"task": t["task"], **{f"{r} − none": fmt_ci(t, f"w_{r}", 4) + ": " + t[f"w_{r}_verdict"] for r in weighting.RULES[1:]}}) \
+    wview = pd.DataFrame({"task": t["task"], **{f"{r} − none": fmt_ci(t, f"w_{r}", 4) + ": " + t[f"w_{r}_verdict"] for r in RULES[1:]}}) \
         if sc.weighting else None
     worth = fit.assign(**{"V∞ + b/K": fit.apply(lambda r: f"{r['v_inf']:.4f} {r['v_b']:+.4f}/K (R² {r['v_r2']:.3f})", axis=1)})[
         ["task", "k_max", "k_ensemble_enough", "k_student_enough", "k_student_best", "V∞ + b/K"]]
