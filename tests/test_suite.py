@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from w2s_ray.config import ExperimentConfig, load_config, with_values
 from w2s_ray.executor import InProcess
@@ -69,13 +70,19 @@ def small(tmp_path: Path) -> dict:
             "posterior.n_boot": 20, "student.epochs": 3, "student.patience": 10, "student.model.width": 32}
 
 
-def test_the_suite_table_is_what_its_students_give(tmp_path):
+def test_the_suite_table_is_what_its_students_give(tmp_path, monkeypatch, request):
     """Two tasks (an image view and a real table), in process: each row's accuracies, PGRs and C2
     statistic recomputed from the students the study trained; the K students and the
     "worth it" answer follow their own rule; the tables are kept when intact and replaced when not."""
     from w2s_ray.replicates import paired, summarize
     from w2s_ray.studies.claims import crossed, decomposition
 
+    # one torch thread in this process throughout: `InProcess` runs one call at a time, but a call sets
+    # torch's thread count for the whole process (as each Ray worker sets its own), so with two lanes
+    # the other lane's driver-side sums could run at the call's count; on Ray the driver's never changes
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(old))
     cfg = with_values(ExperimentConfig(), {"output.root": str(tmp_path / "runs"), "output.name": "s"}, "test")
     opts = {"tasks": ["digits_views", "churn"], "values": small(tmp_path), "scale": suite.Scale(16, (1, 4, 8))}
     out = run_study("suite", cfg, InProcess(), **opts)
@@ -120,6 +127,18 @@ def test_the_suite_table_is_what_its_students_give(tmp_path):
             assert worth.loc[name, "k_student_enough"] == min(kk for kk in k.index if kk == best or k.loc[kk, "minus_best_lo"] > -suite.MARGIN)
             sc = scaling[scaling["task"] == name]
             assert list(sc["K"]) == [1, 2, 4, 8, 16] and sc["variance"].iloc[0] == 0  # extended to k_max: 16 teachers
+    # the two tasks side by side, from nothing: the same table, to the bit
+    side = with_values(cfg, {"output.root": str(tmp_path / "side")}, "test")
+    import threading
+
+    from w2s_ray import pipeline
+
+    threads, real = set(), pipeline.run_stages
+    monkeypatch.setattr(pipeline, "run_stages", lambda *a, **k: threads.add(threading.current_thread().name) or real(*a, **k))
+    side_out = run_study("suite", side, InProcess(), **(opts | {"parallel": 2}))
+    assert {"w2s-ray lane 0", "w2s-ray lane 1"} <= threads  # each task in a lane of its own
+    for name in ("suite", "students_k", "scaling", "worth"):
+        pd.testing.assert_frame_equal(pd.read_parquet(side_out / f"{name}.parquet"), pd.read_parquet(out / f"{name}.parquet"), check_exact=True)
     quick = run_study("suite", cfg, InProcess(), **(opts | {"scale": suite.Scale(16, (1, 4, 8), weighting=False)}))  # all cached
     assert "Not run with `--quick`" in (quick / "report.md").read_text()
     assert not any(c.startswith("w_") for c in pd.read_parquet(quick / "suite.parquet").columns)
@@ -148,7 +167,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_suite_options_are_checked_before_ray(tmp_path):
     bad = run_cli("study", "claims", "--quick", cwd=tmp_path)
-    assert bad.returncode == 2 and "--quick and --tasks are options of study suite" in bad.stderr
+    assert bad.returncode == 2 and "--quick, --tasks and --parallel are options of study suite" in bad.stderr
     bad = run_cli("study", "suite", "--tasks", "mnist1d,nope", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown task(s) ['nope']" in bad.stderr and "diamonds" in bad.stderr
     bad = run_cli("study", "suite", "--quick", "--set", "teachers.k=128", cwd=tmp_path)
@@ -163,6 +182,6 @@ def test_the_cli_hands_the_suite_its_options():
     from w2s_ray.cli import build_parser, study_options
 
     args = build_parser().parse_args(["study", "suite", "--quick", "--tasks", "churn, tweets", "--set", "student.epochs=3"])
-    assert study_options(args) == {"quick": True, "tasks": ["churn", "tweets"], "values": {"student.epochs": 3}}
+    assert study_options(args) == {"quick": True, "tasks": ["churn", "tweets"], "values": {"student.epochs": 3}, "parallel": None}
     assert suite.scale_of(True, None) == suite.QUICK and suite.scale_of(False, None) == suite.DEFAULT and not suite.QUICK.weighting
     assert study_options(build_parser().parse_args(["study", "claims", "--set", "student.epochs=3"])) == {}

@@ -4,7 +4,7 @@
     w2s-ray embed|data|teachers|labels|student|report CONFIG.yaml   (one stage; earlier stages from cache)
     w2s-ray tune [CONFIG.yaml] --space SPACE.yaml [--resume]  (Ray Tune search over the student)
     w2s-ray study variance|theory|claims|weighting [CONFIG.yaml]   (a study with report.md)
-    w2s-ray study suite [CONFIG.yaml] [--quick] [--tasks a,b]     (every task of the registry; CONFIG: where and how it runs)
+    w2s-ray study suite [CONFIG.yaml] [--quick] [--tasks a,b] [--parallel N]  (every task of the registry; CONFIG: where and how it runs)
     w2s-ray config [CONFIG.yaml]                              (print the resolved config)
 """
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("config", nargs="?", help="for suite: only output, ray and the stages' resources are read from it; each task has its own config, and --set values apply to every task")
     study.add_argument("--quick", action="store_true", help="suite only: teacher-count scaling up to K = 64 (default 1024)")
     study.add_argument("--tasks", help="suite only: comma-separated task names (default: every task)")
+    study.add_argument("--parallel", type=int, help="suite only: tasks side by side (default: one per 16 CPUs of the cluster, at least one)")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("config", nargs="?")
     for s in sub.choices.values():
@@ -73,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 def study_options(args: argparse.Namespace) -> dict:
     """The suite's own options; refused for the other studies, which have none."""
     if args.kind != "suite":
-        if args.quick or args.tasks:
-            raise W2SError(f"--quick and --tasks are options of study suite, not of study {args.kind}")
+        if args.quick or args.tasks or args.parallel is not None:
+            raise W2SError(f"--quick, --tasks and --parallel are options of study suite, not of study {args.kind}")
         return {}
+    if args.parallel is not None and args.parallel < 1:
+        raise W2SError(f"--parallel {args.parallel}: at least 1")
     return {"quick": args.quick, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
-            "values": parse_overrides(args.overrides)}
+            "values": parse_overrides(args.overrides), "parallel": args.parallel}
 
 
 def main(argv: list[str] | None = None) -> int:

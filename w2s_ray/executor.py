@@ -24,6 +24,7 @@ torch's thread count as a Ray worker's would; `InProcess` restores the caller's 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Hashable, Iterator, Protocol, TypeVar
 
 import ray
@@ -132,7 +133,9 @@ class InProcess:
     """The stages' work in this process, one call at a time, without Ray: for tests of what a
     stage does with its files (cache, resume, damage, extension), and for debugging a stage
     with a debugger. A task's error is raised by `get`, as Ray's would be; a `KeyboardInterrupt`
-    passes at once. Resources are this machine's CPUs and no GPU."""
+    passes at once. Resources are this machine's CPUs and no GPU. One call at a time also when
+    lanes (`pipeline.run_requests`) call from several threads: a call sets torch's thread count
+    for the whole process, as a Ray worker sets its own."""
 
     lost: tuple[type[BaseException], ...] = ()
 
@@ -140,18 +143,20 @@ class InProcess:
         if cpus is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.cpus = cpus
+        self._one = threading.RLock()
 
     def start(self, cfg: RayConfig) -> None:
         pass
 
     def _run(self, fn: Callable, *args: Any) -> Done:
-        threads = torch.get_num_threads()
-        try:
-            return Done(fn(*args))
-        except Exception as err:
-            return Done(error=err)
-        finally:
-            torch.set_num_threads(threads)  # worker functions set their own, as a Ray worker would
+        with self._one:
+            threads = torch.get_num_threads()
+            try:
+                return Done(fn(*args))
+            except Exception as err:
+                return Done(error=err)
+            finally:
+                torch.set_num_threads(threads)  # worker functions set their own, as a Ray worker would
 
     def submit(self, fn: Callable, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Done:
         return self._run(fn, *args)
@@ -173,11 +178,12 @@ class InProcess:
         return lambda fn, items, num_cpus=1.0: list(map(fn, items))
 
     def actor(self, cls: type, *args: Any, **options: Any) -> Any:
-        threads = torch.get_num_threads()
-        try:
-            return cls(*args)
-        finally:
-            torch.set_num_threads(threads)
+        with self._one:
+            threads = torch.get_num_threads()
+            try:
+                return cls(*args)
+            finally:
+                torch.set_num_threads(threads)
 
     def call(self, actor: Any, method: str, *args: Any) -> Done:
         return self._run(getattr(actor, method), *args)
@@ -188,14 +194,10 @@ class InProcess:
     def actor_pool_map(self, cls: type, args: tuple, items: list[int], num_actors: int, num_cpus: float, num_gpus: float) -> Iterator[dict]:
         """One "actor" (`cls(*args)`, built once here) called with each item in turn, as one
         actor of Ray Data's pool would be."""
-        threads = torch.get_num_threads()
-        try:
-            worker = cls(*args)
-            for i in items:
-                out = worker({"item": np.asarray([i])})
-                yield {k: v[0].item() if hasattr(v[0], "item") else v[0] for k, v in out.items()}
-        finally:
-            torch.set_num_threads(threads)
+        worker = self._run(cls, *args)
+        for i in items:
+            out = self.get(self._run(self.get(worker), {"item": np.asarray([i])}))
+            yield {k: v[0].item() if hasattr(v[0], "item") else v[0] for k, v in out.items()}
 
     def resources(self) -> dict[str, float]:
         return {"CPU": float(self.cpus)}

@@ -17,6 +17,8 @@ interrupted stage is redone (the teacher stage resumes pack by pack).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +31,7 @@ from w2s_ray.executor import Executor
 from w2s_ray.labels import stage_labels
 from w2s_ray.report import stage_report
 from w2s_ray.run import RunContext
-from w2s_ray.results import Stages
+from w2s_ray.results import StageRequest, Stages
 from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students
@@ -115,6 +117,63 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
         return run_search(ctx, stages, space, name, resume=resume, fault=fault, verbose=verbose)
 
 
+def run_requests(ctx: RunContext, requests: list[StageRequest], lanes: int = 1) -> dict[str, Stages]:
+    """Each request's stages, from the cache where possible. Requests named `group/what` form
+    groups (a suite's task); a group's `group/data` request is reused by its other requests.
+    With `lanes` > 1, every `*/data` request runs first, in order (data problems stop the
+    study before any other work), then up to `lanes` groups run side by side, each group's
+    requests in order in a thread with actors of its own; Ray places their work as the
+    cluster's resources free up. A stage's bits do not depend on the lanes: each is a function
+    of its config and seeds, and two lanes that need the same stage share its lock (one writes,
+    the other waits and reads it)."""
+    done: dict[str, Stages] = {}
+
+    def run_group(group: list[StageRequest], own_pool: bool) -> None:
+        for req in group:
+            before = done.get(req.name.split("/")[0] + "/data") if "/" in req.name else None
+            sub = ctx.derive(req.cfg, own_pool=own_pool)
+            try:
+                done[req.name] = run_stages(sub, req.until, done=Stages(data=before.data) if before else None)
+            finally:
+                if own_pool:
+                    sub.pool.release()
+
+    if lanes <= 1:
+        run_group(requests, own_pool=False)
+        return done
+    first = [r for r in requests if r.name.endswith("/data")]
+    run_group(first, own_pool=False)
+    groups: dict[str, list[StageRequest]] = {}
+    for r in requests:
+        if not r.name.endswith("/data"):
+            groups.setdefault(r.name.split("/")[0], []).append(r)
+    todo, errors = queue.Queue(), []
+    for g in groups.values():
+        todo.put(g)
+
+    def lane() -> None:
+        while not errors:
+            try:
+                group = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                run_group(group, own_pool=True)
+            except BaseException as err:  # noqa: BLE001 — handed to the main thread, which raises it
+                errors.append(err)
+
+    ctx.ray()  # once, here: lanes must not start Ray side by side
+    threads = [threading.Thread(target=lane, name=f"w2s-ray lane {i}", daemon=True) for i in range(min(lanes, len(groups)))]
+    for t in threads:
+        t.start()
+    for t in threads:  # joined in steps, so Ctrl-C reaches this thread (daemon lanes end with the process)
+        while t.is_alive():
+            t.join(0.5)
+    if errors:
+        raise errors[0]
+    return done
+
+
 def run_study(kind: str, cfg: ExperimentConfig, executor: Executor | None = None, **options: Any) -> Path:
     """`w2s-ray study KIND`: the runs the study needs (from the cache where possible), then the
     study. `options`: the study's own options (`w2s-ray study suite --quick --tasks ...`)."""
@@ -125,9 +184,7 @@ def run_study(kind: str, cfg: ExperimentConfig, executor: Executor | None = None
             study.prepare(ctx, **options)
         else:
             validated(ctx)
-        done: dict[str, Stages] = {}
-        for req in requests:
-            before = done.get(req.name.split("/")[0] + "/data") if "/" in req.name else None  # a suite task's data, reused
-            done[req.name] = run_stages(ctx.derive(req.cfg), req.until, done=Stages(data=before.data) if before else None)
+        lanes = study.lanes(ctx, **options) if hasattr(study, "lanes") else 1
+        done = run_requests(ctx, requests, lanes)
         out = ctx.run.reset(ctx.run / "study" / kind)
         return study.run(ctx, done, out, **options)

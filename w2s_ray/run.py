@@ -65,11 +65,13 @@ class RunContext:
     def __exit__(self, *exc: Any) -> None:
         self.pool.release()
 
-    def derive(self, cfg: ExperimentConfig) -> "RunContext":
-        """The same run (directory, store, executor, actors, log) for a variant of the config, as studies use."""
+    def derive(self, cfg: ExperimentConfig, own_pool: bool = False) -> "RunContext":
+        """The same run (directory, store, executor, actors, log) for a variant of the config, as
+        studies use; with `own_pool`, actors of its own (a lane of work beside others: the caller
+        releases them)."""
         if cfg.output != self.cfg.output:
             raise ValueError("a derived context must write to the same run directory")
-        return RunContext(cfg, self.run, self.executor, self.pool, self.log)
+        return RunContext(cfg, self.run, self.executor, None if own_pool else self.pool, self.log)
 
     def ray(self) -> None:
         """Start or join Ray (the Ray executor): called by a stage that has work for it, never for a cached one."""

@@ -22,8 +22,9 @@ claim is that it falls with capacity). Then per K: the ensemble's accuracy, V(K)
 V(K) ≈ V∞ + b/K, and the dual-mean student's accuracy and PGR; "how many teachers are worth it"
 is the smallest K whose student is not worse than the best K's (paired by seed, 95%).
 
-Tasks run one after another, each stage on the whole cluster (teacher packs on every actor,
-students as parallel tasks); tasks do not run side by side.
+Tasks run side by side on a cluster (`lanes`: one per `CPUS_PER_LANE` CPUs, or `--parallel N`),
+each task's runs in order with actors of its own, every stage's work spread over the cluster
+(teacher packs on every actor, students as parallel tasks); on 2 cores, one task at a time.
 """
 
 from __future__ import annotations
@@ -138,12 +139,32 @@ def configs(cfg: ExperimentConfig, tasks: list[str] | None, values: dict[str, An
     return out
 
 
+CPUS_PER_LANE = 16
+"""Tasks side by side (`lanes`) by default: one per this many CPUs of the cluster (a task's main
+run alone trains 20 students), at least one; 2 cores run one task at a time."""
+
+
+def lanes(ctx: RunContext, tasks: list[str] | None = None, parallel: int | None = None, **_: Any) -> int:
+    """How many tasks run side by side (`pipeline.run_requests`): `--parallel`, else one per
+    `CPUS_PER_LANE` CPUs: of the cluster joined (Ray started here to ask), or of the local Ray
+    this run would start (`ray.num_cpus`, else this machine's)."""
+    if parallel:
+        return parallel
+    r = ctx.cfg.ray
+    if r.address not in (None, "local") or (r.address is None and os.environ.get("RAY_ADDRESS")):
+        ctx.ray()
+        cpus = ctx.executor.resources().get("CPU", 1)
+    else:
+        cpus = r.num_cpus or os.cpu_count() or 1
+    return max(1, min(len(selected(tasks)), int(cpus // CPUS_PER_LANE)))
+
+
 def scale_of(quick: bool, scale: Scale | None) -> Scale:
     return scale or (QUICK if quick else DEFAULT)
 
 
 def needs(cfg: ExperimentConfig, quick: bool = False, tasks: list[str] | None = None, values: dict[str, Any] | None = None,
-          scale: Scale | None = None) -> list[StageRequest]:
+          scale: Scale | None = None, **_: Any) -> list[StageRequest]:
     """Every task's data first (tables are read and checked in the driver, before Ray has work),
     then per task: the main run, the narrow students, the scaling ensemble and the K students."""
     sc = scale_of(quick, scale)
@@ -344,7 +365,7 @@ def weighting_section(wview: pd.DataFrame | None) -> list[str]:
 
 
 def run(ctx: RunContext, done: dict[str, Stages], out: Path, quick: bool = False, tasks: list[str] | None = None,
-        values: dict[str, Any] | None = None, scale: Scale | None = None) -> Path:
+        values: dict[str, Any] | None = None, scale: Scale | None = None, **_: Any) -> Path:
     sc = scale_of(quick, scale)
     cfgs = configs(ctx.cfg, tasks, values)
     rows, scal, kst, fits = [], [], [], []
