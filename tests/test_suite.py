@@ -185,3 +185,35 @@ def test_the_cli_hands_the_suite_its_options():
     assert study_options(args) == {"quick": True, "tasks": ["churn", "tweets"], "values": {"student.epochs": 3}, "parallel": None}
     assert suite.scale_of(True, None) == suite.QUICK and suite.scale_of(False, None) == suite.DEFAULT and not suite.QUICK.weighting
     assert study_options(build_parser().parse_args(["study", "claims", "--set", "student.epochs=3"])) == {}
+
+
+def test_lanes_share_the_cluster_so_no_lane_waits_on_a_half_placed_pool():
+    """Two suite tasks side by side on 2 CPUs each placed one of two teacher actors and waited
+    forever for the other; each lane's pool is sized to its share, at least one actor."""
+    from w2s_ray.config import TeacherResources
+    from w2s_ray.teachers import default_num_actors
+
+    res = TeacherResources()
+    assert default_num_actors(res, {"CPU": 2.0}) == 2
+    assert default_num_actors(res, {"CPU": 2.0}, lanes=2) == 1 and default_num_actors(res, {"CPU": 2.0}, lanes=3) == 1
+    assert default_num_actors(res, {"CPU": 64.0}, lanes=4) == 16
+
+
+def test_two_lanes_on_ray_finish_with_the_table_of_one(ray_session, tmp_path):
+    """On a real Ray of 2 CPUs, two tasks side by side: each lane's teacher stage fits its
+    share (before, each placed one of its two actors and both waited forever); the table is the
+    one the same tasks give one after another, to the bit."""
+    import threading
+
+    cfg = with_values(ExperimentConfig(), {"output.root": str(tmp_path / "runs"), "output.name": "s"}, "test")
+    opts = {"tasks": ["digits_views", "churn"], "values": small(tmp_path) | {"student.epochs": 2},
+            "scale": suite.Scale(8, (1, 8), weighting=False)}
+    out = {}
+    for lanes in (2, 1):
+        root = with_values(cfg, {"output.name": f"l{lanes}"}, "test")
+        t = threading.Thread(target=lambda: out.__setitem__(lanes, run_study("suite", root, **(opts | {"parallel": lanes}))), daemon=True)
+        t.start()
+        t.join(300)
+        assert not t.is_alive(), f"the suite in {lanes} lane(s) did not finish in 300 s"
+    for name in ("suite", "students_k", "scaling"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out[2] / f"{name}.parquet"), pd.read_parquet(out[1] / f"{name}.parquet"), check_exact=True)

@@ -43,10 +43,12 @@ def describe(enc: EncoderConfig) -> str:
 
 
 def default_num_actors(ctx: RunContext, todo: int) -> int:
-    """As many actors as the cluster holds (by GPUs when an actor has one, else by CPUs), at most one per part."""
+    """As many actors as the cluster holds (by GPUs when an actor has one, else by CPUs; a lane's
+    share of it), at most one per part."""
     res = ctx.cfg.embed.resources
     have = ctx.executor.resources()
     fit = int(have.get("GPU", 0) // res.num_gpus_per_actor) if res.num_gpus_per_actor else int(have.get("CPU", 1) // res.num_cpus_per_actor)
+    fit = max(1, fit // max(1, ctx.lanes))  # a share of the cluster when lanes run side by side (`teachers.default_num_actors`)
     return max(1, min(res.num_actors or fit, todo))
 
 

@@ -122,31 +122,33 @@ def run_requests(ctx: RunContext, requests: list[StageRequest], lanes: int = 1) 
     groups (a suite's task); a group's `group/data` request is reused by its other requests.
     With `lanes` > 1, every `*/data` request runs first, in order (data problems stop the
     study before any other work), then up to `lanes` groups run side by side, each group's
-    requests in order in a thread with actors of its own; Ray places their work as the
-    cluster's resources free up. A stage's bits do not depend on the lanes: each is a function
+    requests in order in a thread with actors of its own, each stage's actor pool sized to a
+    `1/lanes` share of the cluster (so no lane holds part of its actors while waiting for the
+    rest); Ray places their tasks as the cluster's resources free up. A stage's bits do not depend on the lanes: each is a function
     of its config and seeds, and two lanes that need the same stage share its lock (one writes,
     the other waits and reads it)."""
     done: dict[str, Stages] = {}
 
-    def run_group(group: list[StageRequest], own_pool: bool) -> None:
+    def run_group(group: list[StageRequest], lane: bool) -> None:
         for req in group:
             before = done.get(req.name.split("/")[0] + "/data") if "/" in req.name else None
-            sub = ctx.derive(req.cfg, own_pool=own_pool)
+            sub = ctx.derive(req.cfg, lanes=lanes if lane else None)
             try:
                 done[req.name] = run_stages(sub, req.until, done=Stages(data=before.data) if before else None)
             finally:
-                if own_pool:
+                if lane:
                     sub.pool.release()
 
     if lanes <= 1:
-        run_group(requests, own_pool=False)
+        run_group(requests, lane=False)
         return done
     first = [r for r in requests if r.name.endswith("/data")]
-    run_group(first, own_pool=False)
+    run_group(first, lane=False)
     groups: dict[str, list[StageRequest]] = {}
     for r in requests:
         if not r.name.endswith("/data"):
             groups.setdefault(r.name.split("/")[0], []).append(r)
+    lanes = min(lanes, len(groups))  # the share each lane's stages size their actors to
     todo, errors = queue.Queue(), []
     for g in groups.values():
         todo.put(g)
@@ -158,12 +160,12 @@ def run_requests(ctx: RunContext, requests: list[StageRequest], lanes: int = 1) 
             except queue.Empty:
                 return
             try:
-                run_group(group, own_pool=True)
+                run_group(group, lane=True)
             except BaseException as err:  # noqa: BLE001 — handed to the main thread, which raises it
                 errors.append(err)
 
     ctx.ray()  # once, here: lanes must not start Ray side by side
-    threads = [threading.Thread(target=lane, name=f"w2s-ray lane {i}", daemon=True) for i in range(min(lanes, len(groups)))]
+    threads = [threading.Thread(target=lane, name=f"w2s-ray lane {i}", daemon=True) for i in range(lanes)]
     for t in threads:
         t.start()
     for t in threads:  # joined in steps, so Ctrl-C reaches this thread (daemon lanes end with the process)

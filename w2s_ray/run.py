@@ -46,6 +46,7 @@ class RunContext:
     executor: Executor = field(default_factory=RayExecutor)
     pool: ActorPool | None = None
     log: Callable[[str], None] = log
+    lanes: int = 1  # how many lanes of work share the cluster (`pipeline.run_requests`): stages size their actor pools to a share
     keys: StageKeys = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,13 +66,15 @@ class RunContext:
     def __exit__(self, *exc: Any) -> None:
         self.pool.release()
 
-    def derive(self, cfg: ExperimentConfig, own_pool: bool = False) -> "RunContext":
+    def derive(self, cfg: ExperimentConfig, lanes: int | None = None) -> "RunContext":
         """The same run (directory, store, executor, actors, log) for a variant of the config, as
-        studies use; with `own_pool`, actors of its own (a lane of work beside others: the caller
-        releases them)."""
+        studies use; with `lanes`, one of that many lanes of work side by side: actors of its own
+        (the caller releases them) and a share of the cluster for each stage's actor pool."""
         if cfg.output != self.cfg.output:
             raise ValueError("a derived context must write to the same run directory")
-        return RunContext(cfg, self.run, self.executor, None if own_pool else self.pool, self.log)
+        if lanes is None:
+            return RunContext(cfg, self.run, self.executor, self.pool, self.log, self.lanes)
+        return RunContext(cfg, self.run, self.executor, None, self.log, lanes)
 
     def ray(self) -> None:
         """Start or join Ray (the Ray executor): called by a stage that has work for it, never for a cached one."""

@@ -47,13 +47,17 @@ def plan_packs(todo: list[int], n_actors: int, max_pack: int) -> list[list[int]]
     return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
-def default_num_actors(res: TeacherResources, cluster: dict[str, float]) -> int:
+def default_num_actors(res: TeacherResources, cluster: dict[str, float], lanes: int = 1) -> int:
     """As many actors as the cluster's resources hold at once (never more: an actor that cannot be
-    placed would sit on its pre-assigned pack forever while the placed ones idle)."""
+    placed would sit on its pre-assigned pack forever while the placed ones idle), divided among
+    the `lanes` that share the cluster (`RunContext.lanes`), at least one each. Without the
+    division, two suite tasks side by side on 2 CPUs each placed one of their two actors and
+    waited forever for the other (seen: both stages stuck at 4 of 8 teachers); with it, every
+    lane's actors fit at once, or a lane's single actor waits for another lane's stage to end."""
     fit = int(cluster.get("CPU", 1) // res.num_cpus_per_actor)
     if res.num_gpus_per_actor > 0:
         fit = min(fit, int(cluster.get("GPU", 0) / res.num_gpus_per_actor))
-    fit = max(1, fit)
+    fit = max(1, fit // max(1, lanes))
     return min(res.num_actors, fit) if res.num_actors else fit
 
 
@@ -185,7 +189,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
     ctx.executor.check_placeable({"CPU": res.num_cpus_per_actor, "GPU": res.num_gpus_per_actor},
                                  {"CPU": "teachers.resources.num_cpus_per_actor", "GPU": "teachers.resources.num_gpus_per_actor"},
                                  what="one teacher actor", wait_s=ctx.cfg.ray.placement_wait_s)
-    n_actors = default_num_actors(res, ctx.executor.resources())
+    n_actors = default_num_actors(res, ctx.executor.resources(), ctx.lanes)
     packs = plan_packs(todo, n_actors, res.max_pack_size)
     if packs:
         cfg_json = tcfg.model_dump(mode="json")
