@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from w2s_ray.artifacts import fixed_list
 from w2s_ray.config import ExperimentConfig, parse_config, set_dotted
 from w2s_ray.data import load_digits
 from w2s_ray.errors import DataError
@@ -56,11 +57,6 @@ def _write(path: Path, columns: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table(columns), tmp)
     tmp.replace(path)
-
-
-def _fixed(a: np.ndarray):
-    a = np.ascontiguousarray(a, np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
 
 def _rdata(package: str, name: str):
@@ -98,7 +94,7 @@ def _table(path: Path, frame, label, subset: list[str], noise: float = NOISE) ->
         raise DataError(f"{path.name}: columns with nulls {[c for c in frame.columns if frame[c].isna().any()]}")
     x, tx = _views(frame, noise)
     sub = x[:, [frame.columns.get_loc(c) for c in subset]]
-    _write(path, {"x": _fixed(x), "tx": _fixed(tx), "sub": _fixed(sub), "label": [str(v) for v in label]})
+    _write(path, {"x": fixed_list(x), "tx": fixed_list(tx), "sub": fixed_list(sub), "label": [str(v) for v in label]})
     return f"{path}: {len(frame)} rows, {frame.shape[1]} columns ({', '.join(map(str, frame.columns[:6]))}{', ...' if frame.shape[1] > 6 else ''})"
 
 
@@ -159,7 +155,7 @@ def make_digits_views(path: Path) -> str:
     average pooling: 16 features), the student all 64 pixels. Columns `pixels`, `lowres`, `label`."""
     x, y = load_digits()
     lowres = x.reshape(-1, 4, 2, 4, 2).mean((2, 4)).reshape(len(x), 16)
-    _write(path, {"pixels": _fixed(x), "lowres": _fixed(lowres), "label": y})
+    _write(path, {"pixels": fixed_list(x), "lowres": fixed_list(lowres), "label": y})
     return f"{path}: {len(y)} rows, pixels (64) for the student, lowres (16) for the teachers"
 
 
