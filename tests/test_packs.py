@@ -83,3 +83,48 @@ def test_a_teacher_is_bitwise_the_same_in_every_pack_plan(model):
         for split in ("transfer", "test"):
             assert np.array_equal(small[f"logp_{split}"], packed[f"logp_{split}"][ids[0] : ids[-1] + 1]), (ids, split)  # bitwise
         assert small["seeds"] == packed["seeds"][ids[0] : ids[-1] + 1] and small["steps"] * 40 == packed["steps"] * len(ids)
+
+
+@pytest.mark.parametrize("model", [ModelConfig(name="mlp", width=16, depth=1), ModelConfig(name="mlp", width=8, depth=3), ModelConfig(name="logistic")],
+                         ids=["mlp1", "mlp3", "logistic"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_the_written_out_chain_is_autograd_through_vmap_to_the_bit(model, weight_decay, monkeypatch):
+    """`chain_forward`/`chain_backward`/`mean_ce_grad` replace autograd for MLP and logistic
+    packs because they are faster; they must give the parameters and log-probabilities of the
+    `vmap` path bit for bit, ragged last batch and weight decay included, else every cache
+    computed before would silently mean something else."""
+    from w2s_ray.packs import linear_chain
+    from w2s_ray.models import build_model
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(301, 12, generator=g)
+    y = torch.randint(0, 5, (301,), generator=g)
+    seeds = [teacher_seed(2, t) for t in range(5)]
+    index_sets = [teacher_indices("bootstrap", len(y), 5, t, s, 2) for t, s in enumerate(seeds)]
+    assert linear_chain(build_model(model, 12, 5)) is not None
+    packs = {}
+    for autograd in (False, True):
+        pack = packs[autograd] = TeacherPack(model, 12, 5, seeds, autograd=autograd)
+        assert (pack._layers is None) == autograd
+        pack.fit(x, y, index_sets, epochs=3, batch_size=40, lr=1e-2, weight_decay=weight_decay)
+    for name in packs[True].params:
+        assert torch.equal(packs[False].params[name], packs[True].params[name]), name
+    import w2s_ray.packs
+
+    monkeypatch.setattr(w2s_ray.packs, "CHAIN_BYTES", 4 * 1024 * 16 * 2)  # groups of 2 teachers (and 3 of 5)
+    probe = torch.randn(1300, 12, generator=g)  # two chunks, the second ragged
+    assert torch.equal(packs[False].log_probs(probe, chunk=1024), packs[True].log_probs(probe, chunk=1024))
+    assert not torch.equal(packs[False].params["linear.weight" if model.name == "logistic" else "net.0.weight"],
+                           TeacherPack(model, 12, 5, seeds).params["linear.weight" if model.name == "logistic" else "net.0.weight"])
+
+
+def test_only_the_built_in_chains_are_written_out():
+    from w2s_ray.models import MLP, build_model
+    from w2s_ray.packs import linear_chain
+
+    class Wider(MLP):  # a subclass may change forward: autograd for it
+        pass
+
+    assert linear_chain(Wider(4, 2)) is None
+    assert linear_chain(build_model(ModelConfig(name="cnn1d", width=4, depth=1), 12, 3)) is None
+    assert linear_chain(build_model(ModelConfig(name="mlp", width=4, depth=2), 12, 3)) == ["net.0", "net.2", "net.4"]

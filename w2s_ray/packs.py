@@ -23,7 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from w2s_ray.adam import Adam
 from w2s_ray.config import ModelConfig
 from w2s_ray.losses import cross_entropy, log_softmax
-from w2s_ray.models import build_model
+from w2s_ray.models import MLP, Logistic, build_model
 
 
 def teacher_seed(base_seed: int, teacher_id: int) -> int:
@@ -77,6 +77,66 @@ LOG_PROB_ROWS = 4096
 """Rows per chunk of `TeacherPack.log_probs`: callers that predict in blocks use multiples of
 it, so the log-probs are the bits of one call."""
 
+CHAIN_BYTES = 4 * 2**20
+"""Bytes of hidden units per step of a linear chain's prediction (`TeacherPack.log_probs`): a
+pack of 64 MLP-32 teachers on 4,096 rows holds 32 MB of them, which the bias, ReLU and
+log-softmax passes each stream from memory; a group of teachers at a time keeps them in cache.
+Groups of teachers, not of rows: under the pinned numerics (`w2s_ray.numerics`, `MKL_CBWR`) a
+row's bits depend on how many rows its GEMM has (rows 510-511 of 512 differed from the same rows
+of a 1,024-row GEMM), while each teacher's GEMM is its own in any pack of two or more (with 2
+threads a teacher alone differed: its GEMM was split across the threads, `workers.MIN_PACK`)."""
+
+
+def linear_chain(model: torch.nn.Module) -> list[str] | None:
+    """The parameter-name prefixes of `model`'s linear layers in order, when it is a chain of
+    `nn.Linear` layers with a ReLU between each two (the built-in `mlp` and `logistic`), else
+    None. Only those exact classes: a subclass may compute something else."""
+    if type(model) is MLP:
+        return [f"net.{i}" for i, layer in enumerate(model.net) if isinstance(layer, torch.nn.Linear)]
+    if type(model) is Logistic:
+        return ["linear"]
+    return None
+
+
+def chain_forward(layers: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, keep: list | None = None) -> torch.Tensor:
+    """Logits `[K, B, C]` of K stacked linear-ReLU chains on `h` `[K, B, D]` (a stride-0 expand
+    when the teachers share their rows); `keep`, if given, receives each layer's input. The ops
+    are those autograd runs for `vmap(functional_call)` over the modules, with the bias added
+    and the ReLU applied in place: the same bits (`tests/test_packs.py`)."""
+    last = len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        if keep is not None:
+            keep.append(h)
+        h = torch.bmm(h, w.transpose(1, 2)).add_(b.unsqueeze(1))
+        if i < last:
+            h.relu_()
+    return h
+
+
+def chain_backward(layers: list[tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], d: torch.Tensor) -> None:
+    """Set `.grad` of every layer's stacked weight and bias from `d`, the gradient of the loss
+    with respect to the logits `[K, B, C]`, and the layers' inputs kept by `chain_forward`.
+    autograd's ops for the same graph (`bmm` with the same operand layouts, the bias gradient as
+    a sum over the batch, `threshold_backward` for the ReLU), so the same bits."""
+    for i in range(len(layers) - 1, -1, -1):
+        w, b = layers[i]
+        b.grad = d.sum(1)
+        w.grad = torch.bmm(inputs[i].transpose(1, 2), d).transpose(1, 2).contiguous()
+        if i > 0:
+            d = torch.ops.aten.threshold_backward(torch.bmm(d, w), inputs[i], 0)
+
+
+def mean_ce_grad(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The gradient of `cross_entropy(logits, y).mean()` (`losses.log_softmax`'s formula) with
+    respect to `logits` `[..., B, C]`, per row `softmax / B - onehot / B`, computed as autograd
+    computes it: `((1/B) / Σ exp) · exp(z - max)` and `-1/B` added at the label. Overwrites
+    `logits`."""
+    flat = logits.view(-1, logits.shape[-1])
+    e = flat.sub_(flat.amax(-1, keepdim=True)).exp_()
+    inv_b = torch.ones((), device=logits.device).div(logits.shape[-2])
+    e.mul_(inv_b.div(e.sum(-1, keepdim=True)))
+    return e.scatter_add_(-1, y.reshape(-1, 1), inv_b.neg().expand(len(e), 1)).view(logits.shape)
+
 
 class TeacherPack:
     def __init__(
@@ -87,13 +147,21 @@ class TeacherPack:
         seeds: list[int],
         device: str | torch.device = "cpu",
         compile: bool = False,
+        autograd: bool = False,
     ):
+        """`autograd` forces the `vmap` path with autograd even for a linear chain (the
+        reference `chain_forward` reproduces); `compile` implies it."""
         models = [init_model(model_cfg, in_dim, n_classes, s) for s in seeds]
         params, buffers = stack_module_state(models)
         self.device = torch.device(device)
         self.params = {k: v.detach().to(self.device).requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(self.device) for k, v in buffers.items()}
         self.seeds = list(seeds)
+        chain = None if compile or autograd else linear_chain(models[0])
+        # a chain's step and predictions written out (`chain_forward`): measured on 1 thread,
+        # 64 MLP-32 teachers, 1.5x the autograd step through `vmap` (the elementwise ops run
+        # in place, no autograd graph), the same bits
+        self._layers = None if chain is None else [(self.params[f"{n}.weight"], self.params[f"{n}.bias"]) for n in chain]
         base = copy.deepcopy(models[0]).to("meta")
 
         def one(p, b, x):
@@ -134,7 +202,13 @@ class TeacherPack:
             xb = x.index_select(0, flat).view(*idx.shape, -1)
             yb = y.index_select(0, flat).view(idx.shape)
             opt.zero_grad(set_to_none=True)
-            self._loss(self.params, xb, yb).backward()
+            if self._layers is None:
+                self._loss(self.params, xb, yb).backward()
+            else:
+                with torch.no_grad():
+                    inputs: list[torch.Tensor] = []
+                    logits = chain_forward(self._layers, xb, inputs)
+                    chain_backward(self._layers, inputs, mean_ce_grad(logits, yb))
             opt.step()
             steps += 1
         return steps * self.k
@@ -142,11 +216,29 @@ class TeacherPack:
     @torch.no_grad()
     def log_probs(self, x: torch.Tensor, chunk: int = LOG_PROB_ROWS) -> torch.Tensor:
         """`[K, N, C]` log-probabilities of every teacher on the same inputs."""
+        if self._layers is not None:
+            return self._chain_log_probs(x, chunk)
         out = []
         for s in range(0, len(x), chunk):
             xb = x[s : s + chunk].to(self.device)
             out.append(log_softmax(self._shared(self.params, self.buffers, xb)).cpu())
         return torch.cat(out, 1)
+
+    def _chain_log_probs(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """`log_probs` of a linear chain, a group of teachers at a time (`CHAIN_BYTES`)."""
+        out = torch.empty(self.k, len(x), self._layers[-1][0].shape[1])
+        widest = max(w.shape[1] for w, _ in self._layers)
+        starts = list(range(0, self.k, max(2, CHAIN_BYTES // (4 * chunk * widest))))
+        if len(starts) > 1 and self.k - starts[-1] < 2:
+            starts.pop()  # a group of one teacher: its GEMM alone may take other threads' blocking
+        for s in range(0, len(x), chunk):
+            xb = x[s : s + chunk].to(self.device)
+            for k0, k1 in zip(starts, starts[1:] + [self.k]):
+                layers = [(w[k0:k1], b[k0:k1]) for w, b in self._layers]
+                z = chain_forward(layers, xb.expand(k1 - k0, -1, -1))
+                z.sub_(z.amax(-1, keepdim=True))  # `losses.log_softmax`, in place
+                out[k0:k1, s : s + len(xb)] = z.sub_(z.exp().sum(-1, keepdim=True).log_())
+        return out
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         return [{k: v[i].detach().cpu().clone() for k, v in self.params.items()} for i in range(self.k)]
