@@ -5,8 +5,9 @@ A pack of --k MLP teachers (the default teacher model) trains on 2,000 synthetic
 (MNIST-1D's shape), then predicts --n rows block by block as a pack worker does
 (`workers.pack_log_probs`, `workers.pred_rows` rows per block) and folds each block into the
 float64 sums (`PosteriorAccumulator.add`, cache-sized blocks of rows). Beside it, in the same
-process on the same blocks: the former whole-block float64 formula, and whether it gives the
-same bits. One process with --threads torch threads; this process's peak RSS at the end (the
+process on the same blocks: the former prediction (`vmap` and autograd's ops, before the
+written-out chain of `packs.chain_forward`) and the former whole-block float64 formula, each
+with whether it gives the same bits. One process with --threads torch threads; this process's peak RSS at the end (the
 former formula runs last, so the peak before it is printed first).
 
     python benchmarks/bench_pack_sums.py [--n 300000] [--k 64] [--threads 1] [--smoke]
@@ -19,9 +20,15 @@ import resource
 import time
 
 import common  # noqa: F401
+from w2s_ray import numerics
+
+numerics.pin_this_process()  # before torch loads: the references compute as the stage's workers do
+
+import numpy as np
 import torch
 
 from w2s_ray.config import DataConfig, TeachersConfig
+from w2s_ray.packs import TeacherPack
 from w2s_ray.posterior import PosteriorAccumulator, sum_rows
 from w2s_ray.synthetic import load_synthetic
 from w2s_ray.workers import fit_pack, pack_log_probs, pred_rows
@@ -89,14 +96,24 @@ def main() -> None:
         former_s += time.perf_counter() - t0
         same &= all(torch.equal(t, getattr(acc, name)[r0 : r0 + block.shape[1]]) for name, t in part.sums().items())
         r0 += block.shape[1]
+    # the former prediction, `vmap` with autograd's path (`TeacherPack(autograd=True)`), same parameters
+    former = TeacherPack(cfg.model, x.shape[1], c, pack.seeds, autograd=True)
+    for name, t in pack.params.items():
+        former.params[name].data.copy_(t)
+    t0 = time.perf_counter()
+    pred_same = all(np.array_equal(b, f) for b, f in zip(blocks, pack_log_probs(former, x_n, cfg, a.k, c)))
+    former_predict_s = time.perf_counter() - t0
     print(f"training  {train_s:8.2f} s")
-    print(f"prediction {predict_s:7.2f} s")
+    print(f"prediction {predict_s:7.2f} s   (through vmap, as before the written-out chain: {former_predict_s:.2f} s, "
+          f"ratio former / now {former_predict_s / max(predict_s, 1e-9):.1f}x; same bits: {pred_same})")
     print(f"sums      {sums_s:8.2f} s   (former whole-block formula on the same blocks: {former_s:.2f} s, "
           f"ratio former / now {former_s / max(sums_s, 1e-9):.1f}x; same float64 bits: {same})")
     print(f"peak RSS of this process: {peak_now:,.0f} MB before the former formula ran, {peak_mb():,.0f} MB after "
           f"(it holds every block's log-probs for the comparison: {sum(b.nbytes for b in blocks) / 2**20:,.0f} MB)")
     if not same:
         raise SystemExit("the sums in blocks of rows differ from the former formula")
+    if not pred_same:
+        raise SystemExit("the written-out chain's log-probs differ from vmap's")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,15 @@ def test_only_the_built_in_chains_are_written_out():
     assert linear_chain(Wider(4, 2)) is None
     assert linear_chain(build_model(ModelConfig(name="cnn1d", width=4, depth=1), 12, 3)) is None
     assert linear_chain(build_model(ModelConfig(name="mlp", width=4, depth=2), 12, 3)) == ["net.0", "net.2", "net.4"]
+
+
+def test_pack_batches_are_each_teachers_batch_order():
+    from w2s_ray.packs import batch_order, pack_batches
+
+    seeds = [teacher_seed(4, t) for t in range(3)]
+    index_sets = [teacher_indices("bootstrap", 50, 3, t, s, 4) for t, s in enumerate(seeds)]
+    got = list(pack_batches(seeds, index_sets, epochs=3, batch_size=16))  # 50 rows: a ragged batch an epoch
+    want = list(zip(*[batch_order(s, idx, 3, 16) for s, idx in zip(seeds, index_sets)]))
+    assert len(got) == len(want) == 12
+    for g, w in zip(got, want):
+        assert np.array_equal(g.numpy(), np.stack(w))

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from w2s_ray.artifacts import ROW_GROUP, matrix, read_rows
+from w2s_ray.artifacts import ROW_GROUP, dictionary_columns, matrix, read_rows
 from w2s_ray.config import ALWAYS_KEPT
 from w2s_ray.errors import W2SError
 from w2s_ray.posterior import PosteriorAccumulator
@@ -117,8 +117,8 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
                         "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
                     }
                 )
-                sums_w = sums_w or pq.ParquetWriter(sums_tmp, table.schema)
-                preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema)
+                sums_w = sums_w or pq.ParquetWriter(sums_tmp, table.schema, use_dictionary=dictionary_columns(table.schema))
+                preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema, use_dictionary=dictionary_columns(preds.schema))
                 sums_w.write_table(table, ROW_GROUP)
                 preds_w.write_table(preds, ROW_GROUP)
                 if split == "test" and y_test is not None:

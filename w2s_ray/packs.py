@@ -68,8 +68,22 @@ def batch_order(seed: int, indices: np.ndarray, epochs: int, batch_size: int) ->
             yield perm[s : s + batch_size]
 
 
+def pack_batches(seeds: list[int], index_sets: list[np.ndarray], epochs: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """`[K, batch]` row indices, step after step: row k is teacher k's `batch_order`, drawn a
+    whole epoch at a time for the pack (one `np.stack` an epoch, not one a step: 7% of a pack
+    of 32 MLP teachers' training, profiled)."""
+    rngs = [np.random.default_rng([s, 1]) for s in seeds]
+    for _ in range(epochs):
+        perms = torch.as_tensor(np.stack([idx[rng.permutation(len(idx))] for rng, idx in zip(rngs, index_sets)]))
+        for s in range(0, perms.shape[1], batch_size):
+            yield perms[:, s : s + batch_size]
+
+
 def init_model(model_cfg: ModelConfig, in_dim: int, n_classes: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
+    """The model with its initial parameters drawn from `seed`, on the CPU. Seeds the CPU
+    generator alone: `torch.manual_seed` also seeds every accelerator's lazily, capturing a stack
+    trace per backend, 2% of a pack of 32 MLP teachers' work (profiled); the draws are the same."""
+    torch.default_generator.manual_seed(seed)
     return build_model(model_cfg, in_dim, n_classes)
 
 
@@ -194,10 +208,9 @@ class TeacherPack:
         """Train every teacher on its own rows and batch order; returns teacher-steps taken."""
         x, y = x.to(self.device), y.to(self.device)
         opt = make_adam(self.params.values(), lr, weight_decay, self.device)
-        orders = [batch_order(s, idx, epochs, batch_size) for s, idx in zip(self.seeds, index_sets)]
         steps = 0
-        for batches in zip(*orders):
-            idx = torch.as_tensor(np.stack(batches), device=self.device)
+        for idx in pack_batches(self.seeds, index_sets, epochs, batch_size):
+            idx = idx.to(self.device)
             flat = idx.reshape(-1)
             xb = x.index_select(0, flat).view(*idx.shape, -1)
             yb = y.index_select(0, flat).view(idx.shape)
