@@ -23,7 +23,8 @@ EXPECT = {
     "bench_teachers.py": ["Ray path: ", "Ray path, actor pool reused", "Ray path, actors started per run", "bare pack, ",
                           "process(es) × 1 thread", "bare pack, 1 process × ", "one model at a time, 1 process × 1 thread(s)",
                           "ratio Ray (pool) / fairest bare pack", "GEMM-only bound, 1 process × 1 thread(s)",
-                          "ratio fairest bare pack / GEMM-only bound"],
+                          "ratio fairest bare pack / GEMM-only bound", "pack step alone, 1 process × 1 thread, the written-out chain",
+                          "pack step alone, 1 process × 1 thread, vmap + autograd", "ratio pack step / GEMM-only bound"],
     # (b) Ray Data vs pyarrow, the one-process student input, and the Ray Train input against
     # the in-memory reference
     "bench_labels.py": ["ratio Ray Data / pyarrow", "workers: 1, read + 1 epoch(s) of batches",
@@ -36,7 +37,8 @@ EXPECT = {
                      "first student row: student"],
     "bench_student_pack.py": ["1 process × 1 thread, data in memory, no Ray", "mlp: ratio one at a time / pack =",
                               "cnn1d: ratio one at a time / pack ="],
-    "bench_pack_sums.py": ["prediction", "same float64 bits: True", "peak RSS of this process"],
+    "bench_pack_sums.py": ["prediction", "through vmap, as before the written-out chain", "same bits: True", "same float64 bits: True",
+                           "peak RSS of this process"],
     # (i) the encoders, each beside its reference
     "bench_embed.py": ["hashed dim=256 ngrams=1, 1 process × 1 thread", "ratio ours / sklearn =", "hf random BERT hidden=32 layers=1"],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
