@@ -19,7 +19,7 @@ batched matmuls and a fused Adam alone, on this CPU. The bare pack's rate includ
 predictions on the transfer and test splits; the bound only steps, so their ratio understates
 the step's own efficiency.
 
-    python benchmarks/bench_teachers.py [--k 64] [--epochs 30] [--reps 3] [--one-at-a-time 8] [--smoke]
+    python benchmarks/bench_teachers.py [--k 64] [--epochs 30] [--reps 3] [--one-at-a-time 8] [--keep all] [--smoke]
 """
 
 from __future__ import annotations
@@ -120,13 +120,14 @@ def main() -> None:
     ap.add_argument("--one-at-a-time", type=int, default=8, help="teachers timed in the sequential loop")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--keep", default="all", choices=["all", "float16", "none"], help="teachers.keep_predictions of the Ray path (the references write nothing)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: checks that it runs")
     a = ap.parse_args()
     if a.smoke:
         a.k, a.epochs, a.reps, a.one_at_a_time = 4, 1, 1, 1
 
     root = Path(tempfile.mkdtemp(prefix="w2s-bench-teachers-"))
-    values = {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile, "output.root": str(root)}
+    values = {"teachers.k": a.k, "teachers.epochs": a.epochs, "teachers.resources.compile": a.compile, "teachers.keep_predictions": a.keep, "output.root": str(root)}
     cfg = load_config(None, values | (common.SMOKE_DATA if a.smoke else {}))
     tc = cfg.teachers
     steps = a.k * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
@@ -204,7 +205,8 @@ def main() -> None:
 
     r_ray, r_cold, r_proc, r_pack = steps / t_ray, steps / t_cold, steps / t_proc, steps / t_pack
     sizes = "+".join(str(len(p)) for p in packs)
-    print(f"Ray path: {n_actors} actor(s) × {tc.resources.num_cpus_per_actor:g} CPU, packs {sizes}; references on the same {n_cpus} CPUs after Ray stopped")
+    print(f"Ray path: {n_actors} actor(s) × {tc.resources.num_cpus_per_actor:g} CPU, packs {sizes}, keep_predictions {tc.keep_predictions}; "
+          f"references on the same {n_cpus} CPUs after Ray stopped, writing nothing")
     print(f"Ray path, actor pool reused               {r_ray:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_ray)}")
     print(f"Ray path, actors started per run          {r_cold:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_cold)}")
     print(f"bare pack, {n_actors} process(es) × 1 thread         {r_proc:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_proc)}  (packs {sizes}, warm, data in memory)")
