@@ -41,6 +41,9 @@ EXPECT = {
                            "peak RSS of this process"],
     # (i) the encoders, each beside its reference
     "bench_embed.py": ["hashed dim=256 ngrams=1, 1 process × 1 thread", "ratio ours / sklearn =", "hf random BERT hidden=32 layers=1"],
+    # (j) the student stage with workers 1 and 2, each line with its ratio to workers 1
+    "bench_student_workers.py": ["student stage, MLP 64 x 2 on the dual mean", "workers: 1 ", "workers: 2, input: stream",
+                                 "ratio workers: 1 / this ="],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
     "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor "],
     # (g) the pinned student path and the MKL_CBWR teacher path give the same bits on both
