@@ -269,3 +269,53 @@ def test_a_stage_file_neither_here_nor_in_the_store_is_one_error_that_names_it(t
     with pytest.raises(MissingArtifact, match=r"y: .*y.json is neither here nor in the run's store; rerun the stage"):
         remote.need(remote.path / "y.json", "y")
     assert json.loads((remote.path / "x.json").read_text()) == {"v": 1}  # fetched into the local cache
+
+
+def test_many_store_leases_are_taken_with_one_settle_and_all_or_none(tmp_path, monkeypatch):
+    """The student stage holds a lease per student: they are written together and read back
+    after one settle (a settle each cost a default run 20 s on a store). A run that finds any
+    of them held by another machine takes none: it neither keeps the ones it could have had
+    nor leaves a lease of its own behind."""
+    import w2s_ray.storage as storage
+
+    monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.05)
+    settles = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(storage.time, "sleep", lambda s: (settles.append(s) if s == RunDir.LEASE_SETTLE_S else None, real_sleep(s))[1])
+    root = f"file://{tmp_path / 'store'}"
+    a, b = RunDir.open(root, "r", cache=str(tmp_path / "cache-a")), RunDir.open(root, "r", cache=str(tmp_path / "cache-b"))
+    leases = lambda names: [tmp_path / "store" / "r" / "student" / f".{n}.lock" for n in names]  # noqa: E731
+    with a.locks([a.stage("student", f"s{i}") for i in range(20)], "student"):
+        assert settles == [0.05] and all(p.exists() for p in leases(f"s{i}" for i in range(20)))
+        owner = json.loads(leases(["s7"])[0].read_text())["owner"]
+        with pytest.raises(W2SError, match=r"student .*s7 is being written by another run .*lease in the store"):
+            with dataclasses.replace(b, wait=False).locks([b.stage("student", n) for n in ("s7", "t1", "t2")], "student"):
+                pass
+        assert not any(p.exists() for p in leases(["t1", "t2"])), "the refused run left leases behind"
+        assert json.loads(leases(["s7"])[0].read_text())["owner"] == owner
+    assert not any(p.exists() for p in leases(f"s{i}" for i in range(20)))
+    with b.locks([b.stage("student", n) for n in ("s7", "t1")], "student"):  # released: the other machine takes them
+        assert all(p.exists() for p in leases(["s7", "t1"]))
+
+
+def test_a_run_that_loses_one_lease_race_gives_back_the_ones_it_won(tmp_path, monkeypatch):
+    """Two machines write leases at once; the last writer keeps each. A run that lost any gives
+    back those it won, so two runs cannot each hold a part of one stage's set."""
+    import w2s_ray.storage as storage
+
+    monkeypatch.setattr(RunDir, "LEASE_SETTLE_S", 0.05)
+    root = f"file://{tmp_path / 'store'}"
+    b = dataclasses.replace(RunDir.open(root, "r", cache=str(tmp_path / "cache-b")), wait=False)
+    t1, t2 = (tmp_path / "store" / "r" / "student" / f".{n}.lock" for n in ("t1", "t2"))
+    real_sleep = time.sleep
+
+    def settle(s):  # during the settle, another machine writes t2's lease after this run did
+        if s == RunDir.LEASE_SETTLE_S:
+            t2.write_text(json.dumps({"owner": "elsewhere 1 abc", "expires": time.time() + 60}))
+        real_sleep(s)
+
+    monkeypatch.setattr(storage.time, "sleep", settle)
+    with pytest.raises(W2SError, match=r"t2 is being written by another run \(elsewhere 1 abc"):
+        with b.locks([b.stage("student", n) for n in ("t1", "t2")], "student"):
+            pass
+    assert not t1.exists() and json.loads(t2.read_text())["owner"] == "elsewhere 1 abc"

@@ -28,10 +28,10 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -236,14 +236,32 @@ class RunDir:
 
     @contextmanager
     def lock(self, directory: Path, what: str) -> Iterator[None]:
-        """Hold `directory` for this run while it writes a stage there. A second run that
-        reaches it waits for the holder, with a line on stderr every `WAIT_LOG_S` (`wait`
-        False, `--no-wait`: it stops with a message instead).
+        """Hold `directory` for this run while it writes a stage there (`locks` of one)."""
+        with self.locks([directory], what):
+            yield
 
-        Locally (and on a shared filesystem) the lock is a file created exclusively beside the
+    @contextmanager
+    def locks(self, directories: Iterable[Path], what: str) -> Iterator[None]:
+        """Hold every one of `directories` for this run while it writes there. A second run that
+        reaches one waits for the holder, with a line on stderr every `WAIT_LOG_S` (`wait`
+        False, `--no-wait`: it stops with a message instead). They are taken in sorted order, so
+        two runs that want some of the same cannot deadlock.
+
+        Locally (and on a shared filesystem) a lock is a file created exclusively beside its
         directory; a lock left by a process that died on this host is taken over. With a store,
-        a run on another machine (its own cache) is kept out by a lease object in the store too,
-        see `_lease`."""
+        a run on another machine (its own cache) is kept out by lease objects in the store too,
+        see `_leases`: all of them written, then read back after one settle."""
+        dirs = sorted(set(directories))
+        with ExitStack() as held:
+            locks = [held.enter_context(self._file_lock(d, what)) for d in dirs]
+            held.enter_context(self._leases(list(zip(locks, dirs)), what))
+            for d in dirs:
+                d.mkdir(exist_ok=True)
+            yield
+
+    @contextmanager
+    def _file_lock(self, directory: Path, what: str) -> Iterator[Path]:
+        """The local lock file of `directory`, created exclusively, removed on exit."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         # beside the directory, not in it: a stage may reset its directory while holding the lock
         lock, me = directory.parent / f".{directory.name}.lock", f"{socket.gethostname()} {os.getpid()}"
@@ -266,9 +284,7 @@ class RunDir:
         with os.fdopen(fd, "w") as f:
             f.write(me)
         try:
-            with self._lease(lock, what, directory):
-                directory.mkdir(exist_ok=True)
-                yield
+            yield lock
         finally:
             lock.unlink(missing_ok=True)
 
@@ -287,27 +303,31 @@ class RunDir:
         return last
 
     @contextmanager
-    def _lease(self, lock: Path, what: str, directory: Path) -> Iterator[None]:
-        """A lease in the store: `{owner, expires}` JSON at the lock's store path, renewed every
-        `LEASE_S / 4` seconds by a thread while held, deleted on release. Object stores offer no
-        exclusive create, so the lease is written, read back after `LEASE_SETTLE_S`, and kept only
-        if it is still ours (of two runs that wrote at once, the last writer keeps it). A lease
-        not renewed for `LEASE_S` (its run died) is taken over; clocks must agree to well within
-        that (NTP does)."""
-        if self.store is None:
+    def _leases(self, held: list[tuple[Path, Path]], what: str) -> Iterator[None]:
+        """Leases in the store for (lock file, directory) pairs: `{owner, expires}` JSON at each
+        lock's store path, renewed every `LEASE_S / 4` seconds by one thread while held, deleted
+        on release. Object stores offer no exclusive create, so the leases are written, read back
+        after `LEASE_SETTLE_S`, and kept only if all are still ours (of two runs that wrote at
+        once, the last writer keeps each; a run that lost any gives back those it won and waits,
+        so two runs never each hold a part). One settle for all: the student stage takes a lease
+        per student, and a settle each cost a default run 20 s of its 57 on a `file://` store
+        (`benchmarks/bench_storage.py`). A lease not renewed for `LEASE_S` (its run died) is
+        taken over; clocks must agree to well within that (NTP does)."""
+        if self.store is None or not held:
             yield
             return
-        fs, path = self.store.fs, self.remote_path(lock)
+        fs = self.store.fs
+        paths = {self.remote_path(lock): directory for lock, directory in held}
         me = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]}"
 
-        def read() -> dict:
+        def read(path: str) -> dict:
             try:
                 with fs.open_input_stream(path) as f:
                     return json.loads(f.read() or b"{}")
             except (FileNotFoundError, OSError, ValueError):
                 return {}
 
-        def write() -> None:
+        def write(path: str) -> None:
             # whole or not at all: a local or NFS stream is truncated on open, and a reader that
             # came between truncate and write would see no lease and take it (object stores put
             # an object whole on close, and the move is a copy)
@@ -316,28 +336,37 @@ class RunDir:
                 f.write(json.dumps({"owner": me, "expires": time.time() + self.LEASE_S}).encode())
             fs.move(tmp, path)
 
-        def refuse(holder: dict) -> tuple[str, str]:
-            return (f"{what} {directory} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store at {path})",
+        def refuse(path: str, holder: dict) -> tuple[str, str]:
+            return (f"{what} {paths[path]} is being written by another run ({holder.get('owner', 'unknown')}, lease in the store at {path})",
                     f"delete that object if the run is gone (a lease not renewed expires after {self.LEASE_S:g}s)")
+
+        def release(path: str) -> None:
+            if read(path).get("owner") == me:
+                fs.delete_file(path)
 
         waited, t0 = None, time.monotonic()
         while True:
-            held = read()
-            if held.get("owner") not in (None, me) and held.get("expires", 0) > time.time():
-                waited = self._wait(waited, t0, *refuse(held))
+            busy = next(((p, h) for p in paths if (h := read(p)).get("owner") not in (None, me) and h.get("expires", 0) > time.time()), None)
+            if busy is not None:
+                waited = self._wait(waited, t0, *refuse(*busy))
                 continue
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            write()
+            for p in paths:
+                fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+                write(p)
             time.sleep(self.LEASE_SETTLE_S)
-            if (held := read()).get("owner") == me:
+            lost = next(((p, h) for p in paths if (h := read(p)).get("owner") != me), None)
+            if lost is None:
                 break
-            waited = self._wait(waited, t0, *refuse(held))
+            for p in paths:
+                release(p)
+            waited = self._wait(waited, t0, *refuse(*lost))
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(self.LEASE_S / 4):
-                if read().get("owner") == me:
-                    write()
+                for p in paths:
+                    if read(p).get("owner") == me:
+                        write(p)
 
         thread = threading.Thread(target=renew, name="w2s-lease", daemon=True)
         thread.start()
@@ -346,8 +375,8 @@ class RunDir:
         finally:
             stop.set()
             thread.join()
-            if read().get("owner") == me:
-                fs.delete_file(path)
+            for p in paths:
+                release(p)
 
     # --- the store ------------------------------------------------------------------------
 

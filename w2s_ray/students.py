@@ -14,7 +14,6 @@ so they cannot starve it of CPUs. Studies fan out their students through the sam
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Hashable, Iterator
 
@@ -117,12 +116,10 @@ def stage_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
             plan[(None, i)] = (ctx.run.open_stage("ceiling", ctx.keys.ceiling_seed(seed)), None)
     results = {job: r for job, (d, _) in plan.items() if (r := cached_student(d)) is not None}
     todo = [job for job in plan if job not in results]
-    with ExitStack() as held:
+    # the lock protocol per student, in one order for every run (two runs cannot deadlock); a
+    # student another run finished while this one waited is taken from it
+    with ctx.run.locks({plan[job][0] for job in todo}, "student"):
         if todo:
-            # the lock protocol per student, in one order for every run (two runs cannot deadlock);
-            # a student another run finished while this one waited is taken from it
-            for d in sorted({plan[job][0] for job in todo}):
-                held.enter_context(ctx.run.lock(d, "student"))
             results.update({job: r for job in todo if (r := cached_student(plan[job][0])) is not None})
             todo = [job for job in todo if job not in results]
         if results:
