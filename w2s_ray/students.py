@@ -31,7 +31,7 @@ from w2s_ray.results import TEST_LOGP, DataStage, LabelStage, StudentResult, Stu
 from w2s_ray.run import RunContext
 from w2s_ray.student.core import TrainResult
 from w2s_ray.student.recipe import StudentJob, TestSplit, Trained
-from w2s_ray.workers import evaluate_task, student_task
+from w2s_ray.workers import evaluate_task, student_pack_task, student_task
 
 
 class StudentInputs:
@@ -78,6 +78,18 @@ class StudentInputs:
         """Evaluate a student trained across workers (`ray_train.fit_student`), in one task."""
         cpus = job.cfg.resources.num_cpus
         return self.ctx.submit(evaluate_task, job, res, self.test_ref, max(1, int(cpus)), num_cpus=cpus)
+
+    def train_packs(self, packs: dict[Hashable, list[tuple]]) -> Iterator[tuple[Hashable, list[Trained]]]:
+        """Train each pack (`job(*args)` for each member) in one task (`student.pack`); yield
+        `(tag, the members trained)` as each pack finishes."""
+        running = {}
+        for tag, members in packs.items():
+            jobs = [self.job(*args) for args in members]
+            res = jobs[0].cfg.resources
+            running[self.ctx.submit(student_pack_task, jobs, self.test_ref, max(1, int(res.num_cpus)), num_cpus=res.num_cpus,
+                                    num_gpus=res.num_gpus)] = tag
+        for tag, ref in self.ctx.as_completed(running):
+            yield tag, self.ctx.get(ref)
 
     def train_all(self, jobs: dict[Hashable, tuple]) -> Iterator[tuple[Hashable, Trained]]:
         """Train `job(*args)` for every job at once; yield `(tag, trained)` as each finishes."""
@@ -153,7 +165,8 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
                                  {"CPU": "student.resources.num_cpus", "GPU": "student.resources.num_gpus"}, what=per, wait_s=cfg.ray.placement_wait_s)
     inputs = StudentInputs.load(ctx, data, labels, teachers)
     ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
-            f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''})")
+            f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''}"
+            f"{f'; the seeds of each as one pack' if scfg.pack else ''})")
     # a student across several workers takes them all: those run one after another, first
     spread = [job for job in todo if job[0] is not None and scfg.workers > 1]
     alone = [job for job in todo if job not in spread]
@@ -176,6 +189,14 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
 
             res = fit_student(job, data.in_dim, d / "train")
             yield (tgt, i), ctx.get(inputs.evaluate(job, res))
+        if scfg.pack:
+            # the whole pack of a target trains, whichever members are missing: a member's bits
+            # depend on its pack, so one trained again comes out as it was
+            packs = {tgt: [(replicate_cfg(i), tgt, None, None, plan[(tgt, i)][1]) for i in range(scfg.seeds)]
+                     for tgt in dict.fromkeys(tgt for tgt, _ in alone)}
+            for tgt, members in inputs.train_packs(packs):
+                yield from (((tgt, i), out) for i, out in enumerate(members) if (tgt, i) in alone)
+            return
         jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
         yield from inputs.train_all(jobs)
 

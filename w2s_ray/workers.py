@@ -176,6 +176,18 @@ def student_task(job: StudentJob, test: TestSplit, threads: int = 1) -> Trained:
     return recipe.finish(inputs, recipe.train(inputs, device, on_epoch=lambda rec, _: show(rec)), device)
 
 
+def student_pack_task(jobs: list[StudentJob], test: TestSplit, threads: int = 1) -> list[Trained]:
+    """Train and evaluate the students of `jobs` (one target, seeds apart; `student.pack`) as
+    one pack in a Ray task, the labels read once (`recipe.read_pack_inputs`); each member is
+    evaluated alone, as a student trained alone would be."""
+    torch.set_num_threads(max(1, threads))
+    device = gpu_device()
+    inputs = recipe.read_pack_inputs(jobs, test)
+    shows = [epoch_printer(f"{job.name} seed {job.cfg.seed} (pack of {len(jobs)})", job.cfg.epochs) for job in jobs]
+    results = recipe.train_pack(inputs, device, on_epoch=lambda m, rec: shows[m](rec))
+    return [recipe.finish(i, r, device) for i, r in zip(inputs, results)]
+
+
 def evaluate_task(job: StudentJob, res: TrainResult, test: TestSplit, threads: int = 1) -> Trained:
     """Evaluate a student trained elsewhere (across Ray Train workers); runs in a Ray task."""
     torch.set_num_threads(max(1, threads))

@@ -20,7 +20,7 @@ from w2s_ray.config import StudentConfig
 from w2s_ray.labelfiles import LabelSource
 from w2s_ray.packfiles import single_teacher
 from w2s_ray.results import StudentResult, TeacherStage
-from w2s_ray.student.core import (InMemory, TrainResult, fit, holdout_split, in_memory, label_columns, load_student, predict_log, quantile_threshold,
+from w2s_ray.student.core import (InMemory, TrainResult, fit, fit_pack, holdout_split, in_memory, label_columns, load_student, predict_log, quantile_threshold,
                                   row_weights, target_of)
 
 
@@ -85,14 +85,19 @@ class Inputs:
         return self.labels["logt_dual"] if self.job.target is None else self.log_t
 
 
-def read_inputs(job: StudentJob, test: TestSplit | None = None) -> Inputs:
+def read_inputs(job: StudentJob, test: TestSplit | None = None, shared: Inputs | None = None) -> Inputs:
     """Read a student's labels (its target's columns only) and pick its target; `test`: the
-    split it is evaluated on (none for a Ray Train worker, which only trains)."""
+    split it is evaluated on (none for a Ray Train worker, which only trains); `shared`: the
+    inputs of a student on the same target and labels, whose columns and gold labels are reused
+    instead of read again (a pack's members)."""
     cfg = job.cfg
     ceiling = job.target is None
     weighted = cfg.weighting != "none" and not ceiling
-    labels = job.src.read(label_columns(None if job.t is not None else job.target, *(("variance",) if weighted else ())))
-    gold = job.src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
+    if shared is not None:
+        labels, gold = shared.labels, shared.gold
+    else:
+        labels = job.src.read(label_columns(None if job.t is not None else job.target, *(("variance",) if weighted else ())))
+        gold = job.src.gold(labels["id"]) if (ceiling or cfg.selection == "oracle") else None
     loss = None
     if ceiling:
         cfg = cfg.model_copy(update={"rce_weight": 0.0, "weighting": "none"} | ({} if cfg.ceiling_augment else {"augment_shift": 0}))
@@ -117,6 +122,22 @@ def train(inputs: Inputs, device: str = "cpu", on_epoch=None, resume: dict | Non
     x = inputs.labels["x"]
     return fit(inputs.cfg, world, x.shape[1], inputs.job.n_classes, loss=inputs.loss,
                threshold=quantile_threshold(inputs.cfg, inputs.t, world.train_rows), on_epoch=on_epoch, resume=resume)
+
+
+def train_pack(inputs: list[Inputs], device: str = "cpu", on_epoch=None) -> list[TrainResult]:
+    """Fit the students of `inputs` (one target, seeds apart) as one pack (`core.fit_pack`) in
+    one process, each in its own in-memory world."""
+    worlds = [i.world(device) for i in inputs]
+    thresholds = [quantile_threshold(i.cfg, i.t, w.train_rows) for i, w in zip(inputs, worlds)]
+    first = inputs[0]
+    return fit_pack([i.cfg for i in inputs], worlds, first.labels["x"].shape[1], first.job.n_classes, loss=first.loss, thresholds=thresholds,
+                    on_epoch=on_epoch)
+
+
+def read_pack_inputs(jobs: list[StudentJob], test: TestSplit) -> list[Inputs]:
+    """The inputs of a pack's students: the label columns read once for all of them."""
+    first = read_inputs(jobs[0], test)
+    return [first] + [read_inputs(job, test, shared=first) for job in jobs[1:]]
 
 
 @dataclass(frozen=True)
