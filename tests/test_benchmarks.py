@@ -36,7 +36,8 @@ EXPECT = {
     "bench_run.py": ["run from nothing, in a new directory each time", "this checkout: median wall", "median seconds per part: start-up",
                      "first student row: student"],
     "bench_student_pack.py": ["1 process × 1 thread, data in memory, no Ray", "mlp: ratio one at a time / pack =",
-                              "cnn1d: ratio one at a time / pack ="],
+                              "cnn1d: ratio one at a time / pack =", "student stage, mlp, embedded Ray with",
+                              "student stage, cnn1d, embedded Ray with", "(above 1: packs pay)"],
     "bench_pack_sums.py": ["prediction", "through vmap, as before the written-out chain", "same bits: True", "same float64 bits: True",
                            "peak RSS of this process"],
     # (i) the encoders, each beside its reference

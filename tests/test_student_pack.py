@@ -17,6 +17,7 @@ CASES = {
     "mixture, rce 0.3": {"rce_weight": 0.3},
     "adaptive quantile, shifts, weights, oracle": {"loss": "adaptive", "adaptive_quantile": 0.4, "augment_shift": 3, "selection": "oracle"},
     "logistic, weight decay, last": {"model": {"name": "logistic"}, "weight_decay": 0.01, "selection": "last"},
+    "cnn1d": {"model": {"name": "cnn1d", "width": 8, "depth": 2}},
 }
 
 
@@ -54,8 +55,9 @@ def test_a_pack_member_is_its_student_alone_and_the_same_bits_again(case):
 def test_pack_is_refused_where_it_does_not_apply_and_keys_packed_students_apart():
     with pytest.raises(ConfigError, match="student.pack.*student.workers is 2"):
         parse_config({"student": {"pack": True, "workers": 2}})
-    with pytest.raises(ConfigError, match="student.pack: packs are for mlp and logistic students.*'cnn1d'"):
-        parse_config({"student": {"pack": True}})
+    with pytest.raises(ConfigError, match="student.pack: packs are for mlp, logistic and cnn1d students.*'custom_model:TinyNet'"):
+        parse_config({"student": {"pack": True, "model": {"name": "custom_model:TinyNet"}}})
+    parse_config({"student": {"pack": True}})  # the default CNN
     mlp = {"model": {"name": "mlp", "width": 64, "depth": 2}}
     one, packed = StageKeys(parse_config({"student": mlp})), StageKeys(parse_config({"student": mlp | {"pack": True}}))
     assert StageKeys(parse_config({"student": mlp | {"pack": False}})).student("dual_mean") == one.student("dual_mean")
