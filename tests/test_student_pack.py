@@ -64,19 +64,26 @@ def test_pack_is_refused_where_it_does_not_apply_and_keys_packed_students_apart(
     keys = {one.student("dual_mean"), packed.student("dual_mean"), packed.student("dual_mean", seed=1), one.ceiling, packed.ceiling}
     assert len(keys) == 5
     assert one.report != packed.report and StageKeys(parse_config({"student": mlp | {"pack": False}})).report == one.report
-    # a member's key holds its pack: the same seed in a pack of another size is another student
-    bigger = StageKeys(parse_config({"student": mlp | {"pack": True, "seeds": 6}}))
-    assert bigger.student("dual_mean", seed=1) != packed.student("dual_mean", seed=1)
+    # a member's key holds its pack: the same seed in a pack of another size is another student,
+    # in the same pack (more seeds, cut into packs of 5) the same one
+    six = StageKeys(parse_config({"student": mlp | {"pack": True, "seeds": 6}}))
+    assert six.student("dual_mean", seed=1) == packed.student("dual_mean", seed=1)
+    assert StageKeys(parse_config({"student": mlp | {"pack": True, "seeds": 6, "pack_size": 6}})).student("dual_mean", seed=1) != six.student("dual_mean", seed=1)
+    assert StageKeys(parse_config({"student": mlp | {"pack": True, "pack_size": 3}})).student("dual_mean") != packed.student("dual_mean")
+    assert StageKeys(parse_config({"student": mlp | {"pack": True, "pack_size": 9}})).student("dual_mean") == packed.student("dual_mean")  # 5 seeds: one pack of 5
+    assert StageKeys(parse_config({"student": mlp | {"pack_size": 2}})).student("dual_mean") == one.student("dual_mean")  # read with pack only
 
 
 def test_the_stage_trains_packs_and_retrains_a_lost_member_to_the_bit(warm, tmp_path, capfd):
-    """Seeds 3 of two targets and the ceiling as three packs; every replicate saved and
-    reported; one member's manifest gone: its pack trains again and the member comes out the
-    same bits, the others untouched."""
+    """Seeds 3 of two targets and the ceiling in packs of 2 (seeds 0–1 and 2: six packs);
+    every replicate saved and reported; one member's manifest gone: its pack trains again and
+    the member comes out the same bits, the others untouched."""
     warm(tmp_path)  # data, teachers and labels from the session's cache
-    cfg = small_config(tmp_path, student={"seeds": 3, "targets": ["dual_mean", "single"], "pack": True}, posterior={"single_teachers": [0, 1, 2]})
+    cfg = small_config(tmp_path, student={"seeds": 3, "targets": ["dual_mean", "single"], "pack": True, "pack_size": 2},
+                       posterior={"single_teachers": [0, 1, 2]})
     st = run_pipeline(cfg, until="report", executor=InProcess())
-    assert "the seeds of each as one pack" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "seeds in packs of up to 2" in err and "student[dual_mean] seeds 0–1 (a pack): epoch 1/4" in err and "student[dual_mean] seeds 2–2" in err
     reps = st.students.replicates
     assert [r.seed for r in reps["dual_mean"]] == [0, 1, 2] and [r.teacher for r in reps["single"]] == [0, 1, 2]
     assert len(st.students.ceilings) == 3 and len({r.test_acc for r in reps["single"]} | {r.eval.agree_single_test for r in reps["single"]}) > 2

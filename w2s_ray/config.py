@@ -342,6 +342,11 @@ class StudentConfig(Strict):
         "same bits as the students one at a time (batched GEMMs; equal to 1e-5), so packed students have their own cache "
         "keys; a member is the same bits every time its pack is trained again",
     )
+    pack_size: int = Field(
+        5, ge=1, description="with pack: the most students in one pack; a target's seeds are cut into packs of this many, "
+        "in seed order, each pack one task of student.resources. Smaller packs use more CPUs at once (a study run of one "
+        "target and 10 seeds is 2 tasks at 5, 1 task at 10); a member's cache key holds its pack's size and its place in it",
+    )
     resources: StudentResources = Field(default_factory=StudentResources)
 
     @field_validator("model", mode="before")
@@ -356,6 +361,12 @@ class StudentConfig(Strict):
 
 PACK_MODELS = ("mlp", "logistic", "cnn1d")
 """The student models `student.pack` trains as packs (`student.core.fit_pack`)."""
+
+
+def pack_of(s: StudentConfig, replicate: int) -> tuple[int, int]:
+    """The pack of replicate `replicate` (`student.pack`): the replicates [start, stop)."""
+    start = replicate // s.pack_size * s.pack_size
+    return start, min(start + s.pack_size, s.seeds)
 
 
 RAY_ADDRESS = re.compile(r"auto|local|ray://[^\s/:]+(:\d+)?/?|[^\s/:]+:\d+")
@@ -674,6 +685,7 @@ def _student_part(s: StudentConfig, exclude: frozenset[str]) -> dict:
         out.pop("input", None)
     if not out.get("pack"):  # one student a task: every key is what it was before packs existed
         out.pop("pack", None)
+    out.pop("pack_size", None)  # a packed student's key holds its own pack (`StageKeys._pack`)
     if out.get("weighting") == "none":  # without weights, every key is what it was before they existed
         out.pop("weighting", None)
     if out.get("weighting") != "drop_disputed":
@@ -741,16 +753,20 @@ class StageKeys:
 
     def _pack(self, seed: int) -> tuple:
         """A packed student's bits depend on its pack (how many members, and where it sits in
-        it): with `student.pack` that is in its key; without, nothing is added."""
+        it; with its own seed, that names the pack's seeds): with `student.pack` that is in its
+        key; without, nothing is added."""
         s = self.cfg.student
-        return ({"pack_of": s.seeds, "member": seed - s.seed},) if s.pack else ()
+        if not s.pack:
+            return ()
+        start, _ = pack_of(s, seed - s.seed)
+        return ({"pack_of": min(s.pack_size, s.seeds - start), "member": seed - s.seed - start},)
 
     @property
     def report(self) -> str:
         """The whole experiment (not where it runs, nor where it writes): one report per config,
         so two configs sharing `output.name` keep their results apart."""
         s = self.cfg.student
-        unread = ({"input"} if s.workers == 1 else set()) | ({"weighting"} if s.weighting == "none" else set()) | ({"pack"} if not s.pack else set()) | (
+        unread = ({"input"} if s.workers == 1 else set()) | ({"weighting"} if s.weighting == "none" else set()) | ({"pack", "pack_size"} if not s.pack else set()) | (
             {"drop_frac"} if s.weighting != "drop_disputed" else set())  # options at rest leave the key as it was before they existed
         exclude = {"teachers": {"resources"}, "student": {"resources"} | unread, "ray": True, "output": True,
                    "embed": True if self.cfg.embed is None else {"resources"}}  # without embed, the key is what it always was

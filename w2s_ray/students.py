@@ -22,7 +22,7 @@ import torch
 
 from w2s_ray import artifacts
 from w2s_ray.artifacts import fixed_list
-from w2s_ray.config import StudentConfig
+from w2s_ray.config import StudentConfig, pack_of
 from w2s_ray.errors import W2SError
 from w2s_ray.labelfiles import LabelSource
 from w2s_ray.labels import read_test_posterior
@@ -166,7 +166,7 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
     inputs = StudentInputs.load(ctx, data, labels, teachers)
     ctx.log(f"students: training {len(todo)} {scfg.model.name} students (width {scfg.model.width}, depth {scfg.model.depth}; "
             f"{scfg.seeds} seed(s) × {len(scfg.targets)} target(s){' + ceiling' if scfg.ceiling else ''}"
-            f"{f'; the seeds of each as one pack' if scfg.pack else ''})")
+            f"{f'; seeds in packs of up to {scfg.pack_size}' if scfg.pack else ''})")
     # a student across several workers takes them all: those run one after another, first
     spread = [job for job in todo if job[0] is not None and scfg.workers > 1]
     alone = [job for job in todo if job not in spread]
@@ -192,10 +192,10 @@ def train_students(ctx: RunContext, data: DataStage, teachers: TeacherStage, lab
         if scfg.pack:
             # the whole pack of a target trains, whichever members are missing: a member's bits
             # depend on its pack, so one trained again comes out as it was
-            packs = {tgt: [(replicate_cfg(i), tgt, None, None, plan[(tgt, i)][1]) for i in range(scfg.seeds)]
-                     for tgt in dict.fromkeys(tgt for tgt, _ in alone)}
-            for tgt, members in inputs.train_packs(packs):
-                yield from (((tgt, i), out) for i, out in enumerate(members) if (tgt, i) in alone)
+            packs = {(tgt, start): [(replicate_cfg(i), tgt, None, None, plan[(tgt, i)][1]) for i in range(start, stop)]
+                     for tgt, start, stop in dict.fromkeys((tgt, *pack_of(scfg, i)) for tgt, i in alone)}
+            for (tgt, start), members in inputs.train_packs(packs):
+                yield from (((tgt, start + j), out) for j, out in enumerate(members) if (tgt, start + j) in alone)
             return
         jobs = {job: (replicate_cfg(job[1]), job[0], None, None, plan[job][1]) for job in alone}
         yield from inputs.train_all(jobs)

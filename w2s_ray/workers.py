@@ -183,8 +183,15 @@ def student_pack_task(jobs: list[StudentJob], test: TestSplit, threads: int = 1)
     torch.set_num_threads(max(1, threads))
     device = gpu_device()
     inputs = recipe.read_pack_inputs(jobs, test)
-    shows = [epoch_printer(f"{job.name} seed {job.cfg.seed} (pack of {len(jobs)})", job.cfg.epochs) for job in jobs]
-    results = recipe.train_pack(inputs, device, on_epoch=lambda m, rec: shows[m](rec))
+    show = epoch_printer(f"{jobs[0].name} seeds {jobs[0].cfg.seed}–{jobs[-1].cfg.seed} (a pack)", jobs[0].cfg.epochs)
+    shown = [0]
+
+    def on_epoch(m: int, rec: dict) -> None:  # one line per epoch for the pack: its first running member's
+        if rec["epoch"] > shown[0]:
+            shown[0] = rec["epoch"]
+            show(rec)
+
+    results = recipe.train_pack(inputs, device, on_epoch=on_epoch)
     return [recipe.finish(i, r, device) for i, r in zip(inputs, results)]
 
 

@@ -322,9 +322,13 @@ def fit_pack(
     over the stacked tensors (elementwise, so each member has its own moments). Member m runs on
     `worlds[m]` (its seed's held-out slice, batch order, augmentation draws, targets and row
     weights) with `thresholds[m]`, from the initial weights `fit` gives its seed, and has its
-    own record, early stopping and best weights. A member that stops leaves the stack (its
-    parameters and Adam moments), so the others no longer pay for it. Each member's `seconds`
-    is the pack's over S.
+    own record, early stopping and best weights. A member that has stopped keeps stepping with
+    the others until the last one stops: what it returns (its record up to its stop, its best
+    weights) is not changed by those steps, and its bits depend only on its own inputs and its
+    place in a pack of S, never on its pack-mates' values or when they stop (so its cache key
+    needs no more). Taking stopped members out of the stack was tried: no measurable gain on
+    the default run, where members mostly run every epoch, and a member's bits would then
+    depend on when the others stop. Each member's `seconds` is the pack's over S.
 
     Not the same bits as `fit` (batched GEMMs instead of one student's); the same bits each
     time the same pack trains. `on_epoch(m, record)` after each epoch of a running member.
@@ -360,25 +364,21 @@ def fit_pack(
     total_steps = worlds[0].steps_per_epoch * cfg.epochs
 
     def per_member(logits, t, log_t, step, w=None):
-        """Each running member's mean loss `[S']` (row weights `[S', B]` or None)."""
-        s, b = logits.shape[:2]
-        thr = [thresholds[m] for m in running]
-        thr = thr[0] if len(set(thr)) == 1 else torch.tensor(thr, device=logits.device).repeat_interleave(b)
-        rows = student_loss(loss_name, logits.flatten(0, 1), t.flatten(0, 1), log_t.flatten(0, 1), **loss_options(cfg, step, total_steps, thr)).view(s, b)
+        """Each member's mean loss `[S]` (row weights `[S, B]` or None)."""
+        b = logits.shape[1]
+        thr = thresholds[0] if len(set(thresholds)) == 1 else torch.tensor(thresholds, device=logits.device).repeat_interleave(b)
+        rows = student_loss(loss_name, logits.flatten(0, 1), t.flatten(0, 1), log_t.flatten(0, 1), **loss_options(cfg, step, total_steps, thr)).view(S, b)
         return rows.mean(1) if w is None else (rows * w).mean(1)
 
-    def held(m_list):
-        return [torch.stack([getattr(holds[m], a) for m in m_list]) for a in ("x", "t", "log_t", "dual")] + (
-            [torch.stack([holds[m].gold for m in m_list])] if oracle else [None])
-
+    hold_x, hold_t, hold_log_t, hold_dual = (torch.stack([getattr(h, a) for h in holds]) for a in ("x", "t", "log_t", "dual"))
+    hold_gold = torch.stack([h.gold for h in holds]) if oracle else None
     best_score, best_state, best_epoch, bad = [float("inf")] * S, [None] * S, [0] * S, [0] * S
     history: list[list[dict]] = [[] for _ in range(S)]
-    running = list(range(S))  # the members still training, in the order of the stacked tensors
-    hold_x, hold_t, hold_log_t, hold_dual, hold_gold = held(running)
+    running = list(range(S))
     step = 0
     for epoch in range(1, cfg.epochs + 1):
-        total, seen = torch.zeros(len(running), dtype=torch.float64), 0
-        for parts in zip(*(worlds[m].batches(epoch) for m in running)):
+        total, seen = torch.zeros(S, dtype=torch.float64), 0
+        for parts in zip(*(w.batches(epoch) for w in worlds)):
             xb, tb, log_tb = (torch.stack([p[i] for p in parts]) for i in range(3))
             wb = None if parts[0][3] is None else torch.stack([p[3] for p in parts])
             opt.zero_grad(set_to_none=True)
@@ -394,16 +394,15 @@ def fit_pack(
             agreement = (logits.argmax(-1) == hold_t.argmax(-1)).float().mean(1)
             teacher_ce = -(hold_dual * log_softmax(logits)).sum(-1).mean(1)
             gold_acc = (logits.argmax(-1) == hold_gold).float().mean(1) if oracle else None
-        stopped = []
-        for j, m in enumerate(running):
-            rec = {"epoch": epoch, "train_loss": float(total[j]) / max(seen, 1), "holdout_loss": float(hold_loss[j]),
-                   "holdout_agreement": float(agreement[j]), "val_teacher_ce": float(teacher_ce[j])}
+        for m in list(running):
+            rec = {"epoch": epoch, "train_loss": float(total[m]) / max(seen, 1), "holdout_loss": float(hold_loss[m]),
+                   "holdout_agreement": float(agreement[m]), "val_teacher_ce": float(teacher_ce[m])}
             if oracle:
-                rec["holdout_gold_acc"] = float(gold_acc[j])
+                rec["holdout_gold_acc"] = float(gold_acc[m])
             score = -rec["holdout_gold_acc"] if oracle else rec["holdout_loss"]
             if cfg.selection == "last" or score < best_score[m] - 1e-6:
                 best_score[m], best_epoch[m], bad[m] = score, epoch, 0
-                best_state[m] = {k: v[j].detach().cpu().clone() for k, v in params.items()}
+                best_state[m] = {k: v[m].detach().cpu().clone() for k, v in params.items()}
             else:
                 bad[m] += 1
             rec["best_epoch"] = best_epoch[m]
@@ -411,30 +410,12 @@ def fit_pack(
             if on_epoch is not None:
                 on_epoch(m, rec)
             if bad[m] >= cfg.patience:
-                stopped.append(m)
-        if stopped:
-            # the members that stopped leave the stack (their parameters and Adam moments): the
-            # others stop paying for them
-            keep = [j for j, m in enumerate(running) if m not in stopped]
-            running = [running[j] for j in keep]
-            if not running:
-                break
-            params, opt = _keep_members(params, opt, keep, cfg)
-            hold_x, hold_t, hold_log_t, hold_dual, hold_gold = held(running)
+                running.remove(m)
+        if not running:
+            break
     n_params = count_params(models[0])
     seconds = (time.perf_counter() - t0) / S
     return [TrainResult(best_state[m], best_epoch[m], len(history[m]), n_params, seconds, history[m]) for m in range(S)]
-
-
-def _keep_members(params: dict[str, torch.Tensor], opt: Adam, keep: list[int], cfg: StudentConfig) -> tuple[dict[str, torch.Tensor], Adam]:
-    """A pack's stacked parameters and Adam state cut to the members at positions `keep` (Adam's
-    update is elementwise: a member's moments and step are its own slices)."""
-    idx = torch.tensor(keep)
-    new = {k: v.detach()[idx.to(v.device)].clone().requires_grad_() for k, v in params.items()}
-    out = Adam(list(new.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=opt.foreach)
-    for i, st in opt.state.items():
-        out.state[i] = {"step": st["step"].clone()} | {k: st[k][idx.to(st[k].device)].clone() for k in ("exp_avg", "exp_avg_sq")}
-    return new, out
 
 
 def train_student(cfg: StudentConfig, x: torch.Tensor, t: torch.Tensor, log_t: torch.Tensor, n_classes: int, *, loss: str | None = None,
