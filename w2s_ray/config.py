@@ -335,8 +335,9 @@ class StudentConfig(Strict):
         "order; every selection rule). Not read with workers: 1",
     )
     pack: bool = Field(
-        False, description="train the seeds of each target (and of the ceiling) as one pack in one task: stacked parameters, "
-        "one vmapped step, each member with its own seed, batch order, early stopping and best weights (the teachers' trick). "
+        False, description="train the seeds of each target (and of the ceiling) in packs of up to pack_size, one task a pack: "
+        "stacked parameters, one vmapped step, each member with its own seed, batch order, early stopping and best weights "
+        "(the teachers' trick). "
         "Built-in models (mlp, logistic, cnn1d), workers: 1. Measured on a 2-core CPU, the default run's student stage: "
         "1.74x faster for MLP 64 x 2 students, 1.44x for the default CNN (benchmarks/bench_student_pack.py --stage). Not the "
         "same bits as the students one at a time (batched GEMMs; equal to 1e-5), so packed students have their own cache "
