@@ -69,10 +69,12 @@ class StudentInputs:
             single = (self.teachers, teacher)
         return StudentJob(scfg, target, self.src, self.n_classes, single, t, log_t)
 
-    def submit(self, job: StudentJob):
-        """Start one student task."""
-        res = job.cfg.resources
-        return self.ctx.submit(student_task, job, self.test_ref, max(1, int(res.num_cpus)), num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+    def submit(self, job: StudentJob | list[StudentJob]):
+        """Start one student task, or one pack task for a list of jobs (`student.pack`), with the
+        students' resources."""
+        res = (job[0] if isinstance(job, list) else job).cfg.resources
+        task = student_pack_task if isinstance(job, list) else student_task
+        return self.ctx.submit(task, job, self.test_ref, max(1, int(res.num_cpus)), num_cpus=res.num_cpus, num_gpus=res.num_gpus)
 
     def evaluate(self, job: StudentJob, res: TrainResult) -> Any:
         """Evaluate a student trained across workers (`ray_train.fit_student`), in one task."""
@@ -82,12 +84,7 @@ class StudentInputs:
     def train_packs(self, packs: dict[Hashable, list[tuple]]) -> Iterator[tuple[Hashable, list[Trained]]]:
         """Train each pack (`job(*args)` for each member) in one task (`student.pack`); yield
         `(tag, the members trained)` as each pack finishes."""
-        running = {}
-        for tag, members in packs.items():
-            jobs = [self.job(*args) for args in members]
-            res = jobs[0].cfg.resources
-            running[self.ctx.submit(student_pack_task, jobs, self.test_ref, max(1, int(res.num_cpus)), num_cpus=res.num_cpus,
-                                    num_gpus=res.num_gpus)] = tag
+        running = {self.submit([self.job(*args) for args in members]): tag for tag, members in packs.items()}
         for tag, ref in self.ctx.as_completed(running):
             yield tag, self.ctx.get(ref)
 
