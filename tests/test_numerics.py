@@ -31,6 +31,27 @@ def test_workers_start_with_the_pins(ray_session):
         assert env == numerics.PINS and capability == "AVX2"
 
 
+def test_the_setup_hook_pins_torch_when_it_is_imported_not_before(ray_session):
+    """Most of a job's Ray workers never use torch (the idle ones Ray prestarts, Ray Train's and
+    Ray Data's own actors) and an import costs about 2 s of CPU: the hook pins torch's settings
+    when torch is imported (`w2s_ray.worker_setup`). A fresh worker (a runtime environment of its
+    own, the job's hook inherited) has no torch after the hook ran; in a fresh process, whichever
+    of torch's modules comes first, oneDNN is off once it is loaded, and a second call changes nothing."""
+    import uuid
+
+    import ray
+
+    @ray.remote
+    def loaded():
+        return "torch" in sys.modules
+
+    assert ray.get(loaded.options(runtime_env={"env_vars": {"W2S_TEST_FRESH": uuid.uuid4().hex}}).remote()) is False
+    code = ("import sys\nfrom w2s_ray import worker_setup\nworker_setup.setup_process(); worker_setup.setup_process()\n"
+            "assert 'torch' not in sys.modules\nimport torch.nn.functional\nimport torch\nprint(torch.backends.mkldnn.enabled)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 def test_the_numerics_are_part_of_every_trained_result_key(tmp_path, monkeypatch):
     from w2s_ray import numerics
     from w2s_ray.config import StageKeys
