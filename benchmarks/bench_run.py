@@ -1,6 +1,9 @@
 """A run from nothing, as a user starts it: `w2s-ray run` (or `w2s-ray study claims`) in a new,
 empty directory, its own embedded Ray on every core, timed from the command's start to its exit,
-with the time of each stage read from the progress lines on stderr.
+with the time of each stage read from the progress lines on stderr, and the CPU-seconds the
+whole machine spent meanwhile (`/proc/stat`, Linux; the command's Ray processes included, which
+a child's rusage misses once Ray's daemons are reparented): on 2 cores a run's wall hides work
+its start-up overlaps, the CPU-seconds do not. Run it on an otherwise idle machine.
 
 `--baseline DIR` runs another checkout of w2s-ray (e.g. a `git worktree` of an earlier commit)
 the same way, with `PYTHONPATH=DIR` for the command and its Ray workers, interleaved with this
@@ -30,6 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "teachers", "labels", "students")
 
 
+def machine_cpu_s() -> float | None:
+    """CPU-seconds this machine has spent busy since boot (user, nice, system, irq, softirq,
+    steal from /proc/stat), or None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = None) -> dict:
     """One command from nothing in a new directory (`keep`, left in place, if given): wall time,
     the seconds between the stage progress lines, and the first student row of the result."""
@@ -40,7 +53,7 @@ def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = N
         cwd = tmp if keep is None else keep
         if keep is not None:
             keep.mkdir(parents=True)
-        t0 = time.perf_counter()
+        cpu0, t0 = machine_cpu_s(), time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         marks: dict[str, float] = {}
         err: list[str] = []
@@ -62,7 +75,7 @@ def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = N
         out = proc.stdout.read()
         proc.wait()
         reader.join()
-        wall = time.perf_counter() - t0
+        wall, cpu1 = time.perf_counter() - t0, machine_cpu_s()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv)} in {checkout} exited {proc.returncode}:\n{''.join(err)[-3000:]}")
     points = [("start", 0.0)] + sorted(((k, v) for k, v in marks.items() if k in STAGES), key=lambda kv: kv[1])
@@ -73,7 +86,7 @@ def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = N
     parts["exit"] = wall - points[-1][1]
     rows = [ln.strip() for ln in out.splitlines() if ln.strip()]
     first = next((ln for ln in rows if ln.startswith("student")), rows[0] if rows else "")
-    return {"wall": wall, "parts": parts, "first": first}
+    return {"wall": wall, "cpu": None if cpu0 is None else cpu1 - cpu0, "parts": parts, "first": first}
 
 
 def main() -> None:
@@ -98,14 +111,19 @@ def main() -> None:
             r = timed_run(argv, path, sets, keep)
             runs[name].append(r)
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items())
-            print(f"  rep {rep + 1} {name} ({path}): {r['wall']:.1f} s  [{parts}]  first student row: {r['first'][:90]}", flush=True)
+            cpu = "" if r["cpu"] is None else f", {r['cpu']:.1f} CPU-s"
+            print(f"  rep {rep + 1} {name} ({path}): {r['wall']:.1f} s{cpu}  [{parts}]  first student row: {r['first'][:90]}", flush=True)
     med = {name: statistics.median(r["wall"] for r in rs) for name, rs in runs.items()}
     for name, rs in runs.items():
         keys = list(rs[0]["parts"])
         parts = ", ".join(f"{k} {statistics.median(r['parts'].get(k, 0.0) for r in rs):.1f}" for k in keys)
-        print(f"{name}: median wall {med[name]:.1f} s over {len(rs)} rep(s); median seconds per part: {parts}")
+        cpu = "" if rs[0]["cpu"] is None else f", median machine CPU {statistics.median(r['cpu'] for r in rs):.1f} CPU-s"
+        print(f"{name}: median wall {med[name]:.1f} s{cpu} over {len(rs)} rep(s); median seconds per part: {parts}")
     if args.baseline:
         print(f"ratio baseline / this checkout (median walls): {med['baseline'] / med['this checkout']:.2f}x")
+        if runs["baseline"][0]["cpu"] is not None:
+            cpus = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
+            print(f"ratio baseline / this checkout (median machine CPU-seconds): {cpus['baseline'] / cpus['this checkout']:.2f}x")
 
 
 if __name__ == "__main__":

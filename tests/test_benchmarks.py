@@ -33,7 +33,7 @@ EXPECT = {
     "bench_mnist1d.py": ["Ray tasks on", "package make_dataset loop", "ratio project / package"],
     "bench_tune.py": ["Tune grid: 2 trials", "sequential, one process, no Ray: 2 trainings", "ratio Tune wall / sequential wall"],
     "bench_storage.py": ["local path", "file://", "s3:// (moto)", "a rerun with an empty local copy"],
-    "bench_run.py": ["run from nothing, in a new directory each time", "this checkout: median wall", "median seconds per part: start-up",
+    "bench_run.py": ["run from nothing, in a new directory each time", "this checkout: median wall", "median machine CPU", "median seconds per part: start-up",
                      "first student row: student"],
     "bench_student_pack.py": ["1 process × 1 thread, data in memory, no Ray", "mlp: ratio one at a time / pack =",
                               "cnn1d: ratio one at a time / pack =", "student stage, mlp, embedded Ray with",
