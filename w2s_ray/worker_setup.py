@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 from types import ModuleType
@@ -26,6 +27,12 @@ def _pin(torch: ModuleType) -> None:
     """oneDNN off: convolutions as im2col + MKL GEMM, which `MKL_CBWR` pins, instead of kernels
     oneDNN picks per CPU (measured in `w2s_ray.numerics`)."""
     importlib.import_module("torch.backends.mkldnn").enabled = False
+
+
+def _own_loader(spec) -> bool:
+    """Whether the spec's loader is its own object (a package from source files: the path
+    finder makes one per module), so that wrapping its `exec_module` touches nothing else."""
+    return type(spec.loader) is importlib.machinery.SourceFileLoader
 
 
 class _PinOnImport(importlib.abc.MetaPathFinder):
@@ -38,7 +45,7 @@ class _PinOnImport(importlib.abc.MetaPathFinder):
         if self in sys.meta_path:
             sys.meta_path.remove(self)  # once, and not for the lookup just below
         spec = importlib.util.find_spec("torch")
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        if spec is None or not _own_loader(spec):
             return spec
         load = spec.loader.exec_module
 
@@ -54,5 +61,9 @@ def setup_process() -> None:
     """Pin torch's settings in this process: now if torch is loaded, else as soon as it is."""
     if "torch" in sys.modules:
         _pin(sys.modules["torch"])
-    elif not any(isinstance(f, _PinOnImport) for f in sys.meta_path):
+    elif any(isinstance(f, _PinOnImport) for f in sys.meta_path):
+        return
+    elif _own_loader(importlib.util.find_spec("torch")):
         sys.meta_path.insert(0, _PinOnImport())
+    else:  # torch from a zip or a custom loader: imported and pinned now, as before
+        _pin(importlib.import_module("torch"))
