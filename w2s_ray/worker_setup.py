@@ -23,7 +23,7 @@ import sys
 from types import ModuleType
 
 
-def _pin(torch: ModuleType) -> None:
+def _pin() -> None:
     """oneDNN off: convolutions as im2col + MKL GEMM, which `MKL_CBWR` pins, instead of kernels
     oneDNN picks per CPU (measured in `w2s_ray.numerics`)."""
     importlib.import_module("torch.backends.mkldnn").enabled = False
@@ -32,12 +32,12 @@ def _pin(torch: ModuleType) -> None:
 def _own_loader(spec) -> bool:
     """Whether the spec's loader is its own object (a package from source files: the path
     finder makes one per module), so that wrapping its `exec_module` touches nothing else."""
-    return type(spec.loader) is importlib.machinery.SourceFileLoader
+    return spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader
 
 
 class _PinOnImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: the first time `torch` is imported it lets the import machinery load
-    it as it would, then calls `_pin` on it before the importer gets it back."""
+    it as it would, then calls `_pin` before the importer gets it back."""
 
     def find_spec(self, name, path, target=None):
         if name != "torch":
@@ -45,13 +45,13 @@ class _PinOnImport(importlib.abc.MetaPathFinder):
         if self in sys.meta_path:
             sys.meta_path.remove(self)  # once, and not for the lookup just below
         spec = importlib.util.find_spec("torch")
-        if spec is None or not _own_loader(spec):
+        if not _own_loader(spec):
             return spec
         load = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             load(module)
-            _pin(module)
+            _pin()
 
         spec.loader.exec_module = exec_module  # this spec's own loader object: nothing else changes
         return spec
@@ -60,10 +60,10 @@ class _PinOnImport(importlib.abc.MetaPathFinder):
 def setup_process() -> None:
     """Pin torch's settings in this process: now if torch is loaded, else as soon as it is."""
     if "torch" in sys.modules:
-        _pin(sys.modules["torch"])
+        _pin()
     elif any(isinstance(f, _PinOnImport) for f in sys.meta_path):
         return
     elif _own_loader(importlib.util.find_spec("torch")):
         sys.meta_path.insert(0, _PinOnImport())
     else:  # torch from a zip or a custom loader: imported and pinned now, as before
-        _pin(importlib.import_module("torch"))
+        _pin()
