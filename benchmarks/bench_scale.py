@@ -11,8 +11,12 @@ not its workers'), the object store's peak use per stage (every node's plasma by
 twice a second; the sum over the run of what was created in it, and what was spilled) and the
 bytes each stage wrote.
 
-`--ks` (teacher and labels stages on the default data): driver memory vs K and what each
-`keep_predictions` setting writes.
+`--ks` (teacher and labels stages on the default data): driver memory vs K, what each
+`keep_predictions` setting writes, and the driver's checks as the teacher stage ends, timed both
+ways on the stage just written (page cache warm, medians of 3): every pack's files hashed again
+(before 2026-12-07) against sizes only for the packs the stage's workers had just sealed
+(`teachers.read_finished_pack`), and the manifest hashing every file against taking a sealed
+file's checksum from its seal (`artifacts.sealed_files`).
 
     python benchmarks/bench_scale.py --ns 100000 1000000 [--k 256] [--run-root DIR]
     python benchmarks/bench_scale.py --ks 64 256 1024 [--keep all none]
@@ -146,9 +150,34 @@ def end_to_end(args: tuple[str, int, int, int, int], queue) -> None:
     queue.put((n, k, walls, rss, store, totals, written, read))
 
 
+def driver_checks(run, stage: Path, keep: str, reps: int = 3) -> dict[str, float]:
+    """Milliseconds (medians of `reps`) of the driver's work as a finished teacher stage ends,
+    the former way and the present way, on the same files."""
+    import statistics
+
+    from w2s_ray import artifacts
+    from w2s_ray.teachers import finished_packs
+
+    fresh = frozenset(int(p.stem.split("-")[1]) for p in (stage / "packs").glob("pack-*.parquet"))
+    ways = {
+        "packs rehashed": lambda: finished_packs(run, stage, keep=keep),
+        "packs sized": lambda: finished_packs(run, stage, keep=keep, fresh=fresh),
+        "manifest rehashed": lambda: artifacts.build_manifest(stage, "k"),
+        "manifest from seals": lambda: artifacts.build_manifest(stage, "k", known=artifacts.sealed_files(stage)),
+    }
+    out: dict[str, list[float]] = {w: [] for w in ways}
+    for _ in range(reps):
+        for w, fn in ways.items():
+            t0 = time.perf_counter()
+            fn()
+            out[w].append(1000 * (time.perf_counter() - t0))
+    return {w: statistics.median(ts) for w, ts in out.items()}
+
+
 def teachers_and_labels(args: tuple[str, int, str, dict], queue) -> None:
     from w2s_ray.config import load_config
     from w2s_ray.pipeline import run_pipeline
+    from w2s_ray.storage import RunDir
 
     root, k, keep, extra = args
     t0 = time.perf_counter()
@@ -157,7 +186,9 @@ def teachers_and_labels(args: tuple[str, int, str, dict], queue) -> None:
     if k == 0:
         queue.put(None)
         return
-    queue.put((k, keep, time.perf_counter() - t0, peak_mb(), du(st.teachers.dir)))
+    wall, rss = time.perf_counter() - t0, peak_mb()
+    checks = driver_checks(RunDir.open(root, "scale"), st.teachers.dir, keep)
+    queue.put((k, keep, wall, rss, du(st.teachers.dir), checks))
 
 
 def child(fn, args, ctx, queue):
@@ -204,11 +235,13 @@ def main() -> None:
     if a.ks:
         if not a.smoke:  # the data, cached for the others (in smoke mode the first K builds it: a Ray start less)
             child(teachers_and_labels, (root, 0, "all", extra), ctx, queue)
-        print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17}")
+        print(f"{'K':>6} {'keep':>7} {'wall s':>8} {'driver peak RSS MB':>19} {'teacher stage MB':>17} | the driver's end-of-stage checks, "
+              "ms: packs rehashed / sized; manifest rehashed / from seals")
         for k in a.ks:
             for keep in a.keep:
-                k_, keep_, wall, rss, mb = child(teachers_and_labels, (root, k, keep, extra), ctx, queue)
-                print(f"{k_:>6} {keep_:>7} {wall:>8.1f} {rss:>19,.0f} {mb:>17,.1f}", flush=True)
+                k_, keep_, wall, rss, mb, ms = child(teachers_and_labels, (root, k, keep, extra), ctx, queue)
+                print(f"{k_:>6} {keep_:>7} {wall:>8.1f} {rss:>19,.0f} {mb:>17,.1f} | {ms['packs rehashed']:,.1f} / {ms['packs sized']:,.1f}; "
+                      f"{ms['manifest rehashed']:,.1f} / {ms['manifest from seals']:,.1f}", flush=True)
 
 
 if __name__ == "__main__":

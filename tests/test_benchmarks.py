@@ -46,7 +46,8 @@ EXPECT = {
     "bench_student_workers.py": ["student stage, MLP 64 x 2 on the dual mean", "workers: 1 ", "workers: 2, input: stream",
                                  "ratio workers: 1 / this ="],
     "bench_memory.py": ["K=    4: peak RSS", "K=    8: peak RSS"],
-    "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor "],
+    "bench_scale.py": ["object store peak MB per stage", "driver peak RSS MB", "worker peak RSS MB (VmHWM): pack actor ",
+                       "the driver's end-of-stage checks, ms: packs rehashed / sized; manifest rehashed / from seals"],
     # (g) the pinned student path and the MKL_CBWR teacher path give the same bits on both
     # emulated CPUs; the default paths are reported either way
     "bench_determinism.py": ["student  pinned     native vs avx2 CPU: bitwise identical",

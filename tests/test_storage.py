@@ -246,6 +246,30 @@ def test_a_damaged_manifest_or_seal_reads_as_incomplete(tmp_path):
     assert artifacts.read_manifest(d) is None
 
 
+def test_a_manifest_holds_what_the_writer_sealed_not_what_is_on_disk_now(tmp_path):
+    """`write_manifest` records a sealed file as its writer recorded it (`artifacts.sealed_files`),
+    without hashing it again: a file damaged after its seal, same size or truncated, fails the
+    manifest's next check instead of being signed as good, and passes once it is what its
+    writer wrote. A file no seal lists is hashed. `check_seal(verify=False)` checks sizes only."""
+    run = RunDir.open(str(tmp_path), "r")
+    d = run.stage("labels", "abc")
+    part = run.write_text(d / "parts" / "part-0.parquet", "rows of a part")
+    run.seal(d, "part-0", [part])
+    other = run.write_text(d / "posterior.json", "{}")
+    sealed = artifacts.read_json(d / "seals" / "part-0.json")["files"]["parts/part-0.parquet"]
+    part.write_text("rows of a PART")  # same size
+    assert artifacts.check_seal(d, "part-0", verify=False) is None and "sha256" in artifacts.check_seal(d, "part-0")
+    manifest = run.write_manifest(d, "abc")
+    assert manifest["files"]["parts/part-0.parquet"] == sealed
+    assert manifest["files"]["posterior.json"] == {"bytes": 2, "sha256": artifacts.sha256_file(other)}
+    assert artifacts.read_manifest(d) is None
+    part.write_text("rows of a part")
+    assert artifacts.read_manifest(d) is not None
+    part.write_text("rows")  # truncated
+    run.write_manifest(d, "abc")
+    assert artifacts.read_manifest(d) is None and "bytes" in artifacts.check_seal(d, "part-0", verify=False)
+
+
 def test_a_stage_file_neither_here_nor_in_the_store_is_one_error_that_names_it(tmp_path):
     """`RunDir.need` / `read_table` / `read_json`: the file, fetched from the store when only the
     store has it; otherwise one error type (a W2SError, so the CLI prints it in one line) that

@@ -183,8 +183,9 @@ class RunDir:
         return path
 
     def write_manifest(self, directory: Path, key: str, **extra: Any) -> dict:
-        """Last write of a stage: its files' sizes and checksums; marks it complete."""
-        manifest = artifacts.build_manifest(directory, key, **extra)
+        """Last write of a stage: its files' sizes and checksums; marks it complete. A file a
+        seal of the stage lists gets the checksum its writer recorded (`artifacts.sealed_files`)."""
+        manifest = artifacts.build_manifest(directory, key, known=artifacts.sealed_files(directory), **extra)
         self.write_json(directory / artifacts.MANIFEST, manifest)
         return manifest
 

@@ -77,12 +77,18 @@ def actor_starter(ctx: RunContext, res: TeacherResources):
 # --- on-disk layout ------------------------------------------------------------------------
 
 
-def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table:
+def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = None, keep: str = "all",
+                       fresh: frozenset[int] = frozenset()) -> pa.Table:
     """A finished pack's metadata row, after checking that its files match the checksums its
     worker recorded (`artifacts.check_seal`: a same-size damaged file still parses) and hold
-    the right number of rows (`n_rows` examples per split, when known)."""
+    the right number of rows (`n_rows` examples per split, when known). A pack in `fresh`, one
+    this stage's workers wrote and sealed during this call, is held to its seal's sizes only:
+    the stage's manifest takes its checksums from the seal, so the manifest's next check (any
+    later run that uses the stage) still hashes every byte, while the driver does not hash
+    the ensemble once more as it ends (measured: 2.5 s of a 28 s stage of 256 teachers whose
+    predictions on 300,000 rows are 3.3 GB; 35 ms of the 0.87 s stage of `bench_teachers.py`)."""
     pack = int(meta.stem.split("-")[1])
-    if (why := artifacts.check_seal(stage, pack_unit(pack))) is not None:
+    if (why := artifacts.check_seal(stage, pack_unit(pack), verify=pack not in fresh)) is not None:
         raise ValueError(why)
     table = pq.read_table(meta)
     ids = table["teacher_id"].to_numpy()
@@ -95,14 +101,15 @@ def read_finished_pack(stage: Path, meta: Path, n_rows: dict[str, int] | None = 
     return table
 
 
-def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None, keep: str = "all") -> pa.Table | None:
+def finished_packs(run: RunDir, stage: Path, n_rows: dict[str, int] | None = None, keep: str = "all",
+                   fresh: frozenset[int] = frozenset()) -> pa.Table | None:
     """The finished packs' metadata. A pack whose files are damaged (changed since its worker
     sealed them, truncated, the wrong size, missing) is removed, here and in the store, so that
-    it is trained again."""
+    it is trained again. `fresh`: packs sealed during this call (`read_finished_pack`)."""
     tables = []
     for meta in sorted((stage / "packs").glob("pack-*.parquet")):
         try:
-            tables.append(read_finished_pack(stage, meta, n_rows, keep))
+            tables.append(read_finished_pack(stage, meta, n_rows, keep, fresh))
         except Exception as err:  # pyarrow raises several kinds for a damaged file
             pack = int(meta.stem.split("-")[1])
             sys.stderr.write(f"teachers: pack {pack} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); it is trained again\n")
@@ -191,6 +198,7 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
                                  what="one teacher actor", wait_s=ctx.cfg.ray.placement_wait_s)
     n_actors = default_num_actors(res, ctx.executor.resources(), ctx.lanes)
     packs = plan_packs(todo, n_actors, res.max_pack_size)
+    fresh: set[int] = set()  # the packs this call's workers wrote and sealed
     if packs:
         cfg_json = tcfg.model_dump(mode="json")
         key, start = actor_starter(ctx, res)
@@ -227,9 +235,10 @@ def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str
                 # the worker wrote the pack; a worker on another node published it to the store
                 for f in (meta_path(stage, p), *(sums_path(stage, split, p) for split in PRED_SPLITS)):
                     ctx.run.need(f, f"teachers: pack {p} (finished on {result['node']})")
+                fresh.add(p)
                 bar.update(len(result["teacher_ids"]), f"{time.perf_counter() - t0:.1f}s")
                 if queue:
                     submit(actor)
-    table = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions).sort_by("teacher_id")
+    table = finished_packs(ctx.run, stage, n_rows, tcfg.keep_predictions, frozenset(fresh)).sort_by("teacher_id")
     check_teacher_ids(table, stage)
     return table
