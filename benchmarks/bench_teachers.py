@@ -15,7 +15,9 @@ teacher). The references, each printed with its layout:
 The Ray path is timed twice: with the run's actor pool reused (a study), and with actors
 started inside the timing (a one-off `w2s-ray teachers`). Beside them, for MLP teachers of
 depth 1 (the default), the GEMM-only bound of a pack step (`gemm_bound`): the gather, the five
-batched matmuls and a fused Adam alone, on this CPU. The bare pack's rate includes its
+batched matmuls and a fused Adam alone, on this CPU; the pack step alone is timed against it in
+rounds (bound, step, autograd step; `--reps` rounds), and its ratio is the median of the rounds'
+ratios. The bare pack's rate includes its
 predictions on the transfer and test splits; the bound only steps, so their ratio understates
 the step's own efficiency.
 
@@ -197,9 +199,20 @@ def main() -> None:
         bound = {}
         if tc.model.name == "mlp" and tc.model.depth == 1:
             shapes = (a.k, data["x_weak"].shape[1], tc.model.width, c, tc.batch_size, cfg.data.n_weak)
-            bound = {th: gemm_bound(*shapes, th, seconds=0.2 if a.smoke else 2.0) for th in sorted({1, n_cpus})}
+            secs = 0.2 if a.smoke else 2.0
+            bound = {th: gemm_bound(*shapes, th, seconds=secs) for th in sorted({1, n_cpus}) if th != 1}
+            # the 1-thread bound and the pack steps alternate, a round at a time, and each
+            # round gives its own ratio: this machine's speed drifts by 2x over minutes (the
+            # bound 50k teacher-steps/s one day, 17-29k the next), and its GEMMs more than the
+            # step's other work, so a bound and a step timed minutes apart do not make a ratio
             step_epochs = 1 if a.smoke else 10
-            steps_alone = {ag: statistics.median(step_rate(tc, xw, yw, c, 1, ag, step_epochs) for _ in range(a.reps)) for ag in (False, True)}
+            rounds = []
+            for _ in range(a.reps):
+                rounds.append({"bound": gemm_bound(*shapes, 1, seconds=secs),
+                               **{ag: step_rate(tc, xw, yw, c, 1, ag, step_epochs) for ag in (False, True)}})
+            bound[1] = statistics.median(r["bound"] for r in rounds)
+            steps_alone = {ag: statistics.median(r[ag] for r in rounds) for ag in (False, True)}
+            step_ratios = {ag: [r[ag] / r["bound"] for r in rounds] for ag in (False, True)}
     best_threads = max(one, key=lambda th: one[th][0])
     r_one = one[best_threads][0]
 
@@ -217,14 +230,17 @@ def main() -> None:
     if bound:
         # n_actors single-thread processes at best reach n_actors × one thread's bound
         best_bound = max(max(bound.values()), bound[1] * n_actors)
-        for th, r in bound.items():
+        for th, r in sorted(bound.items()):
             print(f"GEMM-only bound, 1 process × {th} thread(s)   {r:>12,.0f} teacher-steps/s  (gather + 5 bmm + fused Adam, pack of {a.k})")
         print(f"GEMM-only bound, {n_actors} process(es) × 1 thread  {bound[1] * n_actors:>12,.0f} teacher-steps/s  (ideal: {n_actors} × one thread's)")
         print(f"ratio fairest bare pack / GEMM-only bound = {fair / best_bound:.2f}x   (its predictions included)")
         for ag, r in steps_alone.items():
             how = "vmap + autograd (the former step)" if ag else "the written-out chain"
-            print(f"pack step alone, 1 process × 1 thread, {how}: {r:,.0f} teacher-steps/s = {r / bound[1]:.2f}x the 1-thread bound")
-        print(f"ratio pack step / GEMM-only bound         = {steps_alone[False] / bound[1]:.2f}x   (1 thread, training only; goal >= 0.6 at K = 64)")
+            each = ", ".join(f"{x:.2f}" for x in step_ratios[ag])
+            print(f"pack step alone, 1 process × 1 thread, {how}: {r:,.0f} teacher-steps/s = "
+                  f"{statistics.median(step_ratios[ag]):.2f}x the 1-thread bound (median of the rounds' ratios: {each})")
+        print(f"ratio pack step / GEMM-only bound         = {statistics.median(step_ratios[False]):.2f}x   "
+              f"(1 thread, training only, {len(rounds)} rounds of bound and step alternated; goal >= 0.6 at K = 64)")
     else:
         print(f"GEMM-only bound: computed for MLP teachers of depth 1 only (these are {tc.model.name}, depth {tc.model.depth})")
     print(f"ratio Ray (pool) / fairest bare pack     = {r_ray / fair:.2f}x   (target >= 0.8 at K = 64, >= 0.9 at K >= 256)")
