@@ -202,9 +202,9 @@ def main() -> None:
             secs = 0.2 if a.smoke else 2.0
             bound = {th: gemm_bound(*shapes, th, seconds=secs) for th in sorted({1, n_cpus}) if th != 1}
             # the 1-thread bound and the pack steps alternate, a round at a time, and each
-            # round gives its own ratio: this machine's speed drifts by 2x over minutes (the
-            # bound 50k teacher-steps/s one day, 17-29k the next), and its GEMMs more than the
-            # step's other work, so a bound and a step timed minutes apart do not make a ratio
+            # round gives its own ratio: this machine's speed drifts over minutes and halved
+            # from one day to the next (the bound 50k teacher-steps/s, then 17-29k), its GEMMs
+            # more than the step's other work, so a bound and a step timed apart make no ratio
             step_epochs = 1 if a.smoke else 10
             rounds = []
             for _ in range(a.reps):
