@@ -34,5 +34,25 @@ def start_ray(num_cpus: int | None = None) -> None:
     init_ray(RayConfig(num_cpus=num_cpus or os.cpu_count()))
 
 
+def wait_quiet(busy: float = 0.15, window: float = 0.5, limit: float = 30.0) -> float:
+    """Wait until the whole machine's CPUs are busy less than `busy` of a `window` (a stopped
+    Ray's processes take seconds to exit), at most `limit` seconds; the seconds waited. Linux
+    (/proc/stat); elsewhere it returns at once."""
+    def ticks() -> tuple[int, int]:
+        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        a = ticks()
+        time.sleep(window)
+        b = ticks()
+        if b[0] > a[0] and 1 - (b[1] - a[1]) / (b[0] - a[0]) < busy:
+            break
+    return time.perf_counter() - t0
+
+
 def fmt_times(ts: list[float]) -> str:
     return "[" + ", ".join(f"{t:.2f}" for t in ts) + "] s"
