@@ -33,16 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "teachers", "labels", "students")
 
 
-def machine_cpu_s() -> float | None:
-    """CPU-seconds this machine has spent busy since boot (user, nice, system, irq, softirq,
-    steal from /proc/stat), or None where there is no /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
-
-
 def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = None) -> dict:
     """One command from nothing in a new directory (`keep`, left in place, if given): wall time,
     the seconds between the stage progress lines, and the first student row of the result."""
@@ -53,7 +43,7 @@ def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = N
         cwd = tmp if keep is None else keep
         if keep is not None:
             keep.mkdir(parents=True)
-        cpu0, t0 = machine_cpu_s(), time.perf_counter()
+        cpu0, t0 = common.machine_cpu_s(), time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         marks: dict[str, float] = {}
         err: list[str] = []
@@ -75,7 +65,7 @@ def timed_run(argv: list[str], checkout: Path, sets: dict, keep: Path | None = N
         out = proc.stdout.read()
         proc.wait()
         reader.join()
-        wall, cpu1 = time.perf_counter() - t0, machine_cpu_s()
+        wall, cpu1 = time.perf_counter() - t0, common.machine_cpu_s()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv)} in {checkout} exited {proc.returncode}:\n{''.join(err)[-3000:]}")
     points = [("start", 0.0)] + sorted(((k, v) for k, v in marks.items() if k in STAGES), key=lambda kv: kv[1])

@@ -34,22 +34,27 @@ def start_ray(num_cpus: int | None = None) -> None:
     init_ray(RayConfig(num_cpus=num_cpus or os.cpu_count()))
 
 
-def wait_quiet(busy: float = 0.15, window: float = 0.5, limit: float = 30.0) -> float:
-    """Wait until the whole machine's CPUs are busy less than `busy` of a `window` (a stopped
-    Ray's processes take seconds to exit), at most `limit` seconds; the seconds waited. Linux
-    (/proc/stat); elsewhere it returns at once."""
-    def ticks() -> tuple[int, int]:
-        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
+def machine_cpu_s() -> float | None:
+    """CPU-seconds this machine has spent busy since boot (user, nice, system, irq, softirq,
+    steal from /proc/stat), or None where there is no /proc/stat."""
+    try:
+        fields = open("/proc/stat").readline().split()[1:]
+    except OSError:
+        return None
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
 
-    if not os.path.exists("/proc/stat"):
-        return 0.0
+
+def wait_quiet(busy: float = 0.15, window: float = 0.5, limit: float = 30.0) -> float:
+    """Wait until the machine's CPUs are busy less than `busy` of a `window` (`machine_cpu_s`;
+    a stopped Ray's processes take seconds to exit), at most `limit` seconds; the seconds
+    waited. Returns at once where there is no /proc/stat."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < limit:
-        a = ticks()
+        a, w0 = machine_cpu_s(), time.perf_counter()
+        if a is None:
+            break
         time.sleep(window)
-        b = ticks()
-        if b[0] > a[0] and 1 - (b[1] - a[1]) / (b[0] - a[0]) < busy:
+        if (machine_cpu_s() - a) / ((time.perf_counter() - w0) * (os.cpu_count() or 1)) < busy:
             break
     return time.perf_counter() - t0
 
