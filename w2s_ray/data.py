@@ -431,8 +431,10 @@ def build_stage(ctx: RunContext, d: Path, embed: Callable[[], EmbedStage] | None
         fields = ctx.get(ctx.submit(build_splits, cfg, ctx.run, d, ctx.executor.map_fn()))
         for name in SPLITS:
             ctx.run.need(d / f"{name}.parquet", f"data: the {name} split (written by a task on another node)")
-    else:  # digits, user data and a small generated source (`IN_DRIVER_ROWS`): made here, before Ray starts
-        x, y, classes, xt = load_source(cfg)
+    else:  # digits, user data and a small generated source (`IN_DRIVER_ROWS`): made here, user data before Ray starts
+        # a built-in source's rows need no check once its shape is known (above): they are made
+        # while Ray starts, when the stages after this one need it (`RunContext.ray_meanwhile`)
+        x, y, classes, xt = ctx.ray_meanwhile(lambda: load_source(cfg)) if shape else load_source(cfg)
         if not shape:  # user data is read in this process: still before Ray starts
             check_models(ctx, int(x.shape[1]), n_classes_of(cfg, y), None if xt is None else int(xt.shape[1]))
         ctx.run.reset(d)
@@ -444,7 +446,8 @@ def build_stage(ctx: RunContext, d: Path, embed: Callable[[], EmbedStage] | None
 def stage_data(ctx: RunContext, embed: Callable[[], EmbedStage] | None = None) -> DataStage:
     """The three splits, built once per data key. A generated source above `IN_DRIVER_ROWS` is
     built in a Ray task (`build_splits`); digits, user Parquet and small generated sources are made here, user data validated before Ray
-    starts (its rows then pass through the driver once: memory grows with the file). Text data
+    starts (its rows then pass through the driver once: memory grows with the file), a built-in
+    source while Ray starts when the command needs it next (`RunContext.ray_meanwhile`). Text data
     (`embed`) calls `embed()` for the embed stage's vectors, only when the splits are not cached."""
     d = ctx.run.open_stage("data", ctx.keys.data)
     with ctx.run.claim(d, "data stage", lambda: artifacts.read_manifest(d)) as manifest:

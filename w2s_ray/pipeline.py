@@ -69,12 +69,14 @@ def run_stages(ctx: RunContext, until: str = "report", done: Stages | None = Non
 
 
 @contextmanager
-def open_run(cfg: ExperimentConfig, executor: Executor | None = None) -> Iterator[RunContext]:
+def open_run(cfg: ExperimentConfig, executor: Executor | None = None, starts_ray: bool = True) -> Iterator[RunContext]:
     """The run's context. A command that fails leaves the root as it found it, less what it
     finished: the directories it created and left empty are removed (stages it finished, and
     teacher packs of an interrupted stage, stay for a rerun). The config is saved by
-    `validated`, once the data stage has checked it against the data."""
-    with RunContext.open(cfg, executor) as ctx:
+    `validated`, once the data stage has checked it against the data. `starts_ray`: the
+    command goes on past the data stage, to stages that need Ray unless they are cached (a
+    data stage built in this process starts Ray meanwhile: `RunContext.ray_meanwhile`)."""
+    with RunContext.open(cfg, executor, starts_ray) as ctx:
         try:
             yield ctx
         except BaseException:
@@ -93,7 +95,7 @@ def validated(ctx: RunContext) -> Stages:
 def run_pipeline(cfg: ExperimentConfig, until: str = "report", executor: Executor | None = None) -> Stages:
     """`w2s-ray run`, or one stage with its predecessors; on Ray unless `executor` says otherwise
     (`executor.InProcess`: the same stages in this process, as the fast tests run them)."""
-    with open_run(cfg, executor) as ctx:
+    with open_run(cfg, executor, starts_ray=until not in ("embed", "data")) as ctx:
         t0 = time.perf_counter()
         stages = run_stages(ctx, until) if until == "embed" else run_stages(ctx, until, done=validated(ctx))
         ctx.log(f"done in {time.perf_counter() - t0:.1f}s; outputs in {ctx.run.path}")
