@@ -112,14 +112,18 @@ def read_rows(path: str | Path, rows: tuple[int, int] | None = None, columns: li
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth Parquet's dictionary encoding: all but floats (and lists of them).
-    Floats from a model are all distinct; trying a dictionary on them first was most of a
-    pack's write time. Measured, 32 teachers' log-probs on 6,000 rows (`preds/`): 84 ms and
-    9.4 MB with dictionaries, 31 ms and 7.8 MB without."""
-    def floating(t: pa.DataType) -> bool:
-        return pa.types.is_floating(t) or ((pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)) and floating(t.value_type))
+    """The columns worth Parquet's dictionary encoding: strings and bytes (node names, class
+    names, paths), not numbers. Floats from a model are all distinct; trying a dictionary on
+    them first was most of a pack's write time (32 teachers' log-probs on 6,000 rows, `preds/`:
+    84 ms and 9.4 MB with dictionaries, 31 ms and 7.8 MB without). Integer ids are mostly
+    distinct too: 128 teachers × 6,000 rows of `teacher_id` and `row` alone wrote in 57 ms and
+    1.3 MB with dictionaries, 16 ms and 1.7 MB without (medians of 7, 2026-12-07), and the
+    whole prediction file (32 MB) in 177 ms with them."""
+    def texty(t: pa.DataType) -> bool:
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                or pa.types.is_dictionary(t))
 
-    return [f.name for f in schema if not floating(f.type)]
+    return [f.name for f in schema if texty(f.type)]
 
 
 def write_parquet(path: str | Path, table: pa.Table, row_group_size: int | None = None) -> Path:
