@@ -160,11 +160,13 @@ def test_placement_can_wait_for_a_growing_cluster_before_it_refuses(ray_session,
     assert "waiting" not in capfd.readouterr().err
 
 
-def test_a_data_stage_made_here_starts_ray_meanwhile_only_for_a_command_that_needs_it(tmp_path):
+def test_a_data_stage_made_here_starts_ray_and_the_teacher_actors_meanwhile_only_for_a_command_that_needs_them(tmp_path):
     """A built-in source small enough for the driver is generated in a thread while the main
     thread starts Ray, when the command goes on to stages that need Ray (`RunContext.ray_meanwhile`);
     `w2s-ray data` starts no Ray and generates in the main thread. The splits are the same
-    bits either way (the manifests' checksums). In a fresh process: the suite's own Ray would hide it."""
+    bits either way (the manifests' checksums). Once Ray is up, the teacher stage's actors start
+    (`teachers.start_actors_ahead`), and that stage trains on them: no other actor is started,
+    and none is left once it ends. In a fresh process: the suite's own Ray would hide it."""
     import json
     import os
     import subprocess
@@ -175,7 +177,14 @@ import json, threading, ray
 from conftest import small_config
 from w2s_ray import data
 from w2s_ray.pipeline import open_run, run_pipeline, run_stages
-seen = []
+from w2s_ray.teachers import start_actors_ahead
+from w2s_ray.executor import RayExecutor
+seen, started = [], []
+actor = RayExecutor.actor
+def counted(self, cls, *args, **options):
+    started.append(cls.__name__)
+    return actor(self, cls, *args, **options)
+RayExecutor.actor = counted
 make = data.load_source
 def spy(cfg, map_fn=map):
     seen.append((threading.current_thread() is threading.main_thread(), ray.is_initialized()))
@@ -184,10 +193,15 @@ data.load_source = spy
 from pathlib import Path
 alone = run_pipeline(small_config(Path({str(tmp_path / 'a')!r})), until="data")
 up_after_alone = ray.is_initialized()
-with open_run(small_config(Path({str(tmp_path / 'b')!r}))) as ctx:  # as `w2s-ray run` opens it
+with open_run(small_config(Path({str(tmp_path / 'b')!r}), ray={{"num_cpus": 2}})) as ctx:  # as `w2s-ray run` opens it
+    ctx.ahead = start_actors_ahead  # as `run_pipeline` sets it
     ahead = run_stages(ctx, until="data")
     up_after_ahead = ray.is_initialized()
-print(json.dumps({{"seen": seen, "up": [up_after_alone, up_after_ahead], "dirs": [str(alone.data.dir), str(ahead.data.dir)]}}))
+    pool_after_data = len(ctx.pool.actors)
+    run_stages(ctx, until="teachers", done=ahead)
+    pool_after_teachers = len(ctx.pool.actors)
+print(json.dumps({{"seen": seen, "up": [up_after_alone, up_after_ahead], "dirs": [str(alone.data.dir), str(ahead.data.dir)],
+                  "started": started, "pool": [pool_after_data, pool_after_teachers]}}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent, env=env)
@@ -195,5 +209,6 @@ print(json.dumps({{"seen": seen, "up": [up_after_alone, up_after_ahead], "dirs":
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["seen"] == [[True, False], [False, False]], got  # main thread, no Ray; then a thread, Ray not yet up when it began
     assert got["up"] == [False, True], got
+    assert got["started"] == ["PackTrainer", "PackTrainer"] and got["pool"] == [2, 0], got  # 2 CPUs: two actors, started ahead
     a, b = (artifacts.read_manifest(Path(d)) for d in got["dirs"])
     assert {f: v["sha256"] for f, v in a["files"].items()} == {f: v["sha256"] for f, v in b["files"].items()} != {}

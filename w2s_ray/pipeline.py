@@ -35,7 +35,7 @@ from w2s_ray.results import StageRequest, Stages
 from w2s_ray.space import SearchSpace
 from w2s_ray.studies import STUDIES
 from w2s_ray.students import stage_students
-from w2s_ray.teachers import stage_teachers
+from w2s_ray.teachers import stage_teachers, start_actors_ahead
 
 if TYPE_CHECKING:  # an annotation only: `run_tune` imports Tune when it runs
     from w2s_ray.trial import TrialFault
@@ -96,6 +96,7 @@ def run_pipeline(cfg: ExperimentConfig, until: str = "report", executor: Executo
     """`w2s-ray run`, or one stage with its predecessors; on Ray unless `executor` says otherwise
     (`executor.InProcess`: the same stages in this process, as the fast tests run them)."""
     with open_run(cfg, executor, starts_ray=until not in ("embed", "data")) as ctx:
+        ctx.ahead = start_actors_ahead  # a data stage made here starts them once Ray is up
         t0 = time.perf_counter()
         stages = run_stages(ctx, until) if until == "embed" else run_stages(ctx, until, done=validated(ctx))
         ctx.log(f"done in {time.perf_counter() - t0:.1f}s; outputs in {ctx.run.path}")
@@ -113,6 +114,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, name: str, resume: bool 
     # one seed: a trial is one student, and the baseline and ceiling it is compared with are too
     base = cfg.model_copy(update={"student": cfg.student.model_copy(update={"ceiling": True, "seeds": 1})})
     with open_run(base) as ctx:
+        ctx.ahead = start_actors_ahead
         data = validated(ctx)  # checks the models against the data, before Ray
         check_cluster(ctx, space)
         stages = run_stages(ctx, until="student", done=data)

@@ -52,6 +52,7 @@ class RunContext:
     log: Callable[[str], None] = log
     lanes: int = 1  # how many lanes of work share the cluster (`pipeline.run_requests`): stages size their actor pools to a share
     starts_ray: bool = False  # the command goes on to stages that start Ray: in-process work before them may start it meanwhile (`ray_meanwhile`)
+    ahead: Callable[["RunContext"], None] | None = None  # what `ray_meanwhile` starts on Ray once it is up (the pipeline's: the teacher actors)
     keys: StageKeys = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,12 +96,15 @@ class RunContext:
         (2026-12-07), generating the default 12,000 MNIST-1D rows took 5.9–7.0 s and `ray.init`
         3.2–4.6 s one after the other, 7.3–8.3 s for both together. `ray.init` stays in this
         thread, the main one: Ray sets its SIGTERM handler only there. An error of either is
-        raised once `work` has ended (a thread cannot be stopped)."""
-        if not self.starts_ray:
+        raised once `work` has ended (a thread cannot be stopped). Once Ray is up, `ahead` starts
+        what the next stage will need (`teachers.start_actors_ahead`) while `work` goes on."""
+        if not self.starts_ray or not isinstance(self.executor, RayExecutor):  # in-process stages start nothing
             return work()
         with ThreadPoolExecutor(1, thread_name_prefix="w2s-ray in-process work") as pool:
             done = pool.submit(work)
             self.ray()
+            if self.ahead is not None:
+                self.ahead(self)
             return done.result()
 
     def warn_if_unshared(self, why: str) -> None:

@@ -163,21 +163,37 @@ def stage_teachers(ctx: RunContext, data: DataStage) -> TeacherStage:
         manifest = artifacts.read_manifest(d)
         return manifest if manifest is not None and manifest["k"] >= tcfg.k else None
 
-    with ctx.run.claim(d, "teachers stage", enough) as manifest:
-        if manifest is None:
-            ctx.ray()
-            ctx.run.remove(d / artifacts.MANIFEST)
-            try:
+    try:
+        with ctx.run.claim(d, "teachers stage", enough) as manifest:
+            if manifest is None:
+                ctx.ray()
+                ctx.run.remove(d / artifacts.MANIFEST)
                 table = train_teachers(ctx, data, d, f" (extending the {on_disk['k']} on disk)" if on_disk else "")
-            finally:
-                ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs
-            ctx.run.write_parquet(d / "teachers.parquet", table)
-            acc = table["acc_test"].to_numpy()
-            packs = sorted(set(table["pack"].to_pylist()))
-            manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
-        else:
-            ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
+                ctx.pool.release()  # before the table and manifest: the actors are done
+                ctx.run.write_parquet(d / "teachers.parquet", table)
+                acc = table["acc_test"].to_numpy()
+                packs = sorted(set(table["pack"].to_pylist()))
+                manifest = ctx.run.write_manifest(d, ctx.keys.teachers, k=table.num_rows, packs=packs, acc_mean=float(acc.mean()), acc_sd=float(acc.std(ddof=1)))
+            else:
+                ctx.log(f"teachers: cached {d} (using {tcfg.k} of {manifest['k']})")
+    finally:
+        ctx.pool.release()  # actors hold CPUs/GPUs the student stage needs, also ones started ahead for a stage found cached
     return TeacherStage(d, tcfg.k, manifest["packs"])
+
+
+def start_actors_ahead(ctx: RunContext) -> None:
+    """Start the teacher stage's actors now, while the data stage still works in this process
+    (`RunContext.ray_meanwhile`, which calls this once Ray is up): an actor is a worker process
+    that takes seconds to start and import torch, and on the default run's 2 cores one core
+    idles while the driver generates the rows. `train_teachers` takes them from the pool;
+    `stage_teachers` releases them, also when it finds the stage cached. Only actors the
+    cluster can place now: otherwise `train_teachers` says why, or waits for the cluster."""
+    tcfg = ctx.cfg.teachers
+    res, have = tcfg.resources, ctx.executor.resources()
+    if res.num_cpus_per_actor > have.get("CPU", 0.0) or res.num_gpus_per_actor > have.get("GPU", 0.0):
+        return
+    key, start = actor_starter(ctx, res)
+    ctx.pool.get(key, len(plan_packs(list(range(tcfg.k)), default_num_actors(res, have, ctx.lanes), res.max_pack_size)), start)
 
 
 def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str = "") -> pa.Table:
