@@ -193,7 +193,8 @@ data.load_source = spy
 from pathlib import Path
 alone = run_pipeline(small_config(Path({str(tmp_path / 'a')!r})), until="data")
 up_after_alone = ray.is_initialized()
-with open_run(small_config(Path({str(tmp_path / 'b')!r}), ray={{"num_cpus": 2}})) as ctx:  # as `w2s-ray run` opens it
+with open_run(small_config(Path({str(tmp_path / 'b')!r}), ray={{"num_cpus": 2}},
+                      teachers={{"resources": {{"max_pack_size": 2}}}})) as ctx:  # as `w2s-ray run` opens it; 4 packs for 2 actors
     ctx.ahead = start_actors_ahead  # as `run_pipeline` sets it
     ahead = run_stages(ctx, until="data")
     up_after_ahead = ray.is_initialized()
@@ -209,6 +210,6 @@ print(json.dumps({{"seen": seen, "up": [up_after_alone, up_after_ahead], "dirs":
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["seen"] == [[True, False], [False, False]], got  # main thread, no Ray; then a thread, Ray not yet up when it began
     assert got["up"] == [False, True], got
-    assert got["started"] == ["PackTrainer", "PackTrainer"] and got["pool"] == [2, 0], got  # 2 CPUs: two actors, started ahead
+    assert got["started"] == ["PackTrainer", "PackTrainer"] and got["pool"] == [2, 0], got  # 2 CPUs: two actors for 4 packs, started ahead
     a, b = (artifacts.read_manifest(Path(d)) for d in got["dirs"])
     assert {f: v["sha256"] for f, v in a["files"].items()} == {f: v["sha256"] for f, v in b["files"].items()} != {}

@@ -193,7 +193,8 @@ def start_actors_ahead(ctx: RunContext) -> None:
     if res.num_cpus_per_actor > have.get("CPU", 0.0) or res.num_gpus_per_actor > have.get("GPU", 0.0):
         return
     key, start = actor_starter(ctx, res)
-    ctx.pool.get(key, len(plan_packs(list(range(tcfg.k)), default_num_actors(res, have, ctx.lanes), res.max_pack_size)), start)
+    n_actors = default_num_actors(res, have, ctx.lanes)  # as many as `train_teachers` takes: more would wait for CPUs
+    ctx.pool.get(key, min(n_actors, len(plan_packs(list(range(tcfg.k)), n_actors, res.max_pack_size))), start)
 
 
 def train_teachers(ctx: RunContext, data: DataStage, stage: Path, extending: str = "") -> pa.Table:
