@@ -169,7 +169,6 @@ def stage_teachers(ctx: RunContext, data: DataStage) -> TeacherStage:
                 ctx.ray()
                 ctx.run.remove(d / artifacts.MANIFEST)
                 table = train_teachers(ctx, data, d, f" (extending the {on_disk['k']} on disk)" if on_disk else "")
-                ctx.pool.release()  # before the table and manifest: the actors are done
                 ctx.run.write_parquet(d / "teachers.parquet", table)
                 acc = table["acc_test"].to_numpy()
                 packs = sorted(set(table["pack"].to_pylist()))
