@@ -105,13 +105,13 @@ def test_stage_keys_depend_on_what_each_stage_reads():
 
 
 SHIPPED_KEYS = {
-    "default": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "4bf04bed4287", "ceiling": "a021f4c4266b", "report": "1312af665182", "student": "a4253db438fd"},
-    "w2s_window": {"data": "013f41ce375c", "teachers": "91990e349cbc", "labels": "46709b06103d", "ceiling": "a021f4c4266b", "report": "a756ba65db33", "student": "4a561008169b"},
-    "digits_views": {"data": "d1364cffd71a", "teachers": "8e3fe4aebe2b", "labels": "a2f7c6882080", "ceiling": "572b856466bf", "report": "97d9947a11a8", "student": "f5a0fc1b6980"},
-    "variance": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "23b76e767747", "ceiling": "a021f4c4266b", "report": "9a79ce91416f", "student": "5878941867ba"},
-    "theory": {"data": "013f41ce375c", "teachers": "62e16f95657f", "labels": "4bf04bed4287", "ceiling": "a021f4c4266b", "report": "1312af665182", "student": "a4253db438fd"},
-    "tweets": {"data": "a5a76571c216", "teachers": "50930b16c1f8", "labels": "75234060fc77", "ceiling": "0c61ee6ed2a5", "report": "d479c7831909", "student": "c9f7bfd7dbf4",
-               "embed.student": "af7f2157cc2a", "embed.teacher": "962e2f221a81"},
+    "default": {"data": "a65d462961b5", "teachers": "8535278f02f0", "labels": "a826413623cd", "ceiling": "46a41b3f8271", "report": "ef8b034d7218", "student": "e8deabeed245"},
+    "w2s_window": {"data": "a65d462961b5", "teachers": "6232c2886392", "labels": "11d9cfabf10e", "ceiling": "46a41b3f8271", "report": "858af08dc652", "student": "dbee386dc8db"},
+    "digits_views": {"data": "0aebf9202e67", "teachers": "ef366d97c6cd", "labels": "5ea348a3ca8f", "ceiling": "9531b26b0121", "report": "4d62c29ad17f", "student": "cd103c58c4cb"},
+    "variance": {"data": "a65d462961b5", "teachers": "8535278f02f0", "labels": "d515bf84cb54", "ceiling": "46a41b3f8271", "report": "554309c3aebe", "student": "9a76ab06765a"},
+    "theory": {"data": "a65d462961b5", "teachers": "8535278f02f0", "labels": "a826413623cd", "ceiling": "46a41b3f8271", "report": "ef8b034d7218", "student": "e8deabeed245"},
+    "tweets": {"data": "7920d6f70f0b", "teachers": "b229c0bea258", "labels": "067f56770dc2", "ceiling": "5245e741e85e", "report": "fa8e1dcc325e", "student": "77fc77b36f28",
+               "embed.student": "e89d7d43a57c", "embed.teacher": "879ec50ba86b"},
 }
 """Every stage key of the shipped configs (pinned numerics; the digits' and tweets' Parquet
 files absent, so no fingerprint). A change here recomputes users' caches: make it on purpose, and raise

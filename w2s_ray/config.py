@@ -649,12 +649,14 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Folded into every cache key (`config_hash`). Raised when what a stage writes, or how its key
 is made, changes: every cache then recomputes once, instead of each new config key or file
 layout carrying a rule that keeps old caches valid. 2: every config key in its stage's key with
 its default, the pinned numerics (`numerics`), students' and teachers' files as this version
-writes them. 3: `cnn1d` computed as GEMMs over windows (`models.strided_conv`; other bits)."""
+writes them. 3: `cnn1d` computed as GEMMs over windows (`models.strided_conv`; other bits).
+4: MLP and logistic teachers' weight gradients as one GEMM in the weight's layout
+(`packs.chain_backward`; other bits, each teacher's of it trained alone)."""
 
 
 def config_hash(*parts: Any) -> str:
