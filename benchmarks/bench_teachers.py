@@ -136,6 +136,7 @@ def main() -> None:
     cfg = load_config(None, values | (common.SMOKE_DATA if a.smoke else {}))
     tc = cfg.teachers
     steps = a.k * steps_per_teacher(cfg.data.n_weak, tc.epochs, tc.batch_size)
+    print(common.cpu_line())
     print(f"K={a.k} MLP-{tc.model.width} teachers, {tc.epochs} epochs on {cfg.data.n_weak} rows, batch {tc.batch_size}: {steps} teacher-steps; device {a.device}")
 
     try:

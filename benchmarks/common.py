@@ -59,5 +59,22 @@ def wait_quiet(busy: float = 0.15, window: float = 0.5, limit: float = 30.0) -> 
     return time.perf_counter() - t0
 
 
+def cpu_line() -> str:
+    """The CPU's model, family and vector width, from /proc/cpuinfo: the development machines
+    differ from day to day (an AMD EPYC of family 25 without AVX-512 on 2026-12-07), and MKL's
+    GEMMs run at other rates on each, so a ratio is quoted with the CPU it was measured on."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU: unknown (no /proc/cpuinfo)"
+    field = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())
+    flags = field.get("flags", "").split()
+    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"CPU: {field.get('model name', '?')} (family {field.get('cpu family', '?')}, model {field.get('model', '?')}), {width}, {os.cpu_count()} CPUs"
+
+
 def fmt_times(ts: list[float]) -> str:
     return "[" + ", ".join(f"{t:.2f}" for t in ts) + "] s"

@@ -20,7 +20,7 @@ EXPECT = {
     # (a) the Ray path (pool reused, and actors started per run), the bare pack in the stage's
     # layout and in threads, one model at a time, each line with its layout, and the ratios
     # against the fairest reference
-    "bench_teachers.py": ["Ray path: ", "Ray path, actor pool reused", "Ray path, actors started per run", "bare pack, ",
+    "bench_teachers.py": ["CPU: ", "Ray path: ", "Ray path, actor pool reused", "Ray path, actors started per run", "bare pack, ",
                           "process(es) × 1 thread", "bare pack, 1 process × ", "one model at a time, 1 process × 1 thread(s)",
                           "ratio Ray (pool) / fairest bare pack", "GEMM-only bound, 1 process × 1 thread(s)",
                           "ratio fairest bare pack / GEMM-only bound", "pack step alone, 1 process × 1 thread, the written-out chain",

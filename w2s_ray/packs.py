@@ -138,7 +138,7 @@ def chain_backward(layers: list[tuple[torch.Tensor, torch.Tensor]], inputs: list
     computes the weight gradient as `(inputᵀ·d)ᵀ`, a GEMM of the transposed shape and a copy:
     other rounding (up to 7e-8 after 4 epochs), and measured side by side on one thread, 64
     MLP-32 teachers, 7 alternated rounds in fresh processes: the pack step 1.15× faster this way
-    (`benchmarks/README.md`, "The weight gradient in the layout of the weight")."""
+    (`benchmarks/README.md`, "The weight gradient in the weight's layout")."""
     for i in range(len(layers) - 1, -1, -1):
         w, b = layers[i]
         b.grad = d.sum(1)
