@@ -170,8 +170,9 @@ class TeacherPack:
         compile: bool = False,
         autograd: bool = False,
     ):
-        """`autograd` forces the `vmap` path with autograd even for a linear chain (the
-        reference `chain_forward` reproduces); `compile` implies it."""
+        """`autograd` forces the `vmap` path with autograd even for a linear chain (which the
+        written-out chain matches to float rounding, not to the bit: `chain_backward`);
+        `compile` implies it."""
         models = [init_model(model_cfg, in_dim, n_classes, s) for s in seeds]
         params, buffers = stack_module_state(models)
         self.device = torch.device(device)
