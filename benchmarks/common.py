@@ -71,8 +71,9 @@ def cpu_line() -> str:
     for line in info.splitlines():
         key, _, value = line.partition(":")
         field.setdefault(key.strip(), value.strip())
-    flags = field.get("flags", "").split()
-    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    from w2s_ray.numerics import has_avx2  # the pins' own check (no torch import)
+
+    width = "AVX-512" if "avx512f" in field.get("flags", "").split() else "AVX2" if has_avx2() else "no AVX2"
     return f"CPU: {field.get('model name', '?')} (family {field.get('cpu family', '?')}, model {field.get('model', '?')}), {width}, {os.cpu_count()} CPUs"
 
 
