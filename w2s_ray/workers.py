@@ -11,6 +11,7 @@ and torch, where importing the stage modules that used to hold them cost 1.1–1
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from pathlib import Path
@@ -127,6 +128,14 @@ class PackTrainer:
         self.in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "this process"
         self.inputs: dict[Path, dict[str, np.ndarray]] = {}
+        if self.in_actor:
+            # What the process imported (Ray, torch, pyarrow: about 220,000 objects) lives
+            # as long as the actor: out of the garbage collector's sight, a full collection walks
+            # only the packs' own objects. Measured on 2 cores, packs of 128 MLP teachers: without
+            # it a full collection took 0.13-0.15 s, in the first pack and in 2 of 6 packs in a row;
+            # with it 0.01-0.02 s. Only in an actor, whose process is its own: in a driver (an
+            # in-process "actor") objects the run frees later would never be collected.
+            gc.freeze()
 
     def data(self, run: RunDir, data_dir: Path) -> dict[str, np.ndarray]:
         """The weak and test splits, read from the data stage's files once per actor (fetched from
