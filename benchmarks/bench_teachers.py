@@ -16,7 +16,10 @@ The Ray path is timed twice: with the run's actor pool reused (a study), and wit
 started inside the timing (a one-off `w2s-ray teachers`). The first alternates with the fair
 reference in `--reps` rounds (Ray started, its pool warmed, one timed run; Ray stopped and the
 machine quiet again, the reference warmed, one timed run), and their ratio is the median of the
-rounds' ratios. Beside them, for MLP teachers of
+rounds' ratios. Each round also times the stage's own worker code without Ray: the actors'
+`PackTrainer.train` (its data read from the data stage's files, the pack's sums, predictions
+and seals written) in the reference's processes, so that the gap between the Ray path and the
+bare pack splits into what the pack's files cost and what Ray costs. Beside them, for MLP teachers of
 depth 1 (the default), the GEMM-only bound of a pack step (`gemm_bound`): the gather, the five
 batched matmuls and a fused Adam alone, on this CPU; the pack step alone is timed against it in
 rounds (bound, step, autograd step; `--reps` rounds), and its ratio is the median of the rounds'
@@ -50,7 +53,7 @@ from w2s_ray.packs import TeacherPack, steps_per_teacher, teacher_indices, teach
 from w2s_ray.results import Split
 from w2s_ray.run import RunContext
 from w2s_ray.teachers import default_num_actors, plan_packs, train_teachers
-from w2s_ray.workers import train_pack_local
+from w2s_ray.workers import PackTrainer, train_pack_local
 
 _STATE: dict = {}
 
@@ -64,6 +67,16 @@ def _worker_init(data, tcfg, n_classes) -> None:
 
 def _train(ids: list[int]) -> int:
     train_pack_local(_STATE["data"], _STATE["tcfg"], _STATE["n_classes"], ids)
+    return len(ids)
+
+
+def _stage_pack(job: tuple) -> int:
+    """One pack as a teacher actor trains it (`PackTrainer.train`: the splits read from the data
+    stage's files, the pack's files written and sealed into `stage`), in this process, no Ray."""
+    run, data_dir, stage, pack_index, ids = job
+    if "trainer" not in _STATE:
+        _STATE["trainer"] = PackTrainer(1)
+    _STATE["trainer"].train(data_dir, _STATE["tcfg"].model_dump(mode="json"), _STATE["n_classes"], pack_index, ids, run, stage)
     return len(ids)
 
 
@@ -185,14 +198,25 @@ def main() -> None:
                 def processes():
                     return sum(pool.map(_train, packs, chunksize=1))
 
+                def stage_processes():  # the actors' code, files and all, in the same processes
+                    d = Path(tempfile.mkdtemp(dir=root))
+                    try:
+                        return sum(pool.map(_stage_pack, [(ctx.run, data_stage.dir, d, i, ids) for i, ids in enumerate(packs)], chunksize=1))
+                    finally:
+                        shutil.rmtree(d)
+
             processes()  # warm again, as the Ray path's pool is before its timed run
             t_ref, _, _ = common.timed(processes, 1)
-            rounds.append((t_round, t_ref))
+            stage_processes()  # warm: each process has read the splits once, as an actor of the pool has
+            t_files, _, _ = common.timed(stage_processes, 1)
+            rounds.append((t_round, t_ref, t_files))
         pool.close()
         pool.join()
-        ts_ray, ts_proc = [r[0] for r in rounds], [r[1] for r in rounds]
-        t_ray, t_proc = statistics.median(ts_ray), statistics.median(ts_proc)
-        round_ratios = [t_ref / t_round for t_round, t_ref in rounds]
+        ts_ray, ts_proc, ts_files = ([r[i] for r in rounds] for i in range(3))
+        t_ray, t_proc, t_files = statistics.median(ts_ray), statistics.median(ts_proc), statistics.median(ts_files)
+        round_ratios = [t_ref / t_round for t_round, t_ref, _ in rounds]
+        files_ratios = [t_ref / t_f for _, t_ref, t_f in rounds]  # the pack's files: the stage without Ray / the bare pack
+        ray_ratios = [t_f / t_round for t_round, _, t_f in rounds]  # Ray: the Ray path / the stage without Ray
 
         torch.set_num_threads(n_cpus)
         train_pack_local(data, tc.model_copy(update={"epochs": 1}), c, list(range(4)), a.device)  # warm-up
@@ -240,10 +264,12 @@ def main() -> None:
     r_ray, r_cold, r_proc, r_pack = steps / t_ray, steps / t_cold, steps / t_proc, steps / t_pack
     sizes = "+".join(str(len(p)) for p in packs)
     print(f"Ray path: {n_actors} actor(s) × {tc.resources.num_cpus_per_actor:g} CPU, packs {sizes}, keep_predictions {tc.keep_predictions}; "
-          f"references on the same {n_cpus} CPUs after Ray stopped, writing nothing")
+          f"references on the same {n_cpus} CPUs after Ray stopped (the bare packs writing nothing)")
     print(f"Ray path, actor pool reused               {r_ray:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_ray)}")
     print(f"Ray path, actors started per run          {r_cold:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_cold)}")
     print(f"bare pack, {n_actors} process(es) × 1 thread         {r_proc:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_proc)}  (packs {sizes}, warm, data in memory)")
+    print(f"the actors' code without Ray, {n_actors} process(es) × 1 thread {steps / t_files:>8,.0f} teacher-steps/s  median of {common.fmt_times(ts_files)}  "
+          f"(`PackTrainer.train` in the same processes: splits from the files, the pack's files written)")
     print(f"bare pack, 1 process × {n_cpus} thread(s)          {r_pack:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts_pack)}")
     for th, (r, ts) in one.items():
         print(f"one model at a time, 1 process × {th} thread(s) {r:>12,.0f} teacher-steps/s  median of {common.fmt_times(ts)} for {a.one_at_a_time} teachers")
@@ -270,6 +296,10 @@ def main() -> None:
               f"(the median of {len(rounds)} rounds' ratios: {each}; target >= 0.8 at K = 64, >= 0.9 at K >= 256)")
     else:  # the threads layout was faster: not timed in the rounds
         print(f"ratio Ray (pool) / fairest bare pack     = {r_ray / fair:.2f}x   (the bare pack in threads, not paired; target >= 0.8 at K = 64, >= 0.9 at K >= 256)")
+    print(f"  of which the pack's files (sums, predictions, seals): the actors' code without Ray / bare pack = "
+          f"{statistics.median(files_ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in files_ratios)})")
+    print(f"  and Ray (its daemons, the driver, the actors' scheduling): Ray (pool) / the actors' code without Ray = "
+          f"{statistics.median(ray_ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ray_ratios)})")
     print(f"ratio Ray (cold) / fairest bare pack     = {r_cold / fair:.2f}x")
     print(f"ratio bare processes / bare threads      = {r_proc / r_pack:.2f}x")
     print(f"ratio Ray (pool) / one-at-a-time best    = {r_ray / r_one:.1f}x   (best loop: {best_threads} thread(s))")

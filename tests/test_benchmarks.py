@@ -18,13 +18,14 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 EXPECT = {
     # (a) the Ray path (pool reused, and actors started per run), the bare pack in the stage's
-    # layout and in threads, one model at a time, each line with its layout, and the ratios
-    # against the fairest reference
+    # layout and in threads, the actors' own code without Ray, one model at a time, each line with
+    # its layout, and the ratios against the fairest reference (split into the files' and Ray's part)
     "bench_teachers.py": ["CPU: ", "Ray path: ", "Ray path, actor pool reused", "Ray path, actors started per run", "bare pack, ",
                           "process(es) × 1 thread", "bare pack, 1 process × ", "one model at a time, 1 process × 1 thread(s)",
                           "ratio Ray (pool) / fairest bare pack", "GEMM-only bound, 1 process × 1 thread(s)",
                           "ratio fairest bare pack / GEMM-only bound", "pack step alone, 1 process × 1 thread, the written-out chain",
-                          "pack step alone, 1 process × 1 thread, vmap + autograd", "ratio pack step / GEMM-only bound"],
+                          "pack step alone, 1 process × 1 thread, vmap + autograd", "ratio pack step / GEMM-only bound",
+                          "the actors' code without Ray", "of which the pack's files", "and Ray (its daemons"],
     # (b) Ray Data vs pyarrow, the one-process student input, and the Ray Train input against
     # the in-memory reference
     "bench_labels.py": ["ratio Ray Data / pyarrow", "workers: 1, read + 1 epoch(s) of batches",
