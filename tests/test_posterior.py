@@ -64,11 +64,14 @@ def test_streaming_accumulator_equals_batch_in_any_packing_and_order():
 @pytest.mark.parametrize("elements", [1, 63 * 16, 63 * 48, 2**18])
 def test_the_sums_are_the_same_bits_in_blocks_of_any_size(monkeypatch, elements):
     """`add` sums in blocks of rows (memory and speed); each row's sums must be the bits of the
-    whole-tensor float64 formula, whatever the block, with a -inf log-prob (p = 0) among them."""
+    whole-tensor float64 formula, whatever the block, with a -inf log-prob (p = 0), one whose
+    p underflows to 0 (p·log p = -0.0) and a diverged teacher's nan among them."""
     import w2s_ray.posterior as posterior
 
     logp = random_logp(k=9, n=301, c=7, seed=3, scale=6.0).float()
     logp[2, 5, 1] = -float("inf")
+    logp[3, 7, 2] = -800.0
+    logp[4, 9, :] = float("nan")
     logp64 = logp.double()
     p64 = logp64.exp()
     whole = {"sum_p": p64.sum(0), "sum_logp": logp64.sum(0),
@@ -78,7 +81,8 @@ def test_the_sums_are_the_same_bits_in_blocks_of_any_size(monkeypatch, elements)
     acc.add(logp)
     assert acc.k == 9
     for name, ref in whole.items():
-        assert torch.equal(acc.sums()[name], ref), (elements, name)
+        torch.testing.assert_close(acc.sums()[name], ref, rtol=0, atol=0, equal_nan=True, msg=f"{elements} {name}")
+        assert torch.equal(torch.signbit(acc.sums()[name]), torch.signbit(ref)), (elements, name)  # zeros of the same sign
 
 
 def test_entropy_terms_and_mutual_information():

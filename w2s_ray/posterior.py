@@ -104,14 +104,18 @@ class PosteriorAccumulator:
         once, 1.1–1.2 s in blocks of 400 rows (median of 3: 1.14 s), bitwise the same sums (each row's sum over
         teachers is taken in the same order, see `sum_rows`; a test holds it)."""
         k, n, c = logp.shape
-        step = sum_rows(k, c)
+        step, inf = sum_rows(k, c), float("inf")
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             logp64 = logp[:, r0:r1].double()
             p64 = logp64.exp()
             self.sum_p[r0:r1] += p64.sum(0)
             self.sum_logp[r0:r1] += logp64.sum(0)
-            self.sum_neg_entropy[r0:r1] += torch.where(p64 > 0, p64 * logp64, torch.zeros_like(p64)).sum((0, 2))
+            # Σ p·log p with 0 where p = 0, in place: log p = -inf (or nan) makes nan, which
+            # becomes 0 as `torch.where(p > 0, p·log p, 0)` made it, and a p·log p of -0.0 adds to
+            # the running sums as +0.0 does: the same bits (a test holds it) in 38 ms instead of
+            # 56 ms for 128 teachers × 6,000 rows × 10 classes (1 thread, medians of 9)
+            self.sum_neg_entropy[r0:r1] += p64.mul_(logp64).nan_to_num_(0.0, inf, -inf).sum((0, 2))
         self.k += k
         if self.n_boot:
             if teacher_ids is None:
