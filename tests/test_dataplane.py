@@ -54,6 +54,9 @@ def test_a_pack_worker_writes_its_files_and_returns_only_metadata(ray_session, w
     assert len(pickle.dumps(out)) < 2048 and not any(isinstance(v, np.ndarray) for v in out.values())
     n = st.data.sizes["transfer"]
     assert pq.read_metadata(pack_path(stage, "transfer", 0)).num_rows == 3 * n
+    # every column of a prediction file declared without nulls (`packfiles.preds_table`)
+    schema = pq.read_schema(pack_path(stage, "transfer", 0))
+    assert not any(f.nullable for f in schema) and not schema.field("logp").type.value_field.nullable
     assert pq.read_metadata(sums_path(stage, "transfer", 0)).num_rows == n
 
 

@@ -73,6 +73,18 @@ def kept_teachers(split: str, ids: np.ndarray, keep: str) -> np.ndarray:
     return np.ones(len(ids), dtype=bool)
 
 
+def preds_table(teacher_id: np.ndarray, row: np.ndarray, logp: np.ndarray, c: int) -> pa.Table:
+    """A prediction file's rows: `teacher_id`, `row` and `logp` (`[rows·C]` values, C per row),
+    every column declared without nulls (none can occur). A nullable list column makes the
+    Parquet writer encode a definition level per value besides the repetition level: one pack's
+    file (128 teachers × 4,096 rows) wrote in 88 ms without, 105 ms with (medians of 15, 2026-12-07)."""
+    values = pa.list_(pa.field("element", pa.from_numpy_dtype(logp.dtype), nullable=False), c)
+    schema = pa.schema([pa.field("teacher_id", pa.int32(), nullable=False), pa.field("row", pa.int32(), nullable=False),
+                        pa.field("logp", values, nullable=False)])
+    return pa.Table.from_arrays([pa.array(teacher_id, pa.int32()), pa.array(row, pa.int32()),
+                                 pa.FixedSizeListArray.from_arrays(pa.array(logp), type=values)], schema=schema)
+
+
 def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "all",
                blocks: dict[str, Iterable[np.ndarray]] | None = None, y_test: np.ndarray | None = None) -> dict[str, Any]:
     """Write one trained pack's files where it was trained and return its metadata only.
@@ -110,19 +122,15 @@ def write_pack(run: RunDir, stage: Path, result: dict[str, Any], keep: str = "al
                     metadata={"k": str(k), "teacher_ids": json.dumps(ids.tolist())},
                 )
                 kept = (logp if mask.all() else logp[mask]).astype(np.float16 if keep == "float16" else np.float32, copy=False)
-                preds = pa.table(
-                    {
-                        "teacher_id": np.repeat(ids[mask], n),
-                        "row": np.tile(np.arange(r0, r0 + n, dtype=np.int32), int(mask.sum())),
-                        "logp": pa.FixedSizeListArray.from_arrays(pa.array(kept.reshape(-1)), c),
-                    }
-                )
+                preds = preds_table(np.repeat(ids[mask], n), np.tile(np.arange(r0, r0 + n, dtype=np.int32), int(mask.sum())), kept.reshape(-1), c)
                 sums_w = sums_w or pq.ParquetWriter(sums_tmp, table.schema, use_dictionary=dictionary_columns(table.schema))
                 # statistics only for the columns readers filter on (`read_pack_logp`): the log-probs'
                 # min/max per page cost 13% of the file's write (a pack of 128 teachers on 6,000 rows,
-                # 158 ms against 182 ms, medians of 9) and no reader uses them
+                # 158 ms against 182 ms, medians of 9) and no reader uses them; values handed to the
+                # pages 65,536 at a time, not 1,024 (128 teachers × 4,096 rows: 92 against 105 ms,
+                # 86 ms with `preds_table`'s columns without nulls, medians of 15)
                 preds_w = preds_w or pq.ParquetWriter(preds_tmp, preds.schema, use_dictionary=dictionary_columns(preds.schema),
-                                                      write_statistics=["teacher_id", "row"])
+                                                      write_statistics=["teacher_id", "row"], write_batch_size=ROW_GROUP)
                 sums_w.write_table(table, ROW_GROUP)
                 preds_w.write_table(preds, ROW_GROUP)
                 if split == "test" and y_test is not None:
