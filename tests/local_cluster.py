@@ -2,13 +2,17 @@
 
 Each `ray start` runs as the leader of a new process session, and every daemon, agent and worker
 of its node stays in that session, so a test stops exactly the node it started: `ray stop` would
-also stop the test session's own Ray. Every port is chosen free, so these nodes cannot collide
-with another Ray on the machine.
+also stop the test session's own Ray. Every port is chosen free, outside the kernel's range for
+outgoing connections and Ray's range for workers, and a node that still finds one of its ports
+taken when it binds is started again on fresh ports: these nodes cannot collide with another Ray
+on the machine.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -19,10 +23,39 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min-worker-port .. --max-worker-port
+RAY_FIXED_PORTS = {6379, 8265, 10001, 52365}  # GCS, dashboard, client server, dashboard agent: Ray's defaults
+# what `ray start` prints when a daemon found its port taken between `free_port` and its bind (a
+# CI run's GCS lost port 41929, a port the kernel had given out: the old `bind(0)` drew from
+# the range every outgoing connection of the other test worker's Ray also draws from)
+PORT_TAKEN = re.compile(r"already in use|Failed to start the grpc server|[Cc]ould not bind|bind.*failed")
+
+
+def port_taken_line(text: str) -> str:
+    """The line of a node's output that says a port was taken, or ''."""
+    return next((line.strip() for line in text.splitlines() if PORT_TAKEN.search(line)), "")
+
+
+def outgoing_ports() -> range:
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return range(lo, hi + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that binds now on every address (Ray's GCS listens on 0.0.0.0) and that neither the
+    kernel gives to outgoing connections nor Ray to its workers or by default, so no other Ray on
+    the machine takes it in passing."""
+    busy = outgoing_ports()
+    while True:
+        port = random.randrange(1024, 65536)
+        if port in busy or port in RAY_WORKER_PORTS or port in RAY_FIXED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
 
 
 def session_members(sid: int) -> list[int]:
@@ -82,30 +115,67 @@ def node_ports() -> list[str]:
             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
 
 
-def start_head(temp_dir: str, env: dict, num_cpus: int = 2, dashboard_port: int | None = None, resources: str | None = None) -> tuple[int, str]:
-    """(session id, GCS address) of a head node; `ray start` returns once it is up."""
-    gcs = free_port()
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
-           "--disable-usage-stats", "--temp-dir", temp_dir, *node_ports()]
-    if dashboard_port:
-        cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
-    else:
-        cmd += ["--include-dashboard", "false"]
-    if resources:
-        cmd += ["--resources", resources]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _, err = proc.communicate(timeout=180)
-    if proc.returncode != 0:
+ATTEMPTS = 3
+
+
+def start_head(temp_dir: str, env: dict, num_cpus: int = 2, dashboard: bool = False) -> tuple[int, str, int | None]:
+    """(session id, GCS address, dashboard port or None) of a head node; `ray start` returns once
+    it is up. Started again on fresh ports, up to `ATTEMPTS` times, when a port was taken.
+
+    A GCS that could not bind exits at once, but `ray start` goes on waiting for it for ~40 s
+    (measured); so the GCS's own log is watched too, and the attempt is stopped as soon as it says
+    its port was taken."""
+    for attempt in range(ATTEMPTS):
+        gcs, dash = free_port(), free_port() if dashboard else None
+        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+               "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
+               "--disable-usage-stats", "--temp-dir", temp_dir, *node_ports()]
+        if dash:
+            cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+        else:
+            cmd += ["--include-dashboard", "false"]
+        before = set(Path(temp_dir).glob("session_2*"))  # earlier attempts' sessions say "taken" too
+        log = Path(temp_dir) / f"head-start-{attempt}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline, gcs_said = time.time() + 180, ""
+        while proc.poll() is None and time.time() < deadline and not gcs_said:
+            time.sleep(0.2)
+            for f in set(Path(temp_dir).glob("session_2*")) - before:
+                for name in ("gcs_server.out", "gcs_server.err"):
+                    text = (f / "logs" / name).read_text(errors="replace") if (f / "logs" / name).exists() else ""
+                    if PORT_TAKEN.search(text):
+                        gcs_said = text
+        if proc.poll() == 0:
+            return proc.pid, f"127.0.0.1:{gcs}", dash
         kill_session(proc.pid)
-        raise RuntimeError(f"ray start --head failed: {err[-2000:]}")
-    return proc.pid, f"127.0.0.1:{gcs}"
+        proc.wait()
+        err = log.read_text(errors="replace") + gcs_said
+        if not PORT_TAKEN.search(err) or attempt == ATTEMPTS - 1:
+            raise RuntimeError(f"ray start --head failed (attempt {attempt + 1} of {ATTEMPTS}): {port_taken_line(err)[:500]}\n{err[-2000:]}")
+        print(f"ray start --head: a port was taken, starting again on fresh ports: {port_taken_line(err)[:300]}", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
-def start_worker(address: str, env: dict, num_cpus: int, resources: str) -> int:
+def start_worker(address: str, env: dict, num_cpus: int, resources: str, log_dir: str) -> int:
     """Session id of a second raylet joining `address`; it stays in the foreground (`--block`)
-    so that killing its session is a node dying."""
-    cmd = [str(BIN / "ray"), "start", "--address", address, "--node-ip-address", "127.0.0.1",
-           "--num-cpus", str(num_cpus), "--resources", resources, "--disable-usage-stats", "--block", *node_ports()]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc.pid
+    so that killing its session is a node dying. Returns once `ray start` says it blocks, that is
+    once the node is up; started again on fresh ports when a port was taken."""
+    for attempt in range(ATTEMPTS):
+        log = Path(log_dir) / f"worker-start-{attempt}.log"
+        cmd = [str(BIN / "ray"), "start", "--address", address, "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--resources", resources, "--disable-usage-stats", "--block", *node_ports()]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 180
+        while proc.poll() is None and "will now block" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        text = log.read_text()
+        if proc.poll() is None and "will now block" in text:
+            return proc.pid
+        kill_session(proc.pid)
+        proc.wait()
+        if not PORT_TAKEN.search(text) or attempt == ATTEMPTS - 1:
+            raise RuntimeError(f"ray start --address --block failed (attempt {attempt + 1} of {ATTEMPTS}): {port_taken_line(text)[:500]}\n{text[-2000:]}")
+        print(f"ray start --address: a port was taken, starting again on fresh ports: {port_taken_line(text)[:300]}", file=sys.stderr)
+    raise AssertionError("unreachable")

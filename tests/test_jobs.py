@@ -11,16 +11,15 @@ import time
 import pandas as pd
 import pytest
 
-from local_cluster import BIN, free_port, kill_session, node_env, session_members, start_head
+from local_cluster import BIN, kill_session, node_env, session_members, start_head
 
 
 @pytest.fixture
 def head():
     temp_dir = tempfile.mkdtemp(prefix="w2s-ray-head-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    dash = free_port()
     # token auth is on by default in Ray 2.60 for clusters it starts; set explicitly
     env = node_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    sid, _ = start_head(temp_dir, env, num_cpus=2, dashboard_port=dash)
+    sid, _, dash = start_head(temp_dir, env, num_cpus=2, dashboard=True)
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:

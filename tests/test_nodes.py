@@ -69,8 +69,13 @@ def two_nodes():
     # the head notices a dead node within ~2 s instead of Ray's default ~30 s
     env = node_env(RAY_AUTH_MODE="disabled", RAY_health_check_initial_delay_ms="0", RAY_health_check_period_ms="500",
                    RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3")
-    head_sid, address = start_head(temp_dir, env, num_cpus=2)
-    worker_sid = start_worker(address, env, num_cpus=1, resources='{"second_node": 1}')
+    head_sid, address, _ = start_head(temp_dir, env, num_cpus=2)
+    try:
+        worker_sid = start_worker(address, env, num_cpus=1, resources='{"second_node": 1}', log_dir=temp_dir)
+    except BaseException:
+        kill_session(head_sid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     try:
         out = subprocess.run([sys.executable, "-c", ALIVE_NODES, address], env=env, capture_output=True, text=True, timeout=180)
         nodes = json.loads(out.stdout.strip().splitlines()[-1])
