@@ -118,14 +118,39 @@ def node_ports() -> list[str]:
 ATTEMPTS = 3
 
 
+def with_fresh_ports(what: str, attempt) -> object:
+    """`attempt(i)` → (result, output): a node started on fresh ports, its result, or None and
+    its output once its session is stopped. Tried up to `ATTEMPTS` times while the output says a
+    port was taken; any other failure, or the last, raises with that output."""
+    for i in range(ATTEMPTS):
+        result, text = attempt(i)
+        if result is not None:
+            return result
+        if not PORT_TAKEN.search(text) or i == ATTEMPTS - 1:
+            raise RuntimeError(f"{what} failed (attempt {i + 1} of {ATTEMPTS}): {port_taken_line(text)[:500]}\n{text[-2000:]}")
+        print(f"{what}: a port was taken, starting again on fresh ports: {port_taken_line(text)[:300]}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def gcs_log(temp_dir: str, before: set[Path]) -> str:
+    """What the GCS of a session started after `before` wrote to its logs, if it says a port was taken."""
+    for session in set(Path(temp_dir).glob("session_2*")) - before:
+        for f in (session / "logs" / "gcs_server.out", session / "logs" / "gcs_server.err"):
+            text = f.read_text(errors="replace") if f.exists() else ""
+            if PORT_TAKEN.search(text):
+                return text
+    return ""
+
+
 def start_head(temp_dir: str, env: dict, num_cpus: int = 2, dashboard: bool = False) -> tuple[int, str, int | None]:
     """(session id, GCS address, dashboard port or None) of a head node; `ray start` returns once
     it is up. Started again on fresh ports, up to `ATTEMPTS` times, when a port was taken.
 
     A GCS that could not bind exits at once, but `ray start` goes on waiting for it for ~40 s
-    (measured); so the GCS's own log is watched too, and the attempt is stopped as soon as it says
-    its port was taken."""
-    for attempt in range(ATTEMPTS):
+    (measured: 41.7 s); so the GCS's own log is watched too, and the attempt is stopped as soon
+    as it says its port was taken (a retried head is up in ~7 s in all)."""
+
+    def attempt(i: int):
         gcs, dash = free_port(), free_port() if dashboard else None
         cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
@@ -135,34 +160,29 @@ def start_head(temp_dir: str, env: dict, num_cpus: int = 2, dashboard: bool = Fa
         else:
             cmd += ["--include-dashboard", "false"]
         before = set(Path(temp_dir).glob("session_2*"))  # earlier attempts' sessions say "taken" too
-        log = Path(temp_dir) / f"head-start-{attempt}.log"
+        log = Path(temp_dir) / f"head-start-{i}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline, gcs_said = time.time() + 180, ""
         while proc.poll() is None and time.time() < deadline and not gcs_said:
             time.sleep(0.2)
-            for f in set(Path(temp_dir).glob("session_2*")) - before:
-                for name in ("gcs_server.out", "gcs_server.err"):
-                    text = (f / "logs" / name).read_text(errors="replace") if (f / "logs" / name).exists() else ""
-                    if PORT_TAKEN.search(text):
-                        gcs_said = text
+            gcs_said = gcs_log(temp_dir, before)
         if proc.poll() == 0:
-            return proc.pid, f"127.0.0.1:{gcs}", dash
+            return (proc.pid, f"127.0.0.1:{gcs}", dash), ""
         kill_session(proc.pid)
         proc.wait()
-        err = log.read_text(errors="replace") + gcs_said
-        if not PORT_TAKEN.search(err) or attempt == ATTEMPTS - 1:
-            raise RuntimeError(f"ray start --head failed (attempt {attempt + 1} of {ATTEMPTS}): {port_taken_line(err)[:500]}\n{err[-2000:]}")
-        print(f"ray start --head: a port was taken, starting again on fresh ports: {port_taken_line(err)[:300]}", file=sys.stderr)
-    raise AssertionError("unreachable")
+        return None, log.read_text(errors="replace") + gcs_said
+
+    return with_fresh_ports("ray start --head", attempt)
 
 
 def start_worker(address: str, env: dict, num_cpus: int, resources: str, log_dir: str) -> int:
     """Session id of a second raylet joining `address`; it stays in the foreground (`--block`)
     so that killing its session is a node dying. Returns once `ray start` says it blocks, that is
     once the node is up; started again on fresh ports when a port was taken."""
-    for attempt in range(ATTEMPTS):
-        log = Path(log_dir) / f"worker-start-{attempt}.log"
+
+    def attempt(i: int):
+        log = Path(log_dir) / f"worker-start-{i}.log"
         cmd = [str(BIN / "ray"), "start", "--address", address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--resources", resources, "--disable-usage-stats", "--block", *node_ports()]
         with open(log, "w") as out:
@@ -170,12 +190,10 @@ def start_worker(address: str, env: dict, num_cpus: int, resources: str, log_dir
         deadline = time.time() + 180
         while proc.poll() is None and "will now block" not in log.read_text() and time.time() < deadline:
             time.sleep(0.1)
-        text = log.read_text()
-        if proc.poll() is None and "will now block" in text:
-            return proc.pid
+        if proc.poll() is None and "will now block" in log.read_text():
+            return proc.pid, ""
         kill_session(proc.pid)
         proc.wait()
-        if not PORT_TAKEN.search(text) or attempt == ATTEMPTS - 1:
-            raise RuntimeError(f"ray start --address --block failed (attempt {attempt + 1} of {ATTEMPTS}): {port_taken_line(text)[:500]}\n{text[-2000:]}")
-        print(f"ray start --address: a port was taken, starting again on fresh ports: {port_taken_line(text)[:300]}", file=sys.stderr)
-    raise AssertionError("unreachable")
+        return None, log.read_text(errors="replace")
+
+    return with_fresh_ports("ray start --address --block", attempt)
